@@ -1,0 +1,71 @@
+"""loraplug: LoRA adapters for any PyTorch model.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import loraplug as lp
+    >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> lp.inject_lora(model, target=nn.Linear, rank=4)
+    ['0', '2']
+    >>> lp.merge(model)
+    >>> _ = lp.unload(model)
+"""
+
+from ._adapters import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    set_adapter,
+    unmerge,
+)
+from ._conv import LoRAConv, LoRAConv1d, LoRAConv2d, LoRAConv3d
+from ._embedding import LoRAEmbedding
+from ._errors import (
+    AdapterError,
+    AdapterFileError,
+    ConfigError,
+    LoRAError,
+    LoRAWarning,
+    StateError,
+    TargetError,
+)
+from ._inject import find_targets, inject_lora, unload
+from ._layer import LoRALayer
+from ._linear import LoRALinear
+from ._registry import lora_layer_type, register_lora_layer
+from ._summary import LayerSummary, LoRASummary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "LayerSummary",
+    "LoRAConv",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRAEmbedding",
+    "LoRAError",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRASummary",
+    "LoRAWarning",
+    "StateError",
+    "TargetError",
+    "active_adapters",
+    "adapter_names",
+    "delete_adapter",
+    "disable_adapters",
+    "find_targets",
+    "inject_lora",
+    "lora_layer_type",
+    "merge",
+    "register_lora_layer",
+    "set_adapter",
+    "summary",
+    "unload",
+    "unmerge",
+]

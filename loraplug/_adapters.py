@@ -1,0 +1,243 @@
+"""Model-level adapter state: which adapters exist, which are active, merged or disabled.
+
+Every function here acts in place on the LoRA layers of a model and checks the whole
+model before changing any layer.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ._errors import AdapterError, StateError
+from ._layer import LoRALayer
+from ._targeting import clean_name
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order."""
+    return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise StateError(
+            f"{action}: the model ({type(model).__name__}) has no LoRA layers; call "
+            "loraplug.inject_lora(model, target=..., rank=...) or load_adapter first."
+        )
+    return layers
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Return the names of all adapters in ``model``, sorted.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = lp.inject_lora(model, target="1", rank=2, name="head")
+        >>> lp.adapter_names(model)
+        ['default', 'head']
+    """
+    return sorted({n for _, layer in lora_layers(model) for n in layer.adapter_names})
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Return the adapters the model computes (empty when it has no LoRA layers)."""
+    for _, layer in lora_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        close = sorted({c for n in unknown for c in difflib.get_close_matches(str(n), known)})
+        hint = f" Did you mean {close}?" if close else ""
+        raise AdapterError(
+            f"{action}: unknown adapter name(s) {unknown}; the model has {known}.{hint}"
+        )
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters, in place; several active adapters add up.
+
+    Layers that lack one of the names compute the others. Adapters cannot be switched
+    while merged: ``unmerge`` first.
+
+    Args:
+        model: a model with LoRA layers.
+        names: one adapter name, or a list of them (their sum is computed).
+
+    Raises:
+        AdapterError: a name is not an adapter of the model.
+        StateError: the model has no LoRA layers, or some are merged.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> lp.set_adapter(model, ["default", "b"])
+        >>> lp.active_adapters(model)
+        ['default', 'b']
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    layers = _layers_or_raise(model, "set_adapter")
+    _check_names(model, names, "set_adapter")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise StateError(
+            f"set_adapter: layers {merged[:5]} are merged; call loraplug.unmerge(model) before "
+            "switching adapters, then merge again."
+        )
+    for _, layer in layers:
+        layer.set_active(names)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the ``with`` block; adapters return after it.
+
+    Raises:
+        StateError: the model has no LoRA layers, or some are merged (the base weight is
+            not available without unmerging; call ``unmerge`` first).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> base = model(torch.ones(1, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> torch.nn.init.ones_(model[0].lora_B["default"])  # doctest: +ELLIPSIS
+        Parameter...
+        >>> with lp.disable_adapters(model):
+        ...     torch.equal(model(torch.ones(1, 4)), base)
+        True
+    """
+    layers = _layers_or_raise(model, "disable_adapters")
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise StateError(
+            f"disable_adapters: layers {merged[:5]} are merged, so their weight holds the "
+            "adapters; call loraplug.unmerge(model) first."
+        )
+    before = [layer.adapters_disabled for _, layer in layers]
+    for _, layer in layers:
+        layer.set_disabled(True)
+    try:
+        yield
+    finally:
+        for (_, layer), flag in zip(layers, before):
+            layer.set_disabled(flag)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer, in place.
+
+    If it was active, the remaining active adapters stay active; when none remain, the
+    first remaining adapter (sorted) becomes active, as in PEFT. The LoRA layers stay in
+    place (``unload`` removes them).
+
+    Raises:
+        AdapterError: ``name`` is not an adapter of the model.
+        StateError: ``name`` is merged somewhere; ``unmerge`` first.
+    """
+    layers = _layers_or_raise(model, "delete_adapter")
+    _check_names(model, [name], "delete_adapter")
+    merged = [n for n, layer in layers if name in layer.merged_adapters]
+    if merged:
+        raise StateError(
+            f"delete_adapter: {name!r} is merged into {merged[:5]}; call "
+            "loraplug.unmerge(model) first."
+        )
+    active = [n for n in active_adapters(model) if n != name]
+    for _, layer in layers:
+        if name in layer.adapter_names:
+            layer.remove_adapter(name)
+    remaining = adapter_names(model)
+    if not active and remaining:
+        active = remaining[:1]
+    for _, layer in layers:
+        layer.set_active(active)
+
+
+def merge(model: nn.Module, *, safe: bool = False) -> None:
+    """Fold the active adapters into the base weights, in place.
+
+    ``W ← W + Σ_a s_a ΔW_a``, with ΔW summed in float32 for float16/bfloat16 weights and
+    cast once. While merged, each LoRA layer's forward is exactly the base computation.
+    Merging an already merged model is a no-op, so ΔW is never added twice.
+
+    Args:
+        model: a model with LoRA layers.
+        safe: compute every merged weight first and check that all are finite before
+            writing any: either every layer merges or none does. Holds one extra copy of
+            the adapted weights while checking.
+
+    Raises:
+        StateError: the model has no LoRA layers, adapters are disabled, or ``safe`` is
+            set and a merged weight is not finite (nothing is changed then).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = torch.nn.init.normal_(model[0].lora_B["default"])
+        >>> x = torch.randn(3, 4)
+        >>> before = model(x)
+        >>> lp.merge(model)
+        >>> torch.allclose(model(x), before, atol=1e-6)
+        True
+    """
+    layers = _layers_or_raise(model, "merge")
+    disabled = [n for n, layer in layers if layer.adapters_disabled]
+    if disabled:
+        raise StateError(
+            f"merge: adapters are disabled on {disabled[:5]} (inside disable_adapters); merge "
+            "outside that block."
+        )
+    todo = [(n, layer) for n, layer in layers if not layer.merged]
+    if not safe:
+        for _, layer in todo:
+            layer.merge()
+        return
+    staged = []
+    for name, layer in todo:
+        names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
+        if not names:
+            continue
+        new = layer.merged_weight(names)
+        if not torch.isfinite(new).all():
+            raise StateError(
+                f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
+                "weights; no layer was changed. Check that adapter's tensors."
+            )
+        staged.append((layer, new, names))
+    for layer, new, names in staged:
+        layer._commit(new, names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take merged adapters out of the base weights again, in place; a no-op if none are.
+
+    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
+    trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
+    never-merged model returns bit-identical weights.
+
+    Raises:
+        StateError: the model has no LoRA layers.
+    """
+    for _, layer in _layers_or_raise(model, "unmerge"):
+        layer.unmerge()

@@ -1,0 +1,122 @@
+"""LoRA for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
+
+A is a convolution from ``in`` to ``r`` channels with the base layer's own kernel size,
+stride, padding, dilation, padding mode and groups; B is a 1×1 convolution from ``r`` to
+``out`` channels with the same groups. Their composition is one convolution with
+
+    ΔW[o, i, k…] = s · Σ_j B[o, j] · A[j, i, k…]        (within each group)
+
+Shapes, for groups g and kernel k…: W (out, in/g, k…), A (r, in/g, k…),
+B (out, r/g, 1…), ΔW (out, in/g, k…). Each group g' maps input channels of group g' to
+output channels of group g' only, so ΔW is block diagonal like W and merges exactly;
+that needs ``r`` divisible by ``g`` (r/g rank per group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._layer import LoRALayer, compute_dtype
+from ._registry import register_lora_layer
+
+
+class LoRAConv(LoRALayer):
+    """LoRA around an ``nn.Conv{1,2,3}d`` (or subclass), every geometry argument honoured."""
+
+    forward_methods = ("forward", "_conv_forward")
+    conv: ClassVar[Callable[..., Tensor]]
+
+    def configure(self, base: nn.Module) -> None:
+        self.stride = base.stride
+        self.dilation = base.dilation
+        self.groups = base.groups
+        self.padding_mode = base.padding_mode
+        if base.padding_mode == "zeros":
+            self.padding = base.padding
+            self._pad = None
+        else:
+            # Non-zero modes pad explicitly, then convolve without padding (as torch does).
+            self.padding = (0,) * len(base.kernel_size)
+            self._pad = base._reversed_padding_repeated_twice
+
+    def _padded(self, x: Tensor) -> Tensor:
+        return x if self._pad is None else F.pad(x, self._pad, mode=self.padding_mode)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return type(self).conv(
+            self._padded(x), self.weight, self.bias, self.stride, self.padding,
+            self.dilation, self.groups,
+        )
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        conv = type(self).conv
+        h = conv(self._padded(x), self.lora_A[name], None, self.stride, self.padding,
+                 self.dilation, self.groups)
+        return conv(h * self.scaling[name], self.lora_B[name], None, 1, 0, 1, self.groups)
+
+    def delta_weight(self, name: str) -> Tensor:
+        dtype = compute_dtype(self.weight.dtype)
+        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+        g, out, rank = self.groups, b.shape[0], a.shape[0]
+        # Per group: (out/g, r/g) @ (r/g, in/g·k…) -> (out/g, in/g·k…); stack the groups.
+        blocks = b.reshape(g, out // g, rank // g) @ a.reshape(g, rank // g, -1)
+        return blocks.reshape(self.weight.shape).mul_(self.scaling[name])
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out, in_per_group, *kernel = self.weight.shape
+        ones = (1,) * len(kernel)
+        return (rank, in_per_group, *kernel), (out, rank // self.groups, *ones)
+
+    def max_rank(self) -> int:
+        out, *rest = self.weight.shape
+        per_group_in = 1
+        for n in rest:
+            per_group_in *= n
+        return self.groups * min(out // self.groups, per_group_in)
+
+    def check_rank(self, rank: int) -> str | None:
+        if rank % self.groups:
+            multiple = self.groups * -(-rank // self.groups)
+            return (
+                f"groups={self.groups} needs a rank divisible by {self.groups} so that ΔW stays "
+                f"block diagonal and mergeable; received rank={rank}. Use rank={multiple}, or "
+                "exclude grouped convolutions, e.g. exclude=lambda name, m: "
+                "getattr(m, 'groups', 1) > 1."
+            )
+        return None
+
+
+@register_lora_layer(nn.Conv1d)
+class LoRAConv1d(LoRAConv):
+    """LoRA around an ``nn.Conv1d``; see :class:`LoRAConv` for the math."""
+
+    conv = staticmethod(F.conv1d)
+
+
+@register_lora_layer(nn.Conv2d)
+class LoRAConv2d(LoRAConv):
+    """LoRA around an ``nn.Conv2d``; see :class:`LoRAConv` for the math.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, dilation=2, padding="same"))
+        >>> lp.inject_lora(model, target=nn.Conv2d, rank=2)
+        ['0']
+        >>> model[0].lora_A["default"].shape, model[0].lora_B["default"].shape
+        (torch.Size([2, 2, 3, 3]), torch.Size([8, 1, 1, 1]))
+    """
+
+    conv = staticmethod(F.conv2d)
+
+
+@register_lora_layer(nn.Conv3d)
+class LoRAConv3d(LoRAConv):
+    """LoRA around an ``nn.Conv3d``; see :class:`LoRAConv` for the math."""
+
+    conv = staticmethod(F.conv3d)

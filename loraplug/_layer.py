@@ -1,0 +1,359 @@
+"""The LoRA layer base class: forward, merge, unmerge and adapter bookkeeping, written once.
+
+A LoRA layer wraps one base module (``nn.Linear``, ``nn.Conv2d``, ...) and computes
+
+    y = base(x) + sum over active adapters a of  s_a · B_a A_a dropout_a(x),   s_a = alpha_a / r_a
+
+The wrapper registers the base module's own parameters and buffers under their own
+names (``weight``, ``bias``), so ``state_dict`` keys of the base model never change; the
+adapters add ``lora_A.<name>`` and ``lora_B.<name>`` beside them. The original module
+object is kept (unregistered) as ``base_layer`` and is handed back by ``unload``.
+
+A layer type supplies only its shape-specific parts: ``base_forward`` (the base math),
+``lora_forward`` (the low-rank branch), ``delta_weight`` (ΔW shaped like the weight) and
+``adapter_shapes``; optionally ``configure``, ``check_rank`` and ``max_rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import ConfigError, StateError
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ΔW is computed in: float32 for half-precision weights, else the weight's own."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class LoRALayer(nn.Module):
+    """Base class of every LoRA layer: a base module plus named low-rank adapters.
+
+    Subclasses implement the methods below for one base type and register themselves
+    with :func:`loraplug.register_lora_layer`.
+
+    Attributes:
+        base_layer: the wrapped module (not registered: its tensors are registered on
+            this layer under their own names).
+        lora_A: adapter name → A, shaped ``adapter_shapes(r)[0]`` (Linear: ``(r, in)``).
+        lora_B: adapter name → B, shaped ``adapter_shapes(r)[1]`` (Linear: ``(out, r)``).
+        rank, alpha, scaling: adapter name → r, alpha, alpha / r.
+        active_adapters: the names the model asked for (a layer computes those it has).
+        merged_adapters: the adapters folded into ``weight`` right now, in order.
+    """
+
+    #: Methods of the base type whose override in a subclass changes the math; when a
+    #: wrapped module overrides any of them, the layer computes through its weight.
+    forward_methods: ClassVar[tuple[str, ...]] = ("forward",)
+    #: Which of A, B starts at zero so that a fresh adapter adds exactly nothing.
+    zero_init: ClassVar[str] = "B"
+    #: Whether dropout on the input of the low-rank branch is meaningful (not for ids).
+    supports_dropout: ClassVar[bool] = True
+
+    def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
+        super().__init__()
+        self.__dict__["base_layer"] = base
+        self.registered_type = registered_type
+        # Adopt the base module's tensors and children under their own names: keys unchanged.
+        self._parameters.update(base._parameters)
+        self._buffers.update(base._buffers)
+        self._non_persistent_buffers_set |= base._non_persistent_buffers_set
+        self._modules.update(base._modules)
+        self.training = base.training
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+        self._live: tuple[str, ...] = ()
+        self.through_weight = any(
+            getattr(type(base), m, None) is not getattr(registered_type, m, None)
+            for m in self.forward_methods
+        )
+        self.configure(base)
+
+    # ----------------------------------------------------------- per-type hooks
+    def configure(self, base: nn.Module) -> None:
+        """Read the base module's geometry once (stride, padding, ...)."""
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The registered base type's own math, reading ``self.weight``."""
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        """The low-rank branch ``s · B A x`` of adapter ``name``, shaped like the output."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``s · ΔW`` of adapter ``name``, shaped like ``weight``, in :func:`compute_dtype`."""
+        raise NotImplementedError
+
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for rank ``rank``."""
+        raise NotImplementedError
+
+    def max_rank(self) -> int:
+        """The largest rank ΔW can have; a larger adapter rank only wastes parameters."""
+        return min(self.weight.shape[0], self.weight[0].numel())
+
+    def check_rank(self, rank: int) -> str | None:
+        """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
+        return None
+
+    # ----------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.through_weight:
+            return self._forward_through_weight(x)
+        out = self.base_forward(x)
+        for name in self._live:
+            if self.training and self.dropout[name]:
+                out = out + self.lora_forward(self.lora_dropout[name](x), name)
+            else:
+                out = out + self.lora_forward(x, name)
+        return out
+
+    def _forward_through_weight(self, x: Tensor) -> Tensor:
+        # The wrapped module's own forward differs from the registered type's, so the
+        # low-rank branch cannot be added to its output; run that forward on W + ΔW.
+        tensors = {k: v for k, v in self._parameters.items() if v is not None}
+        tensors.update((k, v) for k, v in self._buffers.items() if v is not None)
+        if self._live:
+            weight = self.weight
+            delta = sum(self.delta_weight(n) for n in self._live)
+            tensors["weight"] = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, tensors, (x,))
+
+    # ----------------------------------------------------------- adapters
+    def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
+        """Freshly initialised (A, B) for rank ``rank``; one of them is zero.
+
+        ``init="kaiming"``: the non-zero side is Kaiming-uniform with a = √5 (PEFT's and
+        loralib's default); ``"gaussian"``: normal with std 1/r. Embeddings start with
+        A = 0 and B ~ N(0, 1), as PEFT does.
+        """
+        weight = self.weight
+        shape_a, shape_b = self.adapter_shapes(rank)
+        a = torch.empty(shape_a, device=weight.device, dtype=torch.float32)
+        b = torch.empty(shape_b, device=weight.device, dtype=torch.float32)
+        zero, other = (b, a) if self.zero_init == "B" else (a, b)
+        nn.init.zeros_(zero)
+        if self.zero_init == "A":
+            nn.init.normal_(other)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(other, a=math.sqrt(5))
+        else:
+            nn.init.normal_(other, std=1.0 / rank)
+        return a.to(weight.dtype), b.to(weight.dtype)
+
+    def add_adapter(
+        self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float
+    ) -> None:
+        """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated)."""
+        rank = a.shape[0]
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        p = dropout if self.supports_dropout else 0.0
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.rank[name] = rank
+        self.alpha[name] = float(alpha)
+        self.scaling[name] = float(alpha) / rank
+        self.dropout[name] = p
+        self._refresh()
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (the layer must not have it merged)."""
+        if name in self.merged_adapters:
+            raise StateError(
+                f"adapter {name!r} is merged into this layer's weight; call unmerge() first."
+            )
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        for store in (self.rank, self.alpha, self.scaling, self.dropout):
+            del store[name]
+        self._refresh()
+
+    def set_scale(self, name: str, alpha: float) -> None:
+        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``)."""
+        if name in self.merged_adapters:
+            raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
+        self.alpha[name] = float(alpha)
+        self.scaling[name] = float(alpha) / self.rank[name]
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Ask for ``names`` to be computed; names this layer lacks are ignored."""
+        if self.merged_adapters:
+            raise StateError(
+                f"this layer has {list(self.merged_adapters)} merged; unmerge before "
+                "switching adapters."
+            )
+        self.active_adapters = tuple(names)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Compute the base module alone while ``disabled`` is true."""
+        self.adapters_disabled = bool(disabled)
+        self._refresh()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of the adapters this layer carries, in the order they were added."""
+        return tuple(self.rank)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is folded into ``weight``."""
+        return bool(self.merged_adapters)
+
+    def _refresh(self) -> None:
+        # The adapters forward must compute, resolved once here instead of every call.
+        if self.merged_adapters or self.adapters_disabled:
+            self._live = ()
+        else:
+            self._live = tuple(n for n in self.active_adapters if n in self.rank)
+
+    # ----------------------------------------------------------- merge
+    def _live_or_active(self) -> tuple[str, ...]:
+        return tuple(n for n in self.active_adapters if n in self.rank)
+
+    @torch.no_grad()
+    def merged_weight(self, names: Iterable[str] | None = None, *, sign: int = 1) -> Tensor:
+        """``W + sign · Σ s·ΔW`` over ``names`` (default: the active adapters), not committed.
+
+        ΔW is summed in float32 for float16/bfloat16 weights and cast once at the end.
+        """
+        names = self._live_or_active() if names is None else tuple(names)
+        weight = self.weight
+        acc = weight.to(compute_dtype(weight.dtype), copy=True)
+        for name in names:
+            acc.add_(self.delta_weight(name), alpha=sign)
+        return acc.to(weight.dtype)
+
+    @torch.no_grad()
+    def _commit(self, new_weight: Tensor, merged: tuple[str, ...]) -> None:
+        self.weight.copy_(new_weight)
+        self.merged_adapters = merged
+        self._refresh()
+
+    def merge(self, *, safe: bool = False) -> None:
+        """Fold the active adapters into ``weight`` in place; a no-op when already merged.
+
+        While merged, ``forward`` costs exactly what the base module costs.
+
+        Args:
+            safe: check that the merged weight is finite before writing it.
+
+        Raises:
+            StateError: adapters are disabled, or ``safe`` is set and the merged weight
+                has NaN or inf; the weight is left as it was.
+        """
+        if self.adapters_disabled:
+            raise StateError(
+                "adapters are disabled on this layer (inside disable_adapters); merge outside "
+                "that block."
+            )
+        if self.merged_adapters:
+            return
+        names = self._live_or_active()
+        if not names:
+            return
+        new = self.merged_weight(names)
+        if safe and not torch.isfinite(new).all():
+            raise StateError(
+                f"merging {list(names)} gives a weight with NaN or inf values; the weight was "
+                "left unmerged. Check the adapter tensors (torch.isfinite) before merging."
+            )
+        self._commit(new, names)
+
+    def unmerge(self) -> None:
+        """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
+        if not self.merged_adapters:
+            return
+        self._commit(self.merged_weight(self.merged_adapters, sign=-1), ())
+
+    # ----------------------------------------------------------- nn.Module plumbing
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self.sync_base()
+        return self
+
+    def sync_base(self) -> None:
+        """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""
+        base = self.__dict__["base_layer"]
+        for key in base._parameters:
+            base._parameters[key] = self._parameters[key]
+        for key in base._buffers:
+            base._buffers[key] = self._buffers[key]
+        base.training = self.training
+
+    def train(self, mode: bool = True) -> LoRALayer:
+        super().train(mode)
+        self.__dict__["base_layer"].train(mode)
+        return self
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        # Attributes of the base module (in_features, kernel_size, ...) read through.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}: r={self.rank[n]} alpha={self.alpha[n]:g}" for n in self.adapter_names
+        )
+        state = " merged" if self.merged else ""
+        return f"{self.base_layer!r} [{adapters}]{state}"
+
+
+def validate_hyperparameters(
+    *, rank: object, alpha: object, dropout: object, name: object, init: object
+) -> tuple[int, float, float, str, str]:
+    """Check the hyperparameters shared by every layer; returns them normalised.
+
+    Raises:
+        ConfigError: a value is of the wrong type or out of range.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(
+            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
+            "e.g. rank=8."
+        )
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
+            or not math.isfinite(alpha):
+        raise ConfigError(
+            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
+            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ConfigError(
+            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
+            "e.g. dropout=0.05."
+        )
+    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
+        raise ConfigError(
+            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
+            "Use names like 'default' or 'style_b'."
+        )
+    if init not in ("kaiming", "gaussian"):
+        raise ConfigError(
+            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
+        )
+    return rank, float(alpha), float(dropout), name, str(init)

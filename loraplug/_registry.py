@@ -1,0 +1,113 @@
+"""The registry that maps a base module type to the LoRA layer class that wraps it.
+
+Lookups walk the base type's method resolution order, so a subclass of ``nn.Linear``
+finds the layer registered for ``nn.Linear``; the most specific registered ancestor
+wins, which lets a user register a dedicated layer for their own subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from torch import nn
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._layer import LoRALayer
+
+_REGISTRY: dict[type[nn.Module], type[LoRALayer]] = {}
+
+L = TypeVar("L", bound="type[LoRALayer]")
+
+
+def register_lora_layer(base_type: type[nn.Module]) -> Callable[[L], L]:
+    """Register a LoRA layer class for ``base_type`` and its subclasses.
+
+    Use it as a class decorator. Registering a type that already has a layer replaces
+    the old entry, so a user can override the built-in layers too.
+
+    Args:
+        base_type: the ``nn.Module`` subclass the layer wraps.
+
+    Returns:
+        A decorator that registers the class and returns it unchanged.
+
+    Raises:
+        ConfigError: ``base_type`` is not an ``nn.Module`` subclass, or the decorated
+            class is not a :class:`LoRALayer` subclass.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> class Scaled(nn.Linear):
+        ...     pass
+        >>> @lp.register_lora_layer(Scaled)
+        ... class LoRAScaled(lp.LoRALinear):
+        ...     pass
+        >>> lp.lora_layer_type(Scaled) is LoRAScaled
+        True
+    """
+    if not (isinstance(base_type, type) and issubclass(base_type, nn.Module)):
+        raise ConfigError(
+            f"register_lora_layer received {base_type!r}; expected an nn.Module subclass "
+            "such as nn.Linear. Pass the module class itself, not an instance."
+        )
+
+    def decorate(layer_cls: L) -> L:
+        from ._layer import LoRALayer
+
+        if not (isinstance(layer_cls, type) and issubclass(layer_cls, LoRALayer)):
+            raise ConfigError(
+                f"register_lora_layer({base_type.__name__}) decorated {layer_cls!r}; expected a "
+                "subclass of loraplug.LoRALayer that implements base_forward, lora_forward, "
+                "delta_weight and adapter_shapes."
+            )
+        _REGISTRY[base_type] = layer_cls
+        return layer_cls
+
+    return decorate
+
+
+def lookup(module_type: type[nn.Module]) -> tuple[type[LoRALayer], type[nn.Module]] | None:
+    """The LoRA layer class for ``module_type`` and the registered ancestor it came from."""
+    for ancestor in module_type.__mro__:
+        layer_cls = _REGISTRY.get(ancestor)
+        if layer_cls is not None:
+            return layer_cls, ancestor
+    return None
+
+
+def lora_layer_type(module_type: type[nn.Module]) -> type[LoRALayer] | None:
+    """Return the LoRA layer class that would wrap ``module_type``, or ``None``.
+
+    Args:
+        module_type: a module class, e.g. ``nn.Conv2d`` or a subclass of it.
+
+    Returns:
+        The registered layer class of the most specific registered ancestor.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> lp.lora_layer_type(nn.Conv2d).__name__
+        'LoRAConv2d'
+        >>> lp.lora_layer_type(nn.LayerNorm) is None
+        True
+    """
+    found = lookup(module_type)
+    return None if found is None else found[0]
+
+
+def type_name(module_type: type) -> str:
+    """``nn.Linear`` for torch's own modules, ``package.module.Class`` for others."""
+    if module_type.__module__.startswith("torch.nn"):
+        return f"nn.{module_type.__name__}"
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def supported_types() -> list[str]:
+    """Names of the registered base types, for error messages."""
+    return sorted(type_name(t) for t in _REGISTRY)

@@ -1,0 +1,96 @@
+"""A table of the LoRA layers in a model and its parameter counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ._adapters import lora_layers
+from ._registry import type_name
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One LoRA layer: its name, base type, weight shape, adapters and added parameters."""
+
+    name: str
+    base_type: str
+    shape: tuple[int, ...]
+    adapters: tuple[tuple[str, int, float], ...]  # (adapter, rank, alpha)
+    active: tuple[str, ...]
+    merged: bool
+    lora_parameters: int
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """What :func:`summary` returns; ``str()`` (and the REPL) shows it as a table."""
+
+    layers: tuple[LayerSummary, ...]
+    trainable: int
+    total: int
+
+    @property
+    def lora_parameters(self) -> int:
+        """Parameters added by all adapters of all layers."""
+        return sum(row.lora_parameters for row in self.layers)
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "shape", "adapters (r, alpha)", "active", "params")
+        rows = [header] + [
+            (
+                row.name,
+                row.base_type,
+                "×".join(map(str, row.shape)),
+                ", ".join(f"{n} ({r}, {a:g})" for n, r, a in row.adapters),
+                ", ".join(row.active) + (" [merged]" if row.merged else ""),
+                f"{row.lora_parameters:,}",
+            )
+            for row in self.layers
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        share = 100.0 * self.trainable / self.total if self.total else 0.0
+        lines.append(
+            f"{len(self.layers)} LoRA layers, {self.lora_parameters:,} LoRA parameters; "
+            f"trainable {self.trainable:,} of {self.total:,} ({share:.4f}%)"
+        )
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module) -> LoRASummary:
+    """Return a table of the LoRA layers of ``model`` and its parameter counts.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2, alpha=4)
+        >>> print(lp.summary(model))
+        layer  type       shape  adapters (r, alpha)  active   params
+        -----  ---------  -----  -------------------  -------  ------
+        0      nn.Linear  4×4    default (2, 4)       default  16
+        1 LoRA layers, 16 LoRA parameters; trainable 16 of 36 (44.4444%)
+    """
+    rows = []
+    for name, layer in lora_layers(model):
+        rows.append(LayerSummary(
+            name=name,
+            base_type=type_name(type(layer.base_layer)),
+            shape=tuple(layer.weight.shape),
+            adapters=tuple((n, layer.rank[n], layer.alpha[n]) for n in layer.adapter_names),
+            active=tuple(n for n in layer.active_adapters if n in layer.adapter_names),
+            merged=layer.merged,
+            lora_parameters=sum(p.numel() for s in (layer.lora_A, layer.lora_B)
+                                for p in s.values()),
+        ))
+    params = list(model.parameters())
+    return LoRASummary(
+        layers=tuple(rows),
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+    )

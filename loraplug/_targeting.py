@@ -1,0 +1,197 @@
+"""Which modules a target specification names.
+
+A target is one of, or a list of:
+
+- a glob over the full dotted module name (``"classifier.*"``, ``"*.q_proj"``,
+  ``"features.0"``); ``*`` and ``?`` may cross dots, matching is case-sensitive;
+- a compiled regex, matched with ``fullmatch`` against the full name;
+- a module type (``nn.Linear``), matched with ``isinstance``;
+- a predicate ``(name, module) -> bool``.
+
+Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
+``torch.compile``) removed, so a compiled model is targeted like the original. Modules
+inside a LoRA layer (its adapters, dropouts) are never candidates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+from torch import nn
+
+from ._errors import TargetError
+from ._layer import LoRALayer
+from ._registry import lookup, supported_types, type_name
+
+Pattern = Union[str, "re.Pattern[str]", type, Callable[[str, nn.Module], bool]]
+TargetSpec = Union[Pattern, Sequence[Pattern]]
+
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
+    return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(clean name, real path, module) for every module, LoRA internals excluded."""
+    inside_lora: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in inside_lora):
+            continue
+        if isinstance(module, LoRALayer):
+            inside_lora.append(path + "." if path else "")
+        if path == "" and isinstance(module, LoRALayer):
+            continue
+        yield clean_name(path), path, module
+
+
+def _as_list(spec: TargetSpec | None) -> list[Pattern]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, re.Pattern, type)) or callable(spec):
+        return [spec]
+    if isinstance(spec, Sequence):
+        return list(spec)
+    raise TargetError(
+        f"target received {spec!r} ({type(spec).__name__}); expected a glob string, a compiled "
+        "regex, a module type, a predicate (name, module) -> bool, or a list of these."
+    )
+
+
+def _matcher(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
+    if isinstance(pattern, str):
+        return lambda name, module: fnmatch.fnmatchcase(name, pattern)
+    if isinstance(pattern, re.Pattern):
+        return lambda name, module: pattern.fullmatch(name) is not None
+    if isinstance(pattern, type):
+        if not issubclass(pattern, nn.Module):
+            raise TargetError(
+                f"target type {pattern!r} is not an nn.Module subclass; pass a module class "
+                "such as nn.Linear."
+            )
+        return lambda name, module: isinstance(module, pattern)
+    if callable(pattern):
+        return lambda name, module: bool(pattern(name, module))
+    raise TargetError(
+        f"target pattern {pattern!r} ({type(pattern).__name__}) is not a glob string, regex, "
+        "module type or predicate."
+    )
+
+
+def describe(pattern: Pattern) -> str:
+    """A pattern as a user wrote it, for messages."""
+    if isinstance(pattern, re.Pattern):
+        return f"re.compile({pattern.pattern!r})"
+    if isinstance(pattern, type):
+        return type_name(pattern)
+    if isinstance(pattern, str):
+        return repr(pattern)
+    return getattr(pattern, "__name__", repr(pattern))
+
+
+def _suggest(pattern: Pattern, names: list[str]) -> str:
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    if not isinstance(text, str):
+        return ""
+    leaves = sorted({"*." + n.rsplit(".", 1)[-1] for n in names if "." in n})
+    close = difflib.get_close_matches(text, names + leaves, n=5, cutoff=0.6)
+    if not close:
+        return " No module name is close to it."
+    return f" Close module names: {close}."
+
+
+@dataclass
+class Selection:
+    """What a target specification selects in a model."""
+
+    #: clean name -> module, for every supported module selected (sorted by name).
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    #: clean name -> real path (differs on compiled models).
+    paths: dict[str, str] = field(default_factory=dict)
+    #: clean name -> type name, for selected modules no LoRA layer is registered for.
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
+    """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
+
+    Raises:
+        TargetError: a pattern matches no module (with close names), the spec is
+            malformed, or nothing selected has a registered LoRA layer.
+    """
+    includes = _as_list(target)
+    if not includes:
+        raise TargetError(
+            "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
+            "target=nn.Linear."
+        )
+    excludes = _as_list(exclude)
+    inc = [(p, _matcher(p)) for p in includes]
+    exc = [(p, _matcher(p)) for p in excludes]
+    everything = list(candidates(model))
+    names = [name for name, _, _ in everything if name]
+    hit_inc = [False] * len(inc)
+    hit_exc = [False] * len(exc)
+    picked: list[tuple[str, str, nn.Module]] = []
+    for name, path, module in everything:
+        included = False
+        for i, (_, match) in enumerate(inc):
+            if match(name, module):
+                hit_inc[i] = included = True
+        if not included:
+            continue
+        excluded = False
+        for i, (_, match) in enumerate(exc):
+            if match(name, module):
+                hit_exc[i] = excluded = True
+        if not excluded:
+            picked.append((name, path, module))
+
+    missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]
+    missing_exc = [p for (p, _), hit in zip(exc, hit_exc) if not hit]
+    if missing or missing_exc:
+        present = sorted({type_name(type(m)) for _, _, m in everything})
+        lines = []
+        for kind, group in (("target", missing), ("exclude", missing_exc)):
+            for p in group:
+                hint = (f" Module types present: {present}." if isinstance(p, type)
+                        else _suggest(p, names))
+                lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
+        raise TargetError(
+            "\n".join(lines) + "\nPatterns are globs over full dotted names from "
+            "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
+            "target) shows what a target selects."
+        )
+
+    # The root is a target only when it is itself a supported layer (a bare nn.Linear).
+    picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
+    if any(name == "" for name, _, _ in picked):
+        raise TargetError(
+            f"target selects the model itself ({type_name(type(model))}), which cannot be "
+            "replaced in place. Wrap it in a container, e.g. model = nn.Sequential(model), "
+            "or target its children."
+        )
+    selection = Selection()
+    for name, path, module in sorted(picked, key=lambda item: item[0]):
+        if isinstance(module, LoRALayer) or lookup(type(module)) is not None:
+            selection.modules[name] = module
+            selection.paths[name] = path
+        elif next(module.parameters(recurse=False), None) is not None:
+            # Parameter-less matches (activations, containers) are not worth reporting.
+            selection.unsupported[name] = type_name(type(module))
+    if not selection.modules:
+        found = sorted({type_name(type(m)) for _, _, m in picked})
+        raise TargetError(
+            f"target selects {len(picked)} module(s) but none of a supported type; types "
+            f"selected: {found}. Supported: {supported_types()} and their subclasses. Target "
+            "those layers, or register a LoRA layer for your type with "
+            "loraplug.register_lora_layer."
+        )
+    return selection

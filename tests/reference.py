@@ -1,0 +1,68 @@
+"""An independent dense reference: the adapted function computed as F.* with W + ΔW.
+
+Nothing here imports loraplug internals: ΔW is built from the raw A, B tensors with the
+formulas of the docs, so a bug in the library cannot hide in its own reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: (rtol, atol) per dtype, relative to values of order one.
+_TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """Keyword arguments for torch.testing.assert_close at ``dtype``."""
+    rtol, atol = _TOLERANCE[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0) -> None:
+    """assert_close with the tolerance of ``dtype`` (default: actual's), scaled by ``scale``."""
+    rtol, atol = _TOLERANCE[dtype or actual.dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale,
+                               atol=atol * scale)
+
+
+def delta(kind: str, a: Tensor, b: Tensor, scaling: float, groups: int = 1) -> Tensor:
+    """ΔW in float64 from raw adapter tensors (formulas from docs/concepts.md)."""
+    a, b = a.double(), b.double()
+    if kind == "linear":
+        return scaling * b @ a
+    if kind == "embedding":
+        return scaling * (b @ a).t()
+    # conv: per group, (out/g, r/g) @ (r/g, in/g·k) -> (out/g, in/g·k)
+    out, r = b.shape[0], a.shape[0]
+    kernel = a.shape[1:]
+    rows = []
+    for g in range(groups):
+        bg = b[g * out // groups:(g + 1) * out // groups].reshape(out // groups, r // groups)
+        ag = a[g * r // groups:(g + 1) * r // groups].reshape(r // groups, -1)
+        rows.append(bg @ ag)
+    return scaling * torch.cat(rows).reshape(out, *kernel)
+
+
+def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
+    """``base``'s own function with ``weight`` in place of its weight, via F.* directly."""
+    bias = getattr(base, "bias", None)
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(base, nn.Embedding):
+        return F.embedding(x, weight.clone(), base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, False)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
+    if base.padding_mode != "zeros":
+        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        padding = 0
+    else:
+        padding = base.padding
+    return conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
