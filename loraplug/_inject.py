@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -111,6 +112,7 @@ def inject_lora(
     name: str = "default",
     exclude: TargetSpec | None = None,
     init: str = "kaiming",
+    use_rslora: bool = False,
     freeze_base: bool = True,
 ) -> list[str]:
     """Wrap the layers ``target`` names with LoRA adapters, in place.
@@ -135,6 +137,7 @@ def inject_lora(
         name: the adapter's name (an identifier without dots).
         exclude: patterns, as for ``target``, to leave out.
         init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
+        use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
         freeze_base: set ``requires_grad=False`` on every parameter that is not a LoRA
             parameter, so only adapters train.
 
@@ -170,34 +173,70 @@ def inject_lora(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
     selection = select(model, target, exclude)
-    all_paths = _module_paths(model)
+    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in selection.modules}
+    inject_layers(model, selection.modules, specs, name=name, dropout=dropout, init=init,
+                  use_rslora=use_rslora, freeze_base=freeze_base)
+    if selection.unsupported:
+        skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
+        warnings.warn(
+            f"inject_lora skipped matched modules of unsupported types: {skipped}. Register a "
+            "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
+            LoRAWarning, stacklevel=2,
+        )
+    return list(selection.modules)
 
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Rank and alpha of one layer's adapter (they may differ per layer when loading)."""
+
+    rank: int
+    alpha: float
+
+
+def inject_layers(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    specs: dict[str, LayerSpec],
+    *,
+    name: str,
+    dropout: float,
+    init: str,
+    use_rslora: bool,
+    freeze_base: bool,
+) -> dict[str, LoRALayer]:
+    """Add adapter ``name`` to ``modules`` (clean name -> module) with per-layer specs.
+
+    Checks every layer first and raises before changing anything; returns the LoRA
+    layers by name. Hyperparameters must already be validated.
+    """
+    all_paths = _module_paths(model)
     problems: list[tuple[type[LoRAError], str]] = []
-    for qualname, module in selection.modules.items():
-        problems += _problems(model, qualname, module, all_paths[id(module)], rank=rank,
-                              dropout=dropout, adapter=name)
+    for qualname, module in modules.items():
+        problems += _problems(model, qualname, module, all_paths[id(module)],
+                              rank=specs[qualname].rank, dropout=dropout, adapter=name)
     if problems:
         kind = problems[0][0]
-        raise kind("inject_lora changed nothing:\n" + "\n".join(m for _, m in problems))
+        raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
 
     # Build every new layer and adapter before touching the model.
-    staged: list[tuple[str, nn.Module, LoRALayer, Tensor, Tensor]] = []
+    staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
     too_large: list[str] = []
-    for qualname, module in selection.modules.items():
+    for qualname, module in modules.items():
+        spec = specs[qualname]
         if isinstance(module, LoRALayer):
             layer = module
         else:
             layer_cls, registered = lookup(type(module))  # type: ignore[misc]
             layer = layer_cls(module, registered)
-        if rank > layer.max_rank():
-            too_large.append(f"{qualname} (at most {layer.max_rank()})")
-        a, b = layer.new_adapter(rank, init)
-        staged.append((qualname, module, layer, a, b))
+        if spec.rank > layer.max_rank():
+            too_large.append(f"{qualname} (rank {spec.rank}, at most {layer.max_rank()})")
+        a, b = layer.new_adapter(spec.rank, init)
+        staged.append((module, layer, a, b, spec))
 
-    had_layers = lora_layers(model)
-    active = active_adapters(model) if had_layers else [name]
-    for _, module, layer, a, b in staged:
-        layer.add_adapter(name, a, b, alpha=alpha_value, dropout=dropout)
+    active = active_adapters(model) if lora_layers(model) else [name]
+    for module, layer, a, b, spec in staged:
+        layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
         if layer is not module:
             layer.set_active(active)
             for path in all_paths[id(module)]:
@@ -209,21 +248,13 @@ def inject_lora(
         for p in model.parameters():
             if id(p) not in lora:
                 p.requires_grad_(False)
-
-    if selection.unsupported:
-        skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
-        warnings.warn(
-            f"inject_lora skipped matched modules of unsupported types: {skipped}. Register a "
-            "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
-            LoRAWarning, stacklevel=2,
-        )
     if too_large:
         warnings.warn(
-            f"rank={rank} exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
+            f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=2,
+            LoRAWarning, stacklevel=3,
         )
-    return list(selection.modules)
+    return {qualname: layer for qualname, (_, layer, *_rest) in zip(modules, staged)}
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:

@@ -44,7 +44,8 @@ class LoRALayer(nn.Module):
             this layer under their own names).
         lora_A: adapter name → A, shaped ``adapter_shapes(r)[0]`` (Linear: ``(r, in)``).
         lora_B: adapter name → B, shaped ``adapter_shapes(r)[1]`` (Linear: ``(out, r)``).
-        rank, alpha, scaling: adapter name → r, alpha, alpha / r.
+        rank, alpha, scaling: adapter name → r, alpha, alpha / r (alpha / √r with
+            ``use_rslora``).
         active_adapters: the names the model asked for (a layer computes those it has).
         merged_adapters: the adapters folded into ``weight`` right now, in order.
     """
@@ -73,6 +74,7 @@ class LoRALayer(nn.Module):
         self.rank: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
         self.dropout: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
@@ -158,18 +160,22 @@ class LoRALayer(nn.Module):
         return a.to(weight.dtype), b.to(weight.dtype)
 
     def add_adapter(
-        self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float
+        self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float,
+        use_rslora: bool = False,
     ) -> None:
-        """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated)."""
+        """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated).
+
+        The scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+        """
         rank = a.shape[0]
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         p = dropout if self.supports_dropout else 0.0
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.rank[name] = rank
-        self.alpha[name] = float(alpha)
-        self.scaling[name] = float(alpha) / rank
+        self.use_rslora[name] = bool(use_rslora)
         self.dropout[name] = p
+        self.set_scale(name, alpha)
         self._refresh()
 
     def remove_adapter(self, name: str) -> None:
@@ -180,7 +186,7 @@ class LoRALayer(nn.Module):
             )
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
-        for store in (self.rank, self.alpha, self.scaling, self.dropout):
+        for store in (self.rank, self.alpha, self.scaling, self.use_rslora, self.dropout):
             del store[name]
         self._refresh()
 
@@ -189,7 +195,8 @@ class LoRALayer(nn.Module):
         if name in self.merged_adapters:
             raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
         self.alpha[name] = float(alpha)
-        self.scaling[name] = float(alpha) / self.rank[name]
+        rank = self.rank[name]
+        self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
 
     def set_active(self, names: Iterable[str]) -> None:
         """Ask for ``names`` to be computed; names this layer lacks are ignored."""
