@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings
 
 # "ci": more examples, derandomized so a red run reproduces; "dev": quick local runs.
 settings.register_profile(
-    "ci", max_examples=40, derandomize=True, deadline=None,
+    "ci", max_examples=100, derandomize=True, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(

@@ -1,0 +1,108 @@
+"""Hypothesis strategies: base layers of every registered type, their inputs and ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@dataclass
+class Case:
+    """A base layer wrapped in a container (so it can be replaced), an input and a rank."""
+
+    kind: str  # "linear", "conv", "embedding"
+    model: nn.Sequential
+    x: Tensor
+    rank: int
+    alpha: float
+    groups: int = 1
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model[0]
+
+    def __repr__(self) -> str:  # what hypothesis prints for a failing example
+        return f"Case({self.base!r}, x={tuple(self.x.shape)}, rank={self.rank}, alpha={self.alpha})"
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def linear_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    in_f, out_f = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    layer = nn.Linear(in_f, out_f, bias=draw(st.booleans())).to(dtype)
+    x = torch.randn(*lead, in_f, dtype=dtype)
+    rank = draw(st.integers(1, min(in_f, out_f) + 1))
+    rank = min(rank, min(in_f, out_f))
+    return Case("linear", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])))
+
+
+@st.composite
+def conv_cases(draw: st.DrawFn, dims: int | None = None, dtype: torch.dtype | None = None) -> Case:
+    dims = dims or draw(st.sampled_from([1, 2, 3]))
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    in_ch = groups * draw(st.integers(1, 3))
+    out_ch = groups * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    padding_kind = draw(st.sampled_from(["int", "same", "valid"]))
+    if padding_kind == "same" and any(s > 1 for s in stride):
+        padding_kind = "int"  # torch refuses padding="same" with stride > 1
+    padding: object
+    if padding_kind == "int":
+        padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    else:
+        padding = padding_kind
+    size_range = (4, 7) if dims < 3 else (3, 5)
+    size = tuple(draw(st.integers(*size_range)) + d * (k - 1) for k, d in zip(kernel, dilation))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    layer = conv_cls(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, bias=draw(st.booleans()), padding_mode=mode).to(dtype)
+    x = torch.randn(draw(st.integers(1, 2)), in_ch, *size, dtype=dtype)
+    per_group_max = min(out_ch // groups, in_ch // groups * layer.weight[0, 0].numel())
+    rank = groups * min(draw(st.integers(1, 2)), per_group_max)
+    return Case("conv", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])),
+                groups=groups)
+
+
+@st.composite
+def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    vocab, dim = draw(st.integers(2, 20)), draw(st.integers(1, 8))
+    padding_idx = draw(st.one_of(st.none(), st.integers(0, vocab - 1)))
+    max_norm = draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0])))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    layer = nn.Embedding(vocab, dim, padding_idx=padding_idx, max_norm=max_norm,
+                         scale_grad_by_freq=draw(st.booleans())).to(dtype)
+    lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
+    x = torch.randint(0, vocab, lead)
+    rank = draw(st.integers(1, min(vocab, dim)))
+    return Case("embedding", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])))
+
+
+def any_case(dtype: torch.dtype | None = None) -> st.SearchStrategy[Case]:
+    """A case of any registered layer type."""
+    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype))
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
+    """Give every A and B non-zero values, so ΔW is not zero (fresh B or A is zero)."""
+    gen = _seeded(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.5)

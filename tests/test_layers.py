@@ -1,0 +1,252 @@
+"""Properties of every registered layer type against the dense reference in reference.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch import nn
+
+import loraplug as lp
+from reference import assert_close, delta, dense_forward
+from strategies import Case, any_case, conv_cases, embedding_cases, linear_cases, randomize_adapters
+
+
+def _inject(case: Case, **kwargs) -> lp.LoRALayer:
+    lp.inject_lora(case.model, target="0", rank=case.rank, alpha=case.alpha, **kwargs)
+    return case.model[0]
+
+
+def _reference(case: Case, base: nn.Module, names: list[str]) -> torch.Tensor:
+    """The adapted output in float64, computed with F.* on W + Σ ΔW."""
+    layer = case.model[0]
+    weight = base.weight.double()
+    for n in names:
+        weight = weight + delta(case.kind, layer.lora_A[n], layer.lora_B[n],
+                                layer.alpha[n] / layer.rank[n], case.groups)
+    base64 = copy.deepcopy(base).double()
+    x = case.x if case.kind == "embedding" else case.x.double()
+    return dense_forward(base64, weight, x)
+
+
+def _scale(ref: torch.Tensor) -> float:
+    return max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+
+
+def pinned_conv() -> Case:
+    """Conv2d 1→1, kernel 3, padding 2, dilation 2, reflect: the case other libraries get wrong."""
+    torch.manual_seed(0)
+    return Case(
+        "conv",
+        nn.Sequential(nn.Conv2d(1, 1, 3, padding=2, dilation=2, padding_mode="reflect")),
+        torch.randn(1, 1, 6, 6),
+        rank=1,
+        alpha=1.0,
+    )
+
+
+@given(any_case())
+@example(pinned_conv())
+def test_fresh_injection_is_bit_identical_to_base(case: Case) -> None:
+    base = copy.deepcopy(case.base)
+    expected = base(case.x)
+    _inject(case)
+    assert torch.equal(case.model(case.x), expected)
+
+
+@given(any_case(), st.sampled_from(["eval", "train"]))
+@example(pinned_conv(), "eval")
+def test_unmerged_and_merged_match_dense_reference(case: Case, mode: str) -> None:
+    base = copy.deepcopy(case.base)
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    getattr(case.model, mode)()
+    ref = _reference(case, base, ["default"])
+    unmerged = case.model(case.x)
+    assert unmerged.dtype == base.weight.dtype
+    assert_close(unmerged, ref, case.base.weight.dtype, scale=_scale(ref))
+    layer.merge()
+    assert layer.merged
+    assert_close(case.model(case.x), ref, case.base.weight.dtype, scale=_scale(ref))
+
+
+@given(any_case())
+def test_merged_forward_is_the_base_computation_on_merged_weight(case: Case) -> None:
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    layer.merge()
+    plain = copy.deepcopy(layer.base_layer)
+    # The merged layer does no LoRA work: exactly the base module on the same weight.
+    expected = plain(case.x)
+    assert torch.equal(case.model(case.x), expected)
+
+
+@given(any_case())
+@example(pinned_conv())
+def test_unmerge_restores_weight(case: Case) -> None:
+    original = case.base.weight.detach().clone()
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    layer.merge()
+    assert not torch.equal(layer.weight, original) or layer.weight.dtype == torch.bfloat16
+    layer.unmerge()
+    assert not layer.merged
+    assert_close(layer.weight, original, scale=_scale(original))
+
+
+@given(any_case())
+def test_merge_twice_adds_delta_once(case: Case) -> None:
+    original = case.base.weight.detach().clone()
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    lp.merge(case.model)
+    once = layer.weight.detach().clone()
+    lp.merge(case.model)
+    layer.merge()
+    assert torch.equal(layer.weight, once)
+    lp.unmerge(case.model)
+    lp.unmerge(case.model)
+    assert not layer.merged
+    assert_close(layer.weight, original, scale=_scale(original))
+
+
+@given(any_case())
+def test_merge_computes_delta_in_float32_for_half_weights(case: Case) -> None:
+    if case.base.weight.dtype != torch.bfloat16:
+        case.model.to(torch.bfloat16)
+        case.x = case.x if case.kind == "embedding" else case.x.to(torch.bfloat16)
+    w = case.base.weight.detach().clone()
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    d = delta(case.kind, layer.lora_A["default"], layer.lora_B["default"],
+              layer.scaling["default"], case.groups)
+    expected = (w.double() + d).float().to(torch.bfloat16)  # one rounding from float32
+    layer.merge()
+    # float32 sum then one cast: within one bf16 ulp of the exactly rounded result.
+    torch.testing.assert_close(layer.weight.float(), expected.float(), rtol=2**-7, atol=1e-6)
+
+
+@given(any_case(), st.integers(0, 2**16))
+def test_two_active_adapters_equal_their_merged_sum(case: Case, seed: int) -> None:
+    base = copy.deepcopy(case.base)
+    layer = _inject(case)
+    lp.inject_lora(case.model, target="0", rank=case.rank, alpha=2 * case.alpha, name="b")
+    randomize_adapters(case.model, seed)
+    lp.set_adapter(case.model, ["default", "b"])
+    ref = _reference(case, base, ["default", "b"])
+    assert_close(case.model(case.x), ref, base.weight.dtype, scale=_scale(ref))
+    lp.merge(case.model)
+    assert layer.merged_adapters == ("default", "b")
+    assert_close(case.model(case.x), ref, base.weight.dtype, scale=_scale(ref))
+
+
+@given(any_case(torch.float32), st.sampled_from(["sgd", "adamw"]))
+def test_only_lora_parameters_train(case: Case, optimizer: str) -> None:
+    layer = _inject(case, dropout=0.0)
+    randomize_adapters(case.model)
+    base_before = {k: v.clone() for k, v in case.model.state_dict().items() if "lora" not in k}
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in (*layer.lora_A.values(),
+                                                          *layer.lora_B.values())}
+    opt = (torch.optim.SGD(trainable, lr=0.1) if optimizer == "sgd"
+           else torch.optim.AdamW(trainable, lr=0.1))
+    case.model(case.x).float().pow(2).sum().backward()
+    assert layer.weight.grad is None
+    assert all(p.grad is not None for p in trainable)
+    opt.step()
+    after = case.model.state_dict()
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), k
+
+
+@given(any_case())
+def test_added_parameter_count_matches_formula(case: Case) -> None:
+    w = case.base.weight
+    r = case.rank
+    if case.kind == "linear":
+        expected = r * (w.shape[1] + w.shape[0])
+    elif case.kind == "embedding":
+        expected = r * (w.shape[0] + w.shape[1])
+    else:  # A: r · in/g · k…,  B: out · r/g
+        expected = r * w[0].numel() + w.shape[0] * r // case.groups
+    total_before = sum(p.numel() for p in case.model.parameters())
+    _inject(case)
+    assert sum(p.numel() for p in case.model.parameters()) - total_before == expected
+    assert lp.summary(case.model).lora_parameters == expected
+
+
+@given(st.one_of(linear_cases(torch.float64), conv_cases(dtype=torch.float64)),
+       st.sampled_from([0.0, 0.5]))
+def test_dropout_applies_to_branch_input_only(case: Case, p: float) -> None:
+    """In train mode: output = base(x) + s·B A dropout(x), reproduced with the same RNG state."""
+    layer = _inject(case, dropout=p)
+    randomize_adapters(case.model)
+    case.model.train()
+    torch.manual_seed(1)
+    out = case.model(case.x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(case.x, p, training=True) if p else case.x
+    plain = copy.deepcopy(layer.base_layer)
+    branch_weight = delta(case.kind, layer.lora_A["default"], layer.lora_B["default"],
+                          layer.scaling["default"], case.groups)
+    no_bias = copy.deepcopy(plain)
+    no_bias.bias = None
+    ref = plain(case.x) + dense_forward(no_bias, branch_weight, dropped)
+    assert_close(out, ref, scale=_scale(ref))
+
+
+def test_dropout_is_off_in_eval_mode() -> None:
+    model = nn.Sequential(nn.Linear(6, 6))
+    lp.inject_lora(model, target="0", rank=2, dropout=0.9)
+    randomize_adapters(model)
+    model.eval()
+    x = torch.randn(4, 6)
+    assert torch.equal(model(x), model(x))
+
+
+@given(conv_cases(dtype=torch.float64))
+def test_conv_delta_is_block_diagonal_over_groups(case: Case) -> None:
+    """ΔW of a grouped conv equals a dense (ungrouped) conv's ΔW restricted to its groups."""
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    g = case.groups
+    d = layer.delta_weight("default")
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    out, r = b.shape[0], a.shape[0]
+    # Block (o, i) of the full map: B_g[o] · A_g[:, i] for o, i in the same group only.
+    for gi in range(g):
+        rows = slice(gi * out // g, (gi + 1) * out // g)
+        bg = b[rows].reshape(out // g, r // g)
+        ag = a[gi * r // g:(gi + 1) * r // g].reshape(r // g, -1)
+        torch.testing.assert_close(d[rows].reshape(out // g, -1), layer.scaling["default"] * bg @ ag)
+
+
+@given(linear_cases(torch.float32))
+def test_rslora_scales_by_sqrt_rank(case: Case) -> None:
+    layer = _inject(case, use_rslora=True)
+    assert layer.scaling["default"] == pytest.approx(case.alpha / case.rank**0.5)
+
+
+@given(embedding_cases(torch.float32))
+def test_embedding_padding_idx_row_gets_no_gradient(case: Case) -> None:
+    if case.base.padding_idx is None:
+        return
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    ids = torch.full((3,), case.base.padding_idx)
+    case.model(ids).sum().backward()
+    assert torch.count_nonzero(layer.lora_A["default"].grad[:, case.base.padding_idx]) == 0
+
+
+def test_pinned_reflect_dilation_conv_against_peft_breaking_case() -> None:
+    """ΔW-merged, unmerged and reference agree on the pinned reflect/dilation conv."""
+    case = pinned_conv()
+    base = copy.deepcopy(case.base)
+    _inject(case)
+    randomize_adapters(case.model)
+    ref = _reference(case, base, ["default"])
+    assert ref.shape == base(case.x).shape == case.model(case.x).shape
+    assert_close(case.model(case.x), ref, scale=_scale(ref))
