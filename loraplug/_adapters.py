@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
 from ._layer import LoRALayer
 from ._targeting import clean_name
@@ -185,8 +186,9 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
             the adapted weights while checking.
 
     Raises:
-        StateError: the model has no LoRA layers, adapters are disabled, or ``safe`` is
-            set and a merged weight is not finite (nothing is changed then).
+        StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
+            set and a merged weight is not finite, or FSDP2 has sharded the LoRA layers
+            (nothing is changed then).
 
     Example:
         >>> import torch
@@ -202,6 +204,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         True
     """
     layers = _layers_or_raise(model, "merge")
+    refuse_sharded(layers, "merge")
     disabled = [n for n, layer in layers if layer.adapters_disabled]
     if disabled:
         raise StateError(
@@ -237,7 +240,9 @@ def unmerge(model: nn.Module) -> None:
     never-merged model returns bit-identical weights.
 
     Raises:
-        StateError: the model has no LoRA layers.
+        StateError: the model has no LoRA layers, or FSDP2 has sharded them.
     """
-    for _, layer in _layers_or_raise(model, "unmerge"):
+    layers = _layers_or_raise(model, "unmerge")
+    refuse_sharded(layers, "unmerge")
+    for _, layer in layers:
         layer.unmerge()

@@ -21,8 +21,10 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compile import CompiledForwardMixin
 from ._errors import ConfigError, StateError
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -33,7 +35,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-class LoRALayer(nn.Module):
+def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``out + scaling · h bᵀ``, accumulated into ``out`` by one GEMM where possible.
+
+    Shapes: out (..., d), h (..., r), b (d, r). ``out`` must be a fresh result of the
+    base computation (writing into it is then safe, also under autograd). Scaling as
+    the GEMM's ``alpha`` costs nothing, and no output-sized temporary is made.
+    """
+    if out.dtype == h.dtype == b.dtype and out.is_contiguous() and isinstance(scaling, float):
+        flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+        flat.addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+        return out
+    # Mixed dtypes (autocast) or an unusual layout: the plain out-of-place sum.
+    return out + F.linear(h * scaling, b)
+
+
+class LoRALayer(CompiledForwardMixin, nn.Module):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
     Subclasses implement the methods below for one base type and register themselves
@@ -57,6 +74,8 @@ class LoRALayer(nn.Module):
     zero_init: ClassVar[str] = "B"
     #: Whether dropout on the input of the low-rank branch is meaningful (not for ids).
     supports_dropout: ClassVar[bool] = True
+    #: Set by ``adapter_per_sample`` while each row of a batch picks its own adapter.
+    _route = None
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()
@@ -98,6 +117,16 @@ class LoRALayer(nn.Module):
         """The low-rank branch ``s · B A x`` of adapter ``name``, shaped like the output."""
         raise NotImplementedError
 
+    def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                    slot: Tensor | None) -> Tensor:
+        """The low-rank branch with a different adapter for each row (first dimension).
+
+        Row i computes ``scale[j] · B[j] A[j] x[i]`` with ``j = slot[i]`` (``j = i`` when
+        ``slot`` is None), in one batched computation over the stacked adapters ``a``
+        (n, *A shape) and ``b`` (n, *B shape). Used by ``adapter_per_sample``.
+        """
+        raise NotImplementedError
+
     def delta_weight(self, name: str) -> Tensor:
         """``s · ΔW`` of adapter ``name``, shaped like ``weight``, in :func:`compute_dtype`."""
         raise NotImplementedError
@@ -116,15 +145,42 @@ class LoRALayer(nn.Module):
 
     # ----------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # adapter state as tensors: see _compile.py
+            return self._forward_compiled(x)
         if self.through_weight:
             return self._forward_through_weight(x)
+        if self._route is not None:
+            return self._route.forward(self, x)
         out = self.base_forward(x)
         for name in self._live:
-            if self.training and self.dropout[name]:
-                out = out + self.lora_forward(self.lora_dropout[name](x), name)
-            else:
-                out = out + self.lora_forward(x, name)
+            out = self._add_lora(out, self._lora_input(x, name), name)
         return out
+
+    # The hot path reads tensors straight from the registries: nn.Module.__getattr__ costs
+    # about a microsecond per attribute, as much as a small matmul.
+    def _tensor(self, key: str) -> Tensor | None:
+        """``self.<key>``: a registered parameter looked up directly, else the attribute."""
+        params = self._parameters
+        return params[key] if key in params else getattr(self, key)
+
+    def _adapter(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(lora_A[name], lora_B[name])``, looked up directly."""
+        return (self._modules["lora_A"]._parameters[name],
+                self._modules["lora_B"]._parameters[name])
+
+    def _lora_input(self, x: Tensor, name: str) -> Tensor:
+        # Dropout only where it changes something: no module call in eval or at p = 0.
+        if self.training and self.dropout[name]:
+            return self.lora_dropout[name](x)
+        return x
+
+    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        """``out + lora_forward(x, name)``; a layer type may add into ``out`` in place.
+
+        ``out`` is the tensor ``base_forward`` just returned (fresh, not saved for
+        backward), so writing into it is safe.
+        """
+        return out + self.lora_forward(x, name)
 
     def _forward_through_weight(self, x: Tensor) -> Tensor:
         # The wrapped module's own forward differs from the registered type's, so the
@@ -197,6 +253,7 @@ class LoRALayer(nn.Module):
         self.alpha[name] = float(alpha)
         rank = self.rank[name]
         self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
+        self._sync_compiled_scales()
 
     def set_active(self, names: Iterable[str]) -> None:
         """Ask for ``names`` to be computed; names this layer lacks are ignored."""
@@ -229,6 +286,7 @@ class LoRALayer(nn.Module):
             self._live = ()
         else:
             self._live = tuple(n for n in self.active_adapters if n in self.rank)
+        self._sync_compiled_scales()
 
     # ----------------------------------------------------------- merge
     def _live_or_active(self) -> tuple[str, ...]:

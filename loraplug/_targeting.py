@@ -5,7 +5,8 @@ A target is one of, or a list of:
 - a glob over the full dotted module name (``"classifier.*"``, ``"*.q_proj"``,
   ``"features.0"``); ``*`` and ``?`` may cross dots, matching is case-sensitive;
 - a compiled regex, matched with ``fullmatch`` against the full name;
-- a module type (``nn.Linear``), matched with ``isinstance``;
+- a module type (``nn.Linear``), matched with ``isinstance`` (a LoRA layer matches the
+  type of the module it wraps);
 - a predicate ``(name, module) -> bool``.
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
@@ -76,7 +77,10 @@ def _matcher(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
                 f"target type {pattern!r} is not an nn.Module subclass; pass a module class "
                 "such as nn.Linear."
             )
-        return lambda name, module: isinstance(module, pattern)
+        # A LoRA layer stands for the module it wraps (to add a second adapter by type).
+        return lambda name, module: isinstance(
+            module.base_layer if isinstance(module, LoRALayer) else module, pattern
+        )
     if callable(pattern):
         return lambda name, module: bool(pattern(name, module))
     raise TargetError(

@@ -1,0 +1,160 @@
+"""Named adapters: switching, disabling, deleting, merging safely, and the summary table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import loraplug as lp
+from reference import assert_close
+from strategies import randomize_adapters
+
+
+def two_adapter_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    lp.inject_lora(model, target=nn.Linear, rank=2)
+    lp.inject_lora(model, target=nn.Linear, rank=2, alpha=6, name="b")
+    randomize_adapters(model)
+    return model
+
+
+X = torch.randn(5, 6)
+
+
+def run_with(model: nn.Module, names) -> torch.Tensor:
+    lp.set_adapter(model, names)
+    return model(X)
+
+
+def test_switching_adapters_changes_the_function_and_back() -> None:
+    model = two_adapter_model()
+    a, b = run_with(model, "default"), run_with(model, "b")
+    assert not torch.allclose(a, b)
+    assert torch.equal(run_with(model, "default"), a)
+
+
+def test_disable_adapters_runs_the_base_exactly_and_restores() -> None:
+    model = two_adapter_model()
+    with lp.disable_adapters(model):
+        base = model(X)
+    lp.unload(model)
+    assert torch.equal(model(X), base)
+
+
+def test_disable_adapters_restores_after_an_exception() -> None:
+    model = two_adapter_model()
+    adapted = model(X)
+    with pytest.raises(RuntimeError, match="boom"), lp.disable_adapters(model):
+        raise RuntimeError("boom")
+    assert torch.equal(model(X), adapted)
+
+
+def test_merge_merges_the_active_set_and_refuses_to_switch_while_merged() -> None:
+    model = two_adapter_model()
+    both = run_with(model, ["default", "b"])
+    lp.merge(model)
+    assert all(layer.merged_adapters == ("default", "b") for layer in (model[0], model[2]))
+    assert_close(model(X), both)
+    with pytest.raises(lp.StateError, match=r"set_adapter: layers \['0', '2'\] are merged; call "
+                                            r"loraplug.unmerge"):
+        lp.set_adapter(model, "b")
+    with pytest.raises(lp.StateError, match=r"disable_adapters: .* are merged"):
+        with lp.disable_adapters(model):
+            pass
+    lp.unmerge(model)
+    lp.set_adapter(model, "b")
+
+
+def test_merge_inside_disable_is_refused() -> None:
+    model = two_adapter_model()
+    with lp.disable_adapters(model):
+        with pytest.raises(lp.StateError, match=r"merge: adapters are disabled"):
+            lp.merge(model)
+        with pytest.raises(lp.StateError, match=r"adapters are disabled on this layer"):
+            model[0].merge()
+        with pytest.raises(lp.StateError, match=r"unload\(merge=True\): adapters are disabled"):
+            lp.unload(model, merge=True)
+
+
+def test_unknown_adapter_name_suggests_close_names() -> None:
+    model = two_adapter_model()
+    with pytest.raises(lp.AdapterError, match=r"unknown adapter name\(s\) \['defualt'\]; the "
+                                              r"model has \['b', 'default'\]. Did you mean "
+                                              r"\['default'\]"):
+        lp.set_adapter(model, "defualt")
+    with pytest.raises(lp.AdapterError, match=r"delete_adapter: unknown adapter"):
+        lp.delete_adapter(model, "c")
+
+
+def test_operations_on_a_model_without_lora_layers() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    for call in (lp.merge, lp.unmerge, lambda m: lp.set_adapter(m, "x"),
+                 lambda m: lp.delete_adapter(m, "x")):
+        with pytest.raises(lp.StateError, match=r"has no LoRA layers; call loraplug.inject_lora"):
+            call(model)
+    assert lp.adapter_names(model) == [] and lp.active_adapters(model) == []
+
+
+def test_delete_adapter_removes_tensors_and_keeps_others() -> None:
+    model = two_adapter_model()
+    b_only = run_with(model, "b")
+    lp.set_adapter(model, ["default", "b"])
+    lp.delete_adapter(model, "default")
+    assert lp.adapter_names(model) == ["b"]
+    assert lp.active_adapters(model) == ["b"]
+    assert not any(".default" in k for k in model.state_dict())
+    assert torch.equal(model(X), b_only)
+
+
+def test_delete_only_active_adapter_activates_first_remaining() -> None:
+    model = two_adapter_model()
+    lp.set_adapter(model, "b")
+    lp.delete_adapter(model, "b")
+    assert lp.active_adapters(model) == ["default"]
+
+
+def test_delete_merged_adapter_is_refused() -> None:
+    model = two_adapter_model()
+    lp.merge(model)
+    with pytest.raises(lp.StateError, match=r"delete_adapter: 'default' is merged into"):
+        lp.delete_adapter(model, "default")
+    with pytest.raises(lp.StateError, match=r"adapter 'default' is merged into this layer"):
+        model[0].remove_adapter("default")
+    with pytest.raises(lp.StateError, match=r"call unmerge\(\) before changing alpha"):
+        model[0].set_scale("default", 2.0)
+    with pytest.raises(lp.StateError, match=r"unmerge before switching adapters"):
+        model[0].set_active(["b"])
+
+
+def test_safe_merge_is_all_or_nothing() -> None:
+    model = two_adapter_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[2].lora_B["default"][0, 0] = float("nan")  # the second layer is poisoned
+    with pytest.raises(lp.StateError, match=r"merge\(safe=True\): merging \['default'\] into '2' "
+                                            r"gives NaN or inf weights; no layer was changed"):
+        lp.merge(model, safe=True)
+    assert not model[0].merged and not model[2].merged
+    assert torch.equal(model[0].weight, before["0.weight"])
+    with pytest.raises(lp.StateError, match=r"gives a weight with NaN or inf values"):
+        model[2].merge(safe=True)
+    assert torch.equal(model[2].weight, before["2.weight"])
+
+
+def test_summary_rows_and_counts() -> None:
+    model = two_adapter_model()
+    table = lp.summary(model)
+    assert [row.name for row in table.layers] == ["0", "2"]
+    first = table.layers[0]
+    assert first.base_type == "nn.Linear" and first.shape == (6, 6)
+    assert first.adapters == (("default", 2, 2.0), ("b", 2, 6.0))
+    assert first.lora_parameters == 2 * (6 + 6) * 2
+    assert table.lora_parameters == first.lora_parameters + 2 * (6 + 2) * 2
+    assert table.trainable == table.lora_parameters
+    assert table.total == table.lora_parameters + 6 * 6 + 6 + 2 * 6 + 2
+    text = str(table)
+    assert "default (2, 2), b (2, 6)" in text and "trainable" in text
+    lp.merge(model)
+    assert "[merged]" in str(lp.summary(model))

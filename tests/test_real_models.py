@@ -1,0 +1,86 @@
+"""torchvision models built from code with random weights: inject, train, merge, unload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+import loraplug as lp
+from reference import assert_close
+
+
+def depthwise_and_dense_convs(name: str, module: nn.Module) -> bool:
+    """Convs that can use rank 16: depthwise ones with 16 groups, and wide dense ones."""
+    if not isinstance(module, nn.Conv2d) or module.groups not in (1, 16):
+        return False
+    per_group_in = module.in_channels // module.groups * module.weight[0, 0].numel()
+    return min(module.out_channels // module.groups, per_group_in) * module.groups >= 16
+
+
+SLOW = {"vgg19-classifier", "vgg19-every-conv", "vit_b_16-mlp-and-head"}
+CASES = {
+    "resnet18-all-convs-and-fc": (lambda: models.resnet18(num_classes=10), [nn.Conv2d, "fc"],
+                                  {}, (2, 3, 32, 32)),
+    "mobilenet_v3_small-depthwise": (lambda: models.mobilenet_v3_small(num_classes=10),
+                                     depthwise_and_dense_convs, {"rank": 16}, (2, 3, 32, 32)),
+    "vit_b_16-mlp-and-head": (lambda: models.vit_b_16(image_size=32, num_classes=10),
+                              ["encoder.layers.*.mlp.*", "heads.head"], {},
+                              (2, 3, 32, 32)),
+    "vgg19-classifier": (lambda: models.vgg19(num_classes=10), ["classifier.*"], {},
+                         (2, 3, 32, 32)),
+    "vgg19-every-conv": (lambda: models.vgg19(num_classes=10), [nn.Conv2d], {}, (2, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES],
+    ids=list(CASES),
+)
+def test_real_model_round_trip(case: str) -> None:
+    build, target, extra, shape = CASES[case]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(shape)
+    original_state = copy.deepcopy(model.state_dict())
+    base_out = model(x)
+    kwargs = {"rank": 4, **extra}
+    if case == "vgg19-classifier":  # ReLU/Dropout matched too: parameter-less, not reported
+        names = lp.inject_lora(model, target=target, **kwargs)
+        assert names == ["classifier.0", "classifier.3", "classifier.6"]
+    else:
+        names = lp.inject_lora(model, target=target, **kwargs)
+    assert names
+    assert torch.equal(model(x), base_out)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    # B starts at zero: the first step moves B only; a second step makes ΔW non-zero.
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+        opt.step()
+    for k, v in original_state.items():
+        if "lora" not in k and "running" not in k and "num_batches" not in k:
+            assert torch.equal(model.state_dict()[k], v), k
+    adapted = model(x)
+    assert (adapted - base_out).abs().max() > 1e-3 * base_out.abs().max()  # training moved it
+    lp.merge(model, safe=True)
+    scale = max(1.0, adapted.abs().max().item())
+    assert_close(model(x), adapted, scale=scale)
+    lp.unload(model, merge=False)
+    assert not any(isinstance(m, lp.LoRALayer) for m in model.modules())
+    assert_close(model(x), base_out, scale=max(1.0, base_out.abs().max().item()))
+
+
+@pytest.mark.slow
+def test_vit_out_proj_is_refused_by_a_type_target() -> None:
+    model = models.vit_b_16(image_size=32, num_classes=10)
+    with pytest.raises(lp.TargetError, match=r"encoder.layers.encoder_layer_0.self_attention."
+                                             r"out_proj': its owner nn.MultiheadAttention"):
+        lp.inject_lora(model, target=nn.Linear, rank=2)
+    names = lp.inject_lora(model, target=nn.Linear, exclude="*.out_proj", rank=2)
+    assert "heads.head" in names and not any(n.endswith("out_proj") for n in names)
