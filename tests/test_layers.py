@@ -250,3 +250,50 @@ def test_pinned_reflect_dilation_conv_against_peft_breaking_case() -> None:
     ref = _reference(case, base, ["default"])
     assert ref.shape == base(case.x).shape == case.model(case.x).shape
     assert_close(case.model(case.x), ref, scale=_scale(ref))
+
+
+@given(any_case())
+def test_unload_restores_the_object_and_bit_identical_state(case: Case) -> None:
+    original = case.base
+    state = {k: v.clone() for k, v in case.model.state_dict().items()}
+    _inject(case)
+    randomize_adapters(case.model)
+    case.model(case.x)
+    lp.unload(case.model)
+    assert case.model[0] is original
+    after = case.model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+@given(any_case(), st.sampled_from(["rank", "alpha", "dropout", "name", "duplicate", "groups"]))
+def test_failed_inject_leaves_the_model_unchanged(case: Case, fault: str) -> None:
+    case.model.append(nn.Conv1d(4, 4, 1, groups=4))  # a second target that may refuse the rank
+    lp.inject_lora(case.model, target="0", rank=case.rank, name="existing")
+    randomize_adapters(case.model)
+    before = (
+        [(n, id(m)) for n, m in case.model.named_modules()],
+        {k: v.clone() for k, v in case.model.state_dict().items()},
+        [(n, p.requires_grad) for n, p in case.model.named_parameters()],
+        case.model[0].active_adapters,
+    )
+    kwargs = {"target": ["0", "1"], "rank": 4, "name": "new"}
+    kwargs.update({
+        "rank": {"rank": -1},
+        "alpha": {"alpha": -2.0},
+        "dropout": {"dropout": 1.5},
+        "name": {"name": "no.dots"},
+        "duplicate": {"name": "existing"},
+        "groups": {"rank": 2},
+    }[fault])
+    with pytest.raises(lp.LoRAError):
+        lp.inject_lora(case.model, **kwargs)
+    after = (
+        [(n, id(m)) for n, m in case.model.named_modules()],
+        case.model.state_dict(),
+        [(n, p.requires_grad) for n, p in case.model.named_parameters()],
+        case.model[0].active_adapters,
+    )
+    assert before[0] == after[0] and before[2] == after[2] and before[3] == after[3]
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
