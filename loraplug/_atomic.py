@@ -32,12 +32,34 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+_CHUNK = 16 << 20
+
+
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """A writer for :func:`write_atomically` that writes ``data`` in chunks."""
+
+    def write(path: str) -> None:
+        view = memoryview(data)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            while view:
+                view = view[os.write(fd, view[:_CHUNK]):]
+        finally:
+            os.close(fd)
+
+    return write
+
+
 def _stage(target: Path, write: Callable[[str], None]) -> Path:
     temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL: never reuse someone else's file; mode 0o666 lets the umask decide, as open() does.
     os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(temp).st_mode & 0o777
     try:
         write(str(temp))
+        # A writer may have replaced the file (safetensors writes a 0600 file and renames
+        # it over the path): give the result the mode a plain open() would have.
+        os.chmod(temp, mode)
         _fsync_path(temp)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,0 +1,176 @@
+"""Atomic saves: an interrupted or killed save leaves the previous adapter readable and intact."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from strategies import randomize_adapters
+from torch import nn
+
+import loraplug as lp
+from loraplug import _files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_model() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    model = copy.deepcopy(base)
+    lp.inject_lora(model, target="*", rank=4)
+    randomize_adapters(model)
+    return base, model
+
+
+class Interrupted(BaseException):
+    """Like KeyboardInterrupt: not an Exception, so only a bare cleanup path catches it."""
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_failure_while_writing_keeps_the_old_files(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _, model = small_model()
+    lp.save_adapter(model, tmp_path)
+    before = files_of(tmp_path)
+
+    def half_write(tensors, path, metadata=None):  # type: ignore[no-untyped-def]
+        Path(path).write_bytes(b"partial")
+        raise Interrupted  # anything, even a BaseException, mid-write
+
+    monkeypatch.setattr(_files, "save_file", half_write)
+    with pytest.raises(Interrupted):
+        lp.save_merged(model, tmp_path / "adapter_model.safetensors")
+    assert files_of(tmp_path) == before  # same names (no temp files left), same bytes
+
+    def failing(tensors, metadata=None):  # type: ignore[no-untyped-def]
+        raise MemoryError
+
+    monkeypatch.setattr(_files, "serialize", failing)
+    with pytest.raises(MemoryError):
+        lp.save_adapter(model, tmp_path)
+    assert files_of(tmp_path) == before
+
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "write", lambda fd, data: os.ftruncate(fd, 5) or 1 // 0)
+    with pytest.raises(ZeroDivisionError):
+        lp.save_adapter(model, tmp_path)
+    assert files_of(tmp_path) == before
+
+
+def test_failed_rename_reports_and_cleans_up(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _, model = small_model()
+    lp.save_adapter(model, tmp_path)
+    before = files_of(tmp_path)
+
+    def no_rename(src, dst):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(lp.AdapterFileError, match=r"save_adapter could not write .*Permission "
+                                                  r"denied. Files saved there before are "
+                                                  r"unchanged"):
+        lp.save_adapter(model, tmp_path)
+    assert files_of(tmp_path) == before
+
+
+def test_written_files_follow_the_umask_not_the_temp_file_mode(tmp_path: Path) -> None:
+    _, model = small_model()
+    lp.save_adapter(model, tmp_path)
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == modes["probe"]
+
+
+SAVER = textwrap.dedent("""
+    import os, sys, time, torch
+    from torch import nn
+    import loraplug as lp
+
+    path, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    # A large adapter (about 200 MB), so that writing it takes a while.
+    lp.inject_lora(model, target="*", rank=100_000)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    if mode == "rename":
+        def stall(src, dst):
+            print("RENAMING", flush=True)
+            time.sleep(60)
+        os.replace = stall
+    print("SAVING", flush=True)
+    lp.save_adapter(model, path)
+    print("DONE", flush=True)
+""")
+
+
+def _kill_while_saving(path: Path, mode: str) -> list[Path]:
+    script = path.parent / "saver.py"
+    script.write_text(SAVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(script), str(path), mode], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "SAVING", line
+        deadline = time.monotonic() + 120
+        if mode == "write":
+            # Kill as soon as the new weights file has begun to grow.
+            while time.monotonic() < deadline:
+                temps = [p for p in path.iterdir() if p.name.endswith(".tmp")]
+                if any(p.stat().st_size > 0 for p in temps):
+                    break
+                time.sleep(0.0005)
+        else:
+            line = proc.stdout.readline()
+            assert line.strip() == "RENAMING", line
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    return [p for p in path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["write", "rename"])
+def test_sigkill_during_save_leaves_the_previous_adapter(tmp_path: Path, mode: str) -> None:
+    base, model = small_model()
+    path = tmp_path / "adapter"
+    lp.save_adapter(model, path)
+    before = files_of(path)
+
+    temps = _kill_while_saving(path, mode)
+    full_size = 2 * 4 * 64 * 100_000 * 4  # A and B of 4 layers, float32
+    sizes = sorted(p.stat().st_size for p in temps)
+    if mode == "write":  # killed mid-write: one partial weights file
+        assert len(temps) == 1 and 0 < sizes[0] < full_size
+    else:  # killed after both files were complete, before the renames
+        assert len(temps) == 2 and sizes[1] > full_size
+
+    assert {n: b for n, b in files_of(path).items() if not n.endswith(".tmp")} == before
+    fresh = copy.deepcopy(base)
+    lp.load_adapter(fresh, path)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

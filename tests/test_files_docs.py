@@ -1,0 +1,27 @@
+"""The code in docs/files.md and docs/migrating.md runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def python_blocks(name: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("name", ["files.md", "migrating.md"])
+def test_documented_code_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = python_blocks(name)
+    assert blocks
+    if any("import peft" in block for block in blocks):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    for block in blocks:  # one namespace: later blocks build on earlier ones
+        exec(compile(block, f"{name}", "exec"), namespace)
