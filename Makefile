@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -9,11 +10,15 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt -e '.[dev,examples]'
 	touch $(STAMP)
 
-.PHONY: setup example test test-slow lint
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -r requirements-dev.txt -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+.PHONY: setup example test test-slow lint docs
 setup: $(STAMP)
 
 example: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/vgg19_goldfish.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests loraplug
@@ -23,3 +28,6 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check loraplug tests examples benchmarks
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict

@@ -21,7 +21,7 @@ def main() -> None:
     print(lp.summary(model))
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(200):
+    for _ in range(200):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
