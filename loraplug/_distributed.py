@@ -3,14 +3,14 @@
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every parameter, adapters
 included, is a ``DTensor`` holding one shard per process. Reading an adapter whole is a
 collective (every process must take part), and writing it is the job of one process.
-Nothing here imports ``torch.distributed`` unless the model is distributed: a
-``DTensor`` can exist only once ``torch.distributed.tensor`` has been imported.
+Nothing here imports ``torch.distributed.tensor`` or ``torch.distributed.fsdp``: a
+``DTensor`` or FSDP2 module can exist only once they have been imported.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -46,30 +46,32 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def write_from_main(
-    model: nn.Module, tensors: Mapping[str, Tensor], write: Callable[[dict[str, Tensor]], None]
-) -> None:
-    """Run ``write(full_tensors)`` once for the whole process group.
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``: a ``fully_shard`` module or DTensor parameters."""
+    return is_fsdp(model) or any(is_sharded(p) for p in model.parameters())
 
-    When ``model`` is sharded (FSDP2), every process must call this: the tensors are
-    gathered whole on every process (a collective, in sorted key order), process 0
-    alone calls ``write``, and the others wait for it and raise if it failed, so no
-    process returns before the files exist. Otherwise ``write`` runs in the calling
-    process (with DDP, call it on rank 0 only).
+
+def run_on_main(model: nn.Module, write: Callable[[], None]) -> None:
+    """Run ``write()`` once for the whole process group when ``model`` is sharded.
+
+    On a sharded model (FSDP2) every process calls this, after gathering what ``write``
+    needs with :func:`gather_full`: process 0 alone runs ``write``, and the others wait
+    for it and raise if it failed, so no process returns before the files exist (or
+    carries on after a failed save). On any other model ``write`` simply runs in the
+    calling process (with DDP, call it on rank 0 only).
 
     Raises:
-        AdapterFileError: on the other processes, when process 0 failed to write (process
-            0 raises its own error).
+        AdapterFileError: on the other processes, when process 0 failed to write
+            (process 0 raises its own error).
     """
-    if not is_fsdp(model) and not any(is_sharded(t) for t in tensors.values()):
-        write({k: t.detach() for k, t in tensors.items()})
+    if not is_sharded_model(model):
+        write()
         return
-    full = {key: gather_full(tensors[key]) for key in sorted(tensors)}
     failure: list[str | None] = [None]
     error: BaseException | None = None
     if _rank() == 0:
         try:
-            write(full)
+            write()
         except BaseException as exc:  # re-raised below, after the others are told
             error = exc
             failure[0] = f"{type(exc).__name__}: {exc}"
@@ -78,8 +80,8 @@ def write_from_main(
         raise error
     if failure[0] is not None:
         raise AdapterFileError(
-            f"process 0 failed to write the adapter of this sharded model ({failure[0]}); "
-            "nothing was written. Fix the cause shown by process 0 and save again."
+            f"process 0 failed to write the adapter of this sharded model ({failure[0]}). "
+            "Fix the cause shown there and save again."
         )
 
 

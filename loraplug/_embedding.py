@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layer import LoRALayer, compute_dtype
+from ._layer import LoRALayer, add_scaled_product, compute_dtype
 from ._registry import register_lora_layer
 
 
@@ -54,26 +54,57 @@ class LoRAEmbedding(LoRALayer):
 
     def _renorm(self, rows: Tensor) -> Tensor:
         # What nn.Embedding's in-place renorm does to each looked-up row, out of place;
-        # like it, the factor is not differentiated.
+        # like it, the factor is computed in float64, rounded once, and not differentiated.
         with torch.no_grad():
             norms = torch.linalg.vector_norm(rows, ord=self.norm_type, dim=-1, keepdim=True)
+            norms = norms.double()
             scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), 1.0)
         return rows * scale.to(rows.dtype)
 
     def base_forward(self, ids: Tensor) -> Tensor:
         return F.embedding(
-            ids, self.weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse
+            ids, self._tensor("weight"), self.padding_idx, None, 2.0, self.scale_grad_by_freq,
+            self.sparse,
         )
 
+    def _rows_of_a(self, ids: Tensor, a: Tensor) -> Tensor:
+        # Aᵀ[ids]: (..., r). Same padding_idx and gradient scaling as the base lookup.
+        return F.embedding(ids, a.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
+
     def lora_forward(self, ids: Tensor, name: str) -> Tensor:
-        a, b = self.lora_A[name], self.lora_B[name]
-        h = F.embedding(ids, a.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
+        a, b = self._adapter(name)
+        h = self._rows_of_a(ids, a)
         return F.linear(h * self.scaling[name], b)  # (..., r) @ (r, d)ᵀ -> (..., d)
+
+    def _add_lora(self, out: Tensor, ids: Tensor, name: str) -> Tensor:
+        a, b = self._adapter(name)
+        return add_scaled_product(out, self._rows_of_a(ids, a), b, self.scaling[name])
+
+    def routed_lora(self, ids: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                    slot: Tensor | None) -> Tensor:
+        n, rank, vocab = a.shape
+        rows = ids.shape[0]
+        slot = torch.arange(rows, device=ids.device) if slot is None else slot
+        # One lookup table for all adapters: row j·V + v is Aⱼᵀ[v], (n·V, r).
+        table = a.transpose(1, 2).reshape(n * vocab, rank)
+        offset = (slot * vocab).view(rows, *([1] * (ids.dim() - 1)))
+        h = F.embedding(ids + offset, table, None, None, 2.0, self.scale_grad_by_freq)
+        if self.padding_idx is not None and torch.is_grad_enabled():
+            # What padding_idx does for the plain lookup: that row gets no gradient.
+            h = torch.where((ids == self.padding_idx).unsqueeze(-1), h.detach(), h)
+        h = h * scale[slot].view(rows, *([1] * (h.dim() - 1)))
+        return torch.bmm(h.reshape(rows, -1, rank), b[slot].transpose(1, 2)).view(
+            *ids.shape, -1)  # (rows, L, r) @ (rows, r, d) -> (rows, L, d)
 
     def delta_weight(self, name: str) -> Tensor:
         dtype = compute_dtype(self.weight.dtype)
         a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
         return (a.t() @ b.t()).mul_(self.scaling[name])  # (V, r) @ (r, d) -> (V, d)
+
+    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
+        a, b = self._adapter(name)
+        target.addmm_(a.t().to(target.dtype), b.t().to(target.dtype),
+                      alpha=sign * self.scaling[name])
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.weight.shape

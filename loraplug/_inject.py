@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, lora_layers
+from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer, validate_hyperparameters
 from ._registry import lookup, type_name
@@ -271,7 +272,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         ``model`` itself, now free of LoRA layers and state.
 
     Raises:
-        StateError: ``merge`` is set while adapters are disabled.
+        StateError: ``merge`` is set while adapters are disabled, or on a model sharded
+            by FSDP2.
 
     Example:
         >>> from torch import nn
@@ -284,6 +286,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     """
     layers = lora_layers(model)
     if merge:
+        refuse_sharded(layers, "unload(merge=True)")
         disabled = [n for n, layer in layers if layer.adapters_disabled]
         if disabled:
             raise StateError(

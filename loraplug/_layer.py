@@ -36,15 +36,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """``out + scaling · h bᵀ``, accumulated into ``out`` by one GEMM where possible.
+    """``out + scaling · h bᵀ`` over the last dimension, as one GEMM that accumulates.
 
     Shapes: out (..., d), h (..., r), b (d, r). ``out`` must be a fresh result of the
-    base computation (writing into it is then safe, also under autograd). Scaling as
-    the GEMM's ``alpha`` costs nothing, and no output-sized temporary is made.
+    base computation, not saved for backward: it is written in place where that is
+    cheap. Scaling as the GEMM's ``alpha`` costs nothing, and no output-sized
+    temporary is made.
     """
-    if out.dtype == h.dtype == b.dtype and out.is_contiguous() and isinstance(scaling, float):
+    if out.dtype == h.dtype == b.dtype and type(scaling) is float and out.is_contiguous():
         flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
-        flat.addmm_(h if h.dim() == 2 else h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+        h = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
+        if torch.is_grad_enabled() and (out.dim() != 2 or out._is_view()):
+            # Autograd would turn an in-place write into a view into two full copies of
+            # the gradient (CopySlices); a new result costs one copy of the output.
+            return torch.addmm(flat, h, b.t(), alpha=scaling).view(out.shape)
+        flat.addmm_(h, b.t(), alpha=scaling)
         return out
     # Mixed dtypes (autocast) or an unusual layout: the plain out-of-place sum.
     return out + F.linear(h * scaling, b)
@@ -76,6 +82,16 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
     supports_dropout: ClassVar[bool] = True
     #: Set by ``adapter_per_sample`` while each row of a batch picks its own adapter.
     _route = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class that redefines the branch must not inherit a parent's fused versions of
+        # it: they would compute the parent's branch. Fall back to the plain ones.
+        if "lora_forward" in cls.__dict__:
+            if "_add_lora" not in cls.__dict__:
+                cls._add_lora = LoRALayer._add_lora  # type: ignore[method-assign]
+            if "routed_lora" not in cls.__dict__:
+                cls.routed_lora = LoRALayer.routed_lora  # type: ignore[method-assign]
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()
@@ -153,7 +169,11 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             return self._route.forward(self, x)
         out = self.base_forward(x)
         for name in self._live:
-            out = self._add_lora(out, self._lora_input(x, name), name)
+            # Dropout only where it changes something: no module call in eval or at p = 0.
+            if self.training and self.dropout[name]:
+                out = self._add_lora(out, self.lora_dropout[name](x), name)
+            else:
+                out = self._add_lora(out, x, name)
         return out
 
     # The hot path reads tensors straight from the registries: nn.Module.__getattr__ costs
@@ -167,12 +187,6 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         """``(lora_A[name], lora_B[name])``, looked up directly."""
         return (self._modules["lora_A"]._parameters[name],
                 self._modules["lora_B"]._parameters[name])
-
-    def _lora_input(self, x: Tensor, name: str) -> Tensor:
-        # Dropout only where it changes something: no module call in eval or at p = 0.
-        if self.training and self.dropout[name]:
-            return self.lora_dropout[name](x)
-        return x
 
     def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
         """``out + lora_forward(x, name)``; a layer type may add into ``out`` in place.
@@ -302,8 +316,26 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         weight = self.weight
         acc = weight.to(compute_dtype(weight.dtype), copy=True)
         for name in names:
-            acc.add_(self.delta_weight(name), alpha=sign)
+            self._add_delta(acc, name, sign)
         return acc.to(weight.dtype)
+
+    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
+        """``target += sign · s·ΔW`` of adapter ``name``; ``target`` shaped like ``weight``.
+
+        Layer types fuse this into one GEMM that accumulates into ``target``.
+        """
+        target.add_(self.delta_weight(name).to(target.dtype), alpha=sign)
+
+    @torch.no_grad()
+    def _fold(self, names: tuple[str, ...], sign: int) -> None:
+        # Merge or unmerge: in place when ΔW is computed in the weight's own dtype, which
+        # reads and writes the weight once; half weights go through a float32 copy.
+        weight = self.weight
+        if compute_dtype(weight.dtype) == weight.dtype:
+            for name in names:
+                self._add_delta(weight, name, sign)
+        else:
+            weight.copy_(self.merged_weight(names, sign=sign))
 
     @torch.no_grad()
     def _commit(self, new_weight: Tensor, merged: tuple[str, ...]) -> None:
@@ -333,8 +365,13 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         names = self._live_or_active()
         if not names:
             return
+        if not safe:
+            self._fold(names, 1)
+            self.merged_adapters = names
+            self._refresh()
+            return
         new = self.merged_weight(names)
-        if safe and not torch.isfinite(new).all():
+        if not torch.isfinite(new).all():
             raise StateError(
                 f"merging {list(names)} gives a weight with NaN or inf values; the weight was "
                 "left unmerged. Check the adapter tensors (torch.isfinite) before merging."
@@ -345,12 +382,15 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
         if not self.merged_adapters:
             return
-        self._commit(self.merged_weight(self.merged_adapters, sign=-1), ())
+        self._fold(self.merged_adapters, -1)
+        self.merged_adapters = ()
+        self._refresh()
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)
         self.sync_base()
+        self._sync_compiled_scales()  # to_empty() leaves buffers uninitialised
         return self
 
     def sync_base(self) -> None:
