@@ -67,6 +67,40 @@ def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
         )
 
 
+def _name_list(names: object, action: str) -> list[str]:
+    """``names`` as a list of distinct names, in order (a name listed twice counts once)."""
+    listed = [names] if isinstance(names, str) else names
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed):
+        raise AdapterError(
+            f"{action}: expected an adapter name or a list of names; received {names!r}."
+        )
+    return list(dict.fromkeys(listed))
+
+
+def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dict[str, list[str]]:
+    """LoRA layer name -> other modules holding the same weight Parameter (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(clean_name(path))
+    return {name: [o for o in owners.get(id(layer.weight), []) if o != name]
+            for name, layer in layers
+            if len(owners.get(id(layer.weight), [])) > 1}
+
+
+def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+    """Raise if merging would write into a weight that other modules share."""
+    tied = shared_weights(model, layers)
+    if tied:
+        listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
+        raise StateError(
+            f"{action}: the weight of {listing} is shared (tied), so merging would change the "
+            "other modules too. Keep these adapters unmerged, or untie the weights first "
+            "(e.g. module.weight = nn.Parameter(module.weight.clone()))."
+        )
+
+
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters, in place; several active adapters add up.
 
@@ -91,7 +125,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         >>> lp.active_adapters(model)
         ['default', 'b']
     """
-    names = [names] if isinstance(names, str) else list(names)
+    names = _name_list(names, "set_adapter")
     layers = _layers_or_raise(model, "set_adapter")
     _check_names(model, names, "set_adapter")
     merged = [n for n, layer in layers if layer.merged]
@@ -151,15 +185,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         AdapterError: ``name`` is not an adapter of the model.
-        StateError: ``name`` is merged somewhere; ``unmerge`` first.
+        StateError: some layers are merged; ``unmerge`` first.
     """
     layers = _layers_or_raise(model, "delete_adapter")
     _check_names(model, [name], "delete_adapter")
-    merged = [n for n, layer in layers if name in layer.merged_adapters]
+    merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
-            f"delete_adapter: {name!r} is merged into {merged[:5]}; call "
-            "loraplug.unmerge(model) first."
+            f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
+            "adapters); call loraplug.unmerge(model) first."
         )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:
@@ -187,8 +221,9 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
 
     Raises:
         StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
-            set and a merged weight is not finite, or FSDP2 has sharded the LoRA layers
-            (nothing is changed then).
+            set and a merged weight is not finite, a LoRA layer's weight is tied to
+            another module's, or FSDP2 has sharded the LoRA layers (nothing is changed
+            then).
 
     Example:
         >>> import torch
@@ -205,6 +240,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
     """
     layers = _layers_or_raise(model, "merge")
     refuse_sharded(layers, "merge")
+    refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "merge")
     disabled = [n for n, layer in layers if layer.adapters_disabled]
     if disabled:
         raise StateError(

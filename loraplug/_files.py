@@ -44,7 +44,7 @@ from ._adapter_state import (
     adapter_state_dict,
     load_adapter_state_dict,
 )
-from ._adapters import lora_layers
+from ._adapters import lora_layers, refuse_tied
 from ._atomic import bytes_writer, write_atomically
 from ._distributed import gather_full, refuse_sharded, run_on_main
 from ._errors import AdapterFileError, StateError
@@ -182,6 +182,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     """
     layers = lora_layers(model)
     refuse_sharded(layers, "save_merged")
+    refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "save_merged")
     disabled = [path for path, layer in layers if layer.adapters_disabled]
     if disabled:
         raise StateError(

@@ -6,9 +6,10 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from ._adapters import active_adapters, lora_layers
+from ._adapters import active_adapters, lora_layers, refuse_tied
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer, validate_hyperparameters
@@ -16,8 +17,34 @@ from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
 
 #: Owners that read a child's weight directly in their own forward instead of calling
-#: the child, so an adapter on that child would never be computed.
-_OWNER_READS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+#: the child, so an adapter on that child would never be computed: owner type ->
+#: (child names, what to do about it).
+_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
+    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
+    nn.TransformerEncoderLayer: (
+        ("linear1", "linear2"),
+        "Its inference fast path reads them; disable it first with "
+        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
+    ),
+}
+
+
+def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
+    """Why an owner of the module at ``paths`` would bypass its adapter, if it would."""
+    found = []
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        for owner, (attrs, advice) in _OWNER_READS.items():
+            if owner is nn.TransformerEncoderLayer and not torch.backends.mha.get_fastpath_enabled():
+                continue
+            if isinstance(parent, owner) and leaf in attrs:
+                found.append(
+                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
+                    "inside its own forward instead of calling the layer, so an adapter there "
+                    f"would be silently ignored. {advice.format(leaf=leaf)}"
+                )
+    return found
 
 
 def find_targets(
@@ -25,7 +52,21 @@ def find_targets(
 ) -> list[str]:
     """Return the sorted names ``inject_lora`` would wrap, without changing anything.
 
-    Raises the same errors as :func:`inject_lora` for the targets themselves.
+    Raises the same errors as :func:`inject_lora` for the targets themselves, including
+    the refusal of layers whose owner reads their weight directly.
+
+    Args:
+        model: any ``nn.Module``; not changed.
+        target: glob(s), compiled regex(es), module type(s) or a predicate
+            ``(name, module) -> bool``; see the targeting docs.
+        exclude: patterns, as for ``target``, to leave out.
+
+    Returns:
+        The sorted names of the layers that would receive an adapter.
+
+    Raises:
+        TargetError: a pattern matches nothing, nothing supported matched, or an owner
+            reads a selected layer's weight directly.
 
     Example:
         >>> from torch import nn
@@ -34,7 +75,13 @@ def find_targets(
         >>> lp.find_targets(model, nn.Linear, exclude="2")
         ['0']
     """
-    return list(select(model, target, exclude).modules)
+    selection = select(model, target, exclude)
+    paths = _module_paths(model)
+    refused = [m for n, mod in selection.modules.items()
+               for m in _owner_problems(model, n, paths[id(mod)])]
+    if refused:
+        raise TargetError("\n".join(refused))
+    return list(selection.modules)
 
 
 def _module_paths(model: nn.Module) -> dict[int, list[str]]:
@@ -55,16 +102,9 @@ def _problems(
     model: nn.Module, name: str, module: nn.Module, paths: list[str], *, rank: int,
     dropout: float, adapter: str,
 ) -> list[tuple[type[LoRAError], str]]:
-    found: list[tuple[type[LoRAError], str]] = []
-    for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, attrs in _OWNER_READS.items():
-            if isinstance(parent, owner) and leaf in attrs:
-                found.append((TargetError, (
-                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
-                    "inside its own forward and never calls the layer, so an adapter there "
-                    f"would be silently ignored. Exclude it, e.g. exclude=['*.{leaf}'].")))
+    found: list[tuple[type[LoRAError], str]] = [
+        (TargetError, m) for m in _owner_problems(model, name, paths)
+    ]
     if isinstance(module, LoRALayer):
         if adapter in module.adapter_names:
             found.append((ConfigError, (
@@ -173,10 +213,10 @@ def inject_lora(
     rank, alpha_value, dropout, name, init = validate_hyperparameters(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
+    for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
     selection = select(model, target, exclude)
-    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in selection.modules}
-    inject_layers(model, selection.modules, specs, name=name, dropout=dropout, init=init,
-                  use_rslora=use_rslora, freeze_base=freeze_base)
     if selection.unsupported:
         skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
         warnings.warn(
@@ -184,6 +224,9 @@ def inject_lora(
             "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
             LoRAWarning, stacklevel=2,
         )
+    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in selection.modules}
+    inject_layers(model, selection.modules, specs, name=name, dropout=dropout, init=init,
+                  use_rslora=use_rslora, freeze_base=freeze_base)
     return list(selection.modules)
 
 
@@ -235,13 +278,29 @@ def inject_layers(
         a, b = layer.new_adapter(spec.rank, init)
         staged.append((module, layer, a, b, spec))
 
-    active = active_adapters(model) if lora_layers(model) else [name]
+    if too_large:  # before any change, so that warnings-as-errors change nothing either
+        warnings.warn(
+            f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
+            "parameters add cost without capacity. Consider a smaller rank.",
+            LoRAWarning, stacklevel=3,
+        )
+
+    # New layers follow the model: its active set (the new adapter if none of the active
+    # names exists any more) and its disabled state (inside disable_adapters).
+    existing = lora_layers(model)
+    known = {n for _, layer in existing for n in layer.adapter_names}
+    active = [n for n in active_adapters(model) if n in known] or [name]
+    disabled = any(layer.adapters_disabled for _, layer in existing)
     for module, layer, a, b, spec in staged:
         layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
         if layer is not module:
             layer.set_active(active)
+            layer.set_disabled(disabled)
             for path in all_paths[id(module)]:
                 _set_module(model, path, layer)
+    if active == [name]:
+        for _, layer in existing:
+            layer.set_active(active)
 
     if freeze_base:
         lora = {id(p) for _, layer in lora_layers(model)
@@ -249,12 +308,6 @@ def inject_layers(
         for p in model.parameters():
             if id(p) not in lora:
                 p.requires_grad_(False)
-    if too_large:
-        warnings.warn(
-            f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
-            "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=3,
-        )
     return {qualname: layer for qualname, (_, layer, *_rest) in zip(modules, staged)}
 
 
@@ -271,9 +324,12 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     Returns:
         ``model`` itself, now free of LoRA layers and state.
 
+    ``requires_grad`` flags are left as they are (``freeze_base`` set them to False);
+    call ``model.requires_grad_(True)`` to train the whole model again.
+
     Raises:
-        StateError: ``merge`` is set while adapters are disabled, or on a model sharded
-            by FSDP2.
+        StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
+            weight is tied to another module's, or on a model sharded by FSDP2.
 
     Example:
         >>> from torch import nn
@@ -287,6 +343,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge:
         refuse_sharded(layers, "unload(merge=True)")
+        refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "unload(merge=True)")
         disabled = [n for n, layer in layers if layer.adapters_disabled]
         if disabled:
             raise StateError(

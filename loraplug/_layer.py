@@ -281,6 +281,11 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
 
     def set_disabled(self, disabled: bool) -> None:
         """Compute the base module alone while ``disabled`` is true."""
+        if disabled and self.merged_adapters:
+            raise StateError(
+                f"this layer has {list(self.merged_adapters)} merged into its weight; "
+                "unmerge before disabling adapters."
+            )
         self.adapters_disabled = bool(disabled)
         self._refresh()
 

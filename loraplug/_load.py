@@ -37,6 +37,7 @@ from ._adapter_state import (
     other_key_problems,
     report,
 )
+from ._adapters import adapter_names
 from ._errors import AdapterFileError, LoRAError, LoRAWarning, StateError
 from ._inject import LayerSpec, _module_paths, _problems, inject_layers
 from ._layer import LoRALayer, validate_hyperparameters
@@ -313,6 +314,11 @@ def load_adapter(
         validate_hyperparameters(rank=1, alpha=1.0, dropout=0.0, name=adapter, init="kaiming")
     except LoRAError as err:
         problems.append(str(err))
+    if adapter in adapter_names(model):
+        problems.append(
+            f"the model already has an adapter named {adapter!r}; load under another name "
+            f"(name='...') or delete it first with loraplug.delete_adapter(model, {adapter!r})."
+        )
     everything = {clean for clean, _, _ in candidates(model) if clean}
     entries, others, found = index_keys(state, everything)
     problems += found + other_key_problems(model, state, others)

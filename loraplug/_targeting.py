@@ -41,15 +41,18 @@ def clean_name(name: str) -> str:
 
 
 def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
-    """(clean name, real path, module) for every module, LoRA internals excluded."""
+    """(clean name, real path, module) for every module at every path it is reachable at.
+
+    A module shared by several parents appears once per path; LoRA internals are skipped.
+    """
     inside_lora: list[str] = []
-    for path, module in model.named_modules():
+    for path, module in model.named_modules(remove_duplicate=False):
         if any(path.startswith(prefix) for prefix in inside_lora):
             continue
         if isinstance(module, LoRALayer):
-            inside_lora.append(path + "." if path else "")
-        if path == "" and isinstance(module, LoRALayer):
-            continue
+            if path == "":
+                continue
+            inside_lora.append(path + ".")
         yield clean_name(path), path, module
 
 
@@ -144,18 +147,19 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
     hit_inc = [False] * len(inc)
     hit_exc = [False] * len(exc)
     picked: list[tuple[str, str, nn.Module]] = []
+    seen: set[int] = set()
     for name, path, module in everything:
         included = False
         for i, (_, match) in enumerate(inc):
             if match(name, module):
                 hit_inc[i] = included = True
-        if not included:
-            continue
+        # Excludes are checked against every module, so a typo there is caught too.
         excluded = False
         for i, (_, match) in enumerate(exc):
             if match(name, module):
                 hit_exc[i] = excluded = True
-        if not excluded:
+        if included and not excluded and id(module) not in seen:
+            seen.add(id(module))  # a shared module is wrapped once, under its first name
             picked.append((name, path, module))
 
     missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]

@@ -118,8 +118,9 @@ def test_delete_only_active_adapter_activates_first_remaining() -> None:
 def test_delete_merged_adapter_is_refused() -> None:
     model = two_adapter_model()
     lp.merge(model)
-    with pytest.raises(lp.StateError, match=r"delete_adapter: 'default' is merged into"):
-        lp.delete_adapter(model, "default")
+    with pytest.raises(lp.StateError, match=r"delete_adapter: \['0', '2'\] are merged"):
+        lp.delete_adapter(model, "b")  # not merged itself, but the active set would change
+    assert lp.adapter_names(model) == ["b", "default"]
     with pytest.raises(lp.StateError, match=r"adapter 'default' is merged into this layer"):
         model[0].remove_adapter("default")
     with pytest.raises(lp.StateError, match=r"call unmerge\(\) before changing alpha"):
@@ -158,3 +159,63 @@ def test_summary_rows_and_counts() -> None:
     assert "default (2, 2), b (2, 6)" in text and "trainable" in text
     lp.merge(model)
     assert "[merged]" in str(lp.summary(model))
+
+
+def test_a_name_listed_twice_counts_once() -> None:
+    model = two_adapter_model()
+    once = run_with(model, ["default"])
+    assert torch.equal(run_with(model, ["default", "default"]), once)
+    assert lp.active_adapters(model) == ["default"]
+
+
+def test_set_adapter_rejects_non_names() -> None:
+    model = two_adapter_model()
+    with pytest.raises(lp.AdapterError, match=r"expected an adapter name or a list of names; "
+                                              r"received 5"):
+        lp.set_adapter(model, 5)  # type: ignore[arg-type]
+
+
+def test_disabling_a_merged_layer_is_refused() -> None:
+    model = two_adapter_model()
+    lp.merge(model)
+    with pytest.raises(lp.StateError, match=r"merged into its weight; unmerge before disabling"):
+        model[0].set_disabled(True)
+
+
+def test_inject_after_deleting_every_adapter_activates_the_new_one() -> None:
+    model = two_adapter_model()
+    lp.delete_adapter(model, "b")
+    lp.delete_adapter(model, "default")
+    assert lp.active_adapters(model) == []
+    lp.inject_lora(model, target="0", rank=2, name="c")
+    assert lp.active_adapters(model) == ["c"] and model[0]._live == ("c",)
+
+
+def test_inject_inside_disable_adapters_stays_disabled() -> None:
+    model = two_adapter_model()
+    model.append(nn.Linear(2, 2))
+    with lp.disable_adapters(model):
+        base = model(X)
+        lp.inject_lora(model, target="3", rank=2)
+        randomize_adapters(model)
+        assert torch.equal(model(X), base)
+    assert not torch.equal(model(X), base)
+
+
+def test_tied_weights_refuse_to_merge_and_stay_correct_unmerged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False))
+    model[1].weight = model[0].weight  # tied, as in language models
+    lp.inject_lora(model, target="1", rank=2)
+    randomize_adapters(model)
+    ids = torch.tensor([1, 2, 3])
+    out = model(ids)
+    h = torch.nn.functional.embedding(ids, model[0].weight)
+    w = model[0].weight + model[1].delta_weight("default")
+    assert_close(out, h @ w.t())  # the embedding still sees the plain tied weight
+    for call, label in ((lp.merge, "merge"), (lambda m: lp.unload(m, merge=True),
+                                              r"unload\(merge=True\)")):
+        with pytest.raises(lp.StateError, match=label + r": the weight of '1' with \['0'\] is "
+                                                  r"shared \(tied\)"):
+            call(model)
+        assert torch.equal(model(ids), out)

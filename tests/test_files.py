@@ -346,12 +346,18 @@ def test_save_merged_of_a_merged_model_writes_its_weights(tmp_path: Path) -> Non
     assert all(torch.equal(state[f"{p}.weight"], model.get_submodule(p).weight) for p in ZOO_KINDS)
 
 
-def test_save_merged_handles_tied_weights_and_compiled_models(tmp_path: Path) -> None:
+def test_save_merged_refuses_tied_weights_and_handles_compiled_models(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7, bias=False))
     model[1].weight = model[0].weight  # tied, as in language models
     compiled = torch.compile(model)
     lp.inject_lora(compiled, target="1", rank=2)
     randomize_adapters(compiled)
+    # One tied tensor cannot hold both the plain and the merged weight.
+    with pytest.raises(lp.StateError, match=r"save_merged: the weight of '1' with \['0'\] is "
+                                            r"shared \(tied\)"):
+        lp.save_merged(compiled, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    model[1].weight = nn.Parameter(model[0].weight.detach().clone())  # untied
     lp.save_merged(compiled, tmp_path / "m.safetensors")
     state = load_file(tmp_path / "m.safetensors")
     assert set(state) == {"0.weight", "1.weight"}  # no _orig_mod. prefix

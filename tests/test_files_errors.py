@@ -334,8 +334,21 @@ def test_loading_into_merged_layers_or_a_taken_name(saved: tuple[Path, nn.Module
     lp.load_adapter(base, path)
     refused(base, path, r"'blocks.0.fc' already has an adapter named 'default'; choose another")
     lp.merge(base)
+    lp.unmerge(base)
+    lp.merge(base)
     refused(base, path, r"'conv1' has \['default'\] merged; call loraplug.unmerge", name="second")
     refused(base, path, r"adapter name must be a non-empty identifier", name="a.b")
+
+
+def test_a_name_taken_on_other_layers_is_refused(saved: tuple[Path, nn.Module]) -> None:
+    """A file's 'default' on other layers than the model's 'default' must not mix with it."""
+    path, _ = saved
+    model = zoo()
+    model.extra = nn.Linear(2, 2)
+    lp.inject_lora(model, target="extra", rank=2)  # "default" on a layer the file lacks
+    refused(model, path, r"the model already has an adapter named 'default'; load under another")
+    lp.load_adapter(model, path, name="other")
+    assert lp.adapter_names(model) == ["default", "other"]
 
 
 def test_metadata_problems(saved: tuple[Path, nn.Module]) -> None:

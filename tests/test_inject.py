@@ -57,6 +57,8 @@ X = torch.randn(2, 3, 6, 6)
         ({"rank": 2, "name": "a.b"}, r"adapter name must be a non-empty identifier"),
         ({"rank": 2, "name": ""}, r"adapter name must be a non-empty identifier"),
         ({"rank": 2, "init": "xavier"}, r"init must be 'kaiming' or 'gaussian'; received 'xavier'"),
+        ({"rank": 2, "use_rslora": "yes"}, r"use_rslora must be True or False; received 'yes'"),
+        ({"rank": 2, "freeze_base": 1}, r"freeze_base must be True or False; received 1"),
     ],
 )
 def test_bad_hyperparameters_raise_config_error_and_change_nothing(kwargs, match) -> None:
@@ -114,6 +116,45 @@ def test_multihead_attention_out_proj_is_refused_with_reason() -> None:
                                              r"reads out_proj.weight directly.*exclude=\['\*.out_proj'\]"):
         lp.inject_lora(model, target=nn.Linear, rank=2)
     assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_transformer_layer_fast_path_reads_are_refused_while_enabled() -> None:
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    with pytest.raises(lp.TargetError, match=r"'0.linear1': its owner nn.TransformerEncoderLayer "
+                                             r".*set_fastpath_enabled\(False\)"):
+        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
+        randomize_adapters(model)
+        model.eval()
+        x = torch.randn(2, 3, 8)
+        adapted = model(x)
+        with lp.disable_adapters(model):
+            assert not torch.allclose(model(x), adapted)  # the adapters take effect in eval
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_rank_warning_as_error_changes_nothing() -> None:
+    import warnings
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lp.LoRAWarning)
+        with pytest.raises(lp.LoRAWarning, match="exceeds the rank"):
+            lp.inject_lora(model, target="0", rank=4)
+    assert_same(before, snapshot(model))
+
+
+def test_gaussian_init_draws_a_with_std_one_over_rank_and_zero_b() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512))
+    lp.inject_lora(model, target="0", rank=4, init="gaussian")
+    a, b = model[0].lora_A["default"], model[0].lora_B["default"]
+    assert torch.count_nonzero(b) == 0
+    assert abs(a.std().item() - 1 / 4) < 0.02 and abs(a.mean().item()) < 0.03  # 2048 draws
 
 
 def test_merged_layer_refuses_a_new_adapter() -> None:

@@ -144,3 +144,23 @@ def test_compiled_model_names_drop_orig_mod_prefix() -> None:
     assert lp.find_targets(wrapper, "0") == ["0"]
     assert lp.inject_lora(wrapper, target="0", rank=2) == ["0"]
     assert isinstance(model[0], lp.LoRALinear)
+
+
+def test_shared_module_is_selected_once_by_any_of_its_paths() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert lp.find_targets(model, "2") == ["2"]
+    assert lp.find_targets(model, nn.Linear) == ["0"]
+
+
+def test_exclude_is_checked_against_every_module() -> None:
+    model = make_model()
+    # 'layers.*' matches modules outside the target: not a typo, so no error.
+    assert lp.find_targets(model, "head", exclude="layers.*") == ["head"]
+
+
+def test_find_targets_refuses_what_inject_refuses() -> None:
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(8, 2)
+    with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention"):
+        lp.find_targets(model, nn.Linear)
