@@ -96,6 +96,9 @@ class LoRAZeroLinear(lp.LoRALinear):
             "an input-level adapter has no base weight to merge into; keep it unmerged."
         )
 
+    def merge(self, *, safe: bool = False) -> None:
+        self.merged_weight()  # refuses, as above
+
 
 class InputLevelAdapted(nn.Module):
     """``logits = model(x) + skip(flatten(x))``: the article's construction.

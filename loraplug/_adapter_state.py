@@ -34,6 +34,10 @@ META_FORMAT = "loraplug.format"
 META_VERSION = "loraplug.version"
 META_ADAPTER = "loraplug.adapter"
 META_DROPOUT = "loraplug.dropout"
+#: The config fields that shape the adapter's math, as written beside the tensors, so that
+#: a weights file and a config from different saves are caught on load.
+META_CONFIG = "loraplug.config"
+PAIRED_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
 #: Key suffix -> (slot, key style); PEFT stores embedding adapters as bare parameters.
 _SUFFIXES = {

@@ -35,9 +35,11 @@ from ._adapter_state import (
     CONFIG_NAME,
     FORMAT_VERSION,
     META_ADAPTER,
+    META_CONFIG,
     META_DROPOUT,
     META_FORMAT,
     META_VERSION,
+    PAIRED_FIELDS,
     PEFT_PREFIX,
     WEIGHTS_NAME,
     adapter_layers,
@@ -62,8 +64,9 @@ def _write(files: dict[Path, object], action: str) -> None:
         write_atomically(files)  # type: ignore[arg-type]
     except OSError as err:
         raise AdapterFileError(
-            f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Files saved "
-            "there before are unchanged."
+            f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
+            "either the old or the new one, never a partial write; if only some were replaced, "
+            "load_adapter detects the mismatched pair and refuses it. Save again."
         ) from err
 
 
@@ -125,6 +128,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
 
     metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: __version__,
                 META_ADAPTER: name}
+    metadata[META_CONFIG] = json.dumps({k: config.get(k) for k in PAIRED_FIELDS}, sort_keys=True)
     if len({dropout for _, _, dropout in specs.values()}) > 1:
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

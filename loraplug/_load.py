@@ -24,9 +24,11 @@ from ._adapter_state import (
     CONFIG_NAME,
     FORMAT_VERSION,
     META_ADAPTER,
+    META_CONFIG,
     META_DROPOUT,
     META_FORMAT,
     META_VERSION,
+    PAIRED_FIELDS,
     PICKLE_WEIGHTS_NAME,
     WEIGHTS_NAME,
     Slots,
@@ -141,6 +143,32 @@ def _read_metadata(metadata: dict[str, str]) -> tuple[dict[str, object], list[st
                 "object of dropout probabilities in [0, 1)."
             )
     return extras, problems
+
+
+def _pair_problems(raw: object, metadata: dict[str, str]) -> list[str]:
+    """Config fields that disagree with those saved beside the tensors.
+
+    Either the save was interrupted between its two renames, or the config was edited
+    by hand (which may be deliberate: a warning, not an error).
+    """
+    if META_CONFIG not in metadata or not isinstance(raw, dict):
+        return []
+    try:
+        saved = json.loads(metadata[META_CONFIG])
+    except ValueError:
+        return [f"metadata {META_CONFIG} is not JSON; save the adapter again."]
+    differ = [k for k in PAIRED_FIELDS if isinstance(saved, dict) and saved.get(k) != raw.get(k)]
+    if not differ:
+        return []
+    details = ", ".join(
+        f"{k} is {raw.get(k)!r} in the config but was {saved.get(k)!r} when the weights were "
+        "written" for k in differ
+    )
+    return [
+        f"{CONFIG_NAME} and the weights come from different saves (an interrupted save, or an "
+        f"edited config): {details}. The config was used; if it was not edited on purpose, "
+        "save the adapter again."
+    ]
 
 
 # --------------------------------------------------------------------------- load_adapter
@@ -309,6 +337,7 @@ def load_adapter(
     problems = [f"{CONFIG_NAME}: {p}" for p in config_problems]
     extras, found = _read_metadata(metadata)
     problems += found
+    mismatched = _pair_problems(raw, metadata)
     adapter = name if name is not None else str(extras.get("adapter", "default"))
     try:
         validate_hyperparameters(rank=1, alpha=1.0, dropout=0.0, name=adapter, init="kaiming")
@@ -330,6 +359,8 @@ def load_adapter(
         problems += found
     if problems or config is None:
         raise AdapterFileError(report(where, problems))
+    if mismatched:
+        warnings.warn(" ".join(mismatched), LoRAWarning, stacklevel=2)
     if unknown:
         warnings.warn(
             f"{directory / CONFIG_NAME} has fields loraplug does not know: {unknown}; they were "

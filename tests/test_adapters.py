@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_close
+from strategies import randomize_adapters
 from torch import nn
 
 import loraplug as lp
-from reference import assert_close
-from strategies import randomize_adapters
 
 
 def two_adapter_model() -> nn.Sequential:
@@ -60,9 +60,9 @@ def test_merge_merges_the_active_set_and_refuses_to_switch_while_merged() -> Non
     with pytest.raises(lp.StateError, match=r"set_adapter: layers \['0', '2'\] are merged; call "
                                             r"loraplug.unmerge"):
         lp.set_adapter(model, "b")
-    with pytest.raises(lp.StateError, match=r"disable_adapters: .* are merged"):
-        with lp.disable_adapters(model):
-            pass
+    with pytest.raises(lp.StateError, match=r"disable_adapters: .* are merged"), \
+            lp.disable_adapters(model):
+        pass
     lp.unmerge(model)
     lp.set_adapter(model, "b")
 

@@ -139,3 +139,27 @@ def test_goldfish_example_vgg19_code_path(tmp_path: Path) -> None:
     assert config["target_modules"] == ["classifier.3", "classifier.6"]
     assert config["r"] == 8
     assert (tmp_path / "out" / "goldfish_report.png").is_file()
+
+
+def test_input_level_adapter_refuses_to_merge() -> None:
+    """The article's adapter has no base weight: merging says so instead of failing oddly."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("goldfish_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # its dataclasses look their module up
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        spec.loader.exec_module(example)
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(x.shape[0], 1000)
+
+    model = example.InputLevelAdapted(Zeros())
+    lp.inject_lora(model, target="skip", rank=2)
+    for call in (lp.merge, lambda m: lp.merge(m, safe=True), lambda m: lp.unload(m, merge=True)):
+        with pytest.raises(lp.StateError, match="has no base weight to merge into"):
+            call(model)

@@ -80,8 +80,8 @@ def test_failed_rename_reports_and_cleans_up(tmp_path: Path,
 
     monkeypatch.setattr(os, "replace", no_rename)
     with pytest.raises(lp.AdapterFileError, match=r"save_adapter could not write .*Permission "
-                                                  r"denied. Files saved there before are "
-                                                  r"unchanged"):
+                                                  r"denied. Each file is either the old or the "
+                                                  r"new one"):
         lp.save_adapter(model, tmp_path)
     assert files_of(tmp_path) == before
 

@@ -228,7 +228,9 @@ def test_regex_targets_exclusions_and_patterns_follow_peft(tmp_path: Path) -> No
     # As PEFT users write them: a regex target, a suffix exclusion, unanchored patterns.
     edit_config(tmp_path, target_modules=r"blocks\.\d\.(fc|out)", exclude_modules=["1.out"],
                 rank_pattern={"1.fc": 1}, alpha_pattern={})
-    assert lp.load_adapter(base, tmp_path) == ["blocks.0.fc", "blocks.0.out", "blocks.1.fc"]
+    with pytest.warns(lp.LoRAWarning, match=r"edited config\): rank_pattern is \{'1.fc': 1\}"):
+        loaded = lp.load_adapter(base, tmp_path)
+    assert loaded == ["blocks.0.fc", "blocks.0.out", "blocks.1.fc"]
     assert [base.get_submodule(p).rank["default"] for p in
             ("blocks.0.fc", "blocks.0.out", "blocks.1.fc")] == [3, 3, 1]
 
@@ -422,3 +424,22 @@ def test_the_pickle_payload_file_is_not_a_valid_adapter_either(tmp_path: Path) -
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (path / "adapter_model.bin").write_bytes(pickle.dumps({"x": os.getcwd}))
     refused(nn.Sequential(nn.Linear(2, 2)), path, r"refused to load .*tensor-only unpickler")
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path: Path) -> None:
+    """A save interrupted between its two renames leaves new weights beside an old config."""
+    _, model = adapted_zoo()
+    lp.save_adapter(model, tmp_path / "old")
+    model.conv1.set_scale("default", 16.0)  # the next save changes alpha of one layer
+    lp.save_adapter(model, tmp_path / "new")
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "new" / "adapter_model.safetensors").read_bytes())
+    old_config = (tmp_path / "old" / "adapter_config.json").read_bytes()
+    (torn / "adapter_config.json").write_bytes(old_config)
+    with pytest.warns(lp.LoRAWarning, match=r"adapter_config.json and the weights come from "
+                                             r"different saves .*alpha_pattern is .* in the "
+                                             r"config but was"):
+        lp.load_adapter(zoo(), torn)
+    lp.load_adapter(zoo(), tmp_path / "new")  # an intact pair loads without a warning

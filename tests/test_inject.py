@@ -9,11 +9,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import assert_close, delta
+from strategies import randomize_adapters
 from torch import nn
 
 import loraplug as lp
-from reference import assert_close, delta
-from strategies import randomize_adapters
 
 
 def small_net() -> nn.Sequential:
@@ -113,7 +113,8 @@ def test_multihead_attention_out_proj_is_refused_with_reason() -> None:
     model = nn.Module()
     model.attn = nn.MultiheadAttention(8, 2)
     with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention "
-                                             r"reads out_proj.weight directly.*exclude=\['\*.out_proj'\]"):
+                                             r"reads out_proj.weight directly.*"
+                                             r"exclude=\['\*.out_proj'\]"):
         lp.inject_lora(model, target=nn.Linear, rank=2)
     assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
 
@@ -281,8 +282,9 @@ def test_subclass_with_own_forward_is_computed_through_the_weight(dtype) -> None
     assert torch.equal(model[0](x_lin), base_lin) and torch.equal(model[1](x_conv), base_conv)
     randomize_adapters(model)
     lin, conv = model[0], model[1]
-    w_lin = lin.weight + delta("linear", lin.lora_A["default"], lin.lora_B["default"], 1.0).to(dtype)
-    w_conv = conv.weight + delta("conv", conv.lora_A["default"], conv.lora_B["default"], 1.0).to(dtype)
+    w_lin = lin.weight + delta("linear", lin.lora_A["default"], lin.lora_B["default"], 1.0)
+    w_conv = conv.weight + delta("conv", conv.lora_A["default"], conv.lora_B["default"], 1.0)
+    w_lin, w_conv = w_lin.to(dtype), w_conv.to(dtype)
     ref_lin = F.linear(torch.tanh(x_lin), w_lin, lin.bias)
     ref_conv = F.conv2d(F.pad(x_conv, (1, 1, 1, 1), mode="replicate"), w_conv, conv.bias)
     assert_close(model[0](x_lin), ref_lin)
@@ -294,7 +296,8 @@ def test_subclass_with_own_forward_is_computed_through_the_weight(dtype) -> None
 
 def test_subclass_with_own_forward_refuses_dropout() -> None:
     model = nn.Sequential(ScaledInput(5, 3))
-    with pytest.raises(lp.ConfigError, match=r"whose forward differs from nn.Linear's.*dropout=0.0"):
+    with pytest.raises(lp.ConfigError,
+                       match=r"whose forward differs from nn.Linear's.*dropout=0.0"):
         lp.inject_lora(model, target="0", rank=1, dropout=0.1)
 
 

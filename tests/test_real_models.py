@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from reference import assert_close
 from torch import nn
 from torchvision import models
 
 import loraplug as lp
-from reference import assert_close
 
 
 def depthwise_and_dense_convs(name: str, module: nn.Module) -> bool:

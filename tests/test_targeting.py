@@ -119,7 +119,7 @@ def test_malformed_target_specs() -> None:
         lp.find_targets(make_model(), [])
     with pytest.raises(lp.TargetError, match="expected a glob string"):
         lp.find_targets(make_model(), 3)  # type: ignore[arg-type]
-    with pytest.raises(lp.TargetError, match="is not an nn.Module subclass"):
+    with pytest.raises(lp.TargetError, match=r"is not an nn\.Module subclass"):
         lp.find_targets(make_model(), int)
     with pytest.raises(lp.TargetError, match="is not a glob string, regex"):
         lp.find_targets(make_model(), [1.5])  # type: ignore[list-item]
