@@ -36,7 +36,8 @@ def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         for owner, (attrs, advice) in _OWNER_READS.items():
-            if owner is nn.TransformerEncoderLayer and not torch.backends.mha.get_fastpath_enabled():
+            fast_path = torch.backends.mha.get_fastpath_enabled()
+            if owner is nn.TransformerEncoderLayer and not fast_path:
                 continue
             if isinstance(parent, owner) and leaf in attrs:
                 found.append(
