@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ._adapters import _check_names, adapter_names, lora_layers
-from ._embedding import LoRAEmbedding
 from ._errors import AdapterFileError
 from ._layer import LoRALayer
 from ._targeting import candidates, clean_name
@@ -53,7 +52,7 @@ Slots = dict[str, tuple[str, object, str]]  # slot -> (original key, value, key 
 
 def key_style(layer_cls: type[LoRALayer]) -> str:
     # PEFT names an embedding's adapter lora_embedding_A/B; every other layer lora_A/B.weight.
-    return "embedding" if issubclass(layer_cls, LoRAEmbedding) else "weight"
+    return layer_cls.peft_key_style
 
 
 def key_names(layer_cls: type[LoRALayer]) -> tuple[str, str]:

@@ -38,6 +38,7 @@ class LoRAEmbedding(LoRALayer):
 
     zero_init = "A"
     supports_dropout = False
+    peft_key_style = "embedding"
 
     def configure(self, base: nn.Module) -> None:
         self.padding_idx = base.padding_idx

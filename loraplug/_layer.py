@@ -80,6 +80,9 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
     zero_init: ClassVar[str] = "B"
     #: Whether dropout on the input of the low-rank branch is meaningful (not for ids).
     supports_dropout: ClassVar[bool] = True
+    #: How PEFT's files name this layer's tensors: "weight" (``lora_A.weight``) or
+    #: "embedding" (``lora_embedding_A``).
+    peft_key_style: ClassVar[str] = "weight"
     #: Set by ``adapter_per_sample`` while each row of a batch picks its own adapter.
     _route = None
 

@@ -87,7 +87,9 @@ def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     max_norm = draw(st.one_of(st.none(), st.sampled_from([0.5, 2.0])))
     torch.manual_seed(draw(st.integers(0, 2**16)))
     layer = nn.Embedding(vocab, dim, padding_idx=padding_idx, max_norm=max_norm,
-                         scale_grad_by_freq=draw(st.booleans())).to(dtype)
+                         norm_type=draw(st.sampled_from([1.0, 2.0, 3.0])),
+                         scale_grad_by_freq=draw(st.booleans()),
+                         sparse=draw(st.booleans())).to(dtype)
     lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
     x = torch.randint(0, vocab, lead)
     rank = draw(st.integers(1, min(vocab, dim)))
