@@ -50,7 +50,24 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Return the adapters the model computes (empty when it has no LoRA layers)."""
+    """Return the names of the active adapters, in the order they were set.
+
+    Args:
+        model: any model; one without LoRA layers has no active adapters.
+
+    Returns:
+        The names :func:`set_adapter` made active (the first adapter by default).
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> lp.active_adapters(model)
+        []
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> lp.active_adapters(model)
+        ['default']
+    """
     for _, layer in lora_layers(model):
         return list(layer.active_adapters)
     return []
@@ -179,13 +196,29 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every layer, in place.
 
+    Its tensors leave the model and its ``state_dict``.
+
     If it was active, the remaining active adapters stay active; when none remain, the
     first remaining adapter (sorted) becomes active, as in PEFT. The LoRA layers stay in
     place (``unload`` removes them).
 
+    Args:
+        model: a model with LoRA layers.
+        name: the adapter to remove.
+
     Raises:
         AdapterError: ``name`` is not an adapter of the model.
         StateError: some layers are merged; ``unmerge`` first.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> lp.delete_adapter(model, "default")
+        >>> lp.adapter_names(model), lp.active_adapters(model)
+        (['b'], ['b'])
     """
     layers = _layers_or_raise(model, "delete_adapter")
     _check_names(model, [name], "delete_adapter")
@@ -274,6 +307,9 @@ def unmerge(model: nn.Module) -> None:
     ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
     trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
     never-merged model returns bit-identical weights.
+
+    Args:
+        model: a model with LoRA layers.
 
     Raises:
         StateError: the model has no LoRA layers, or FSDP2 has sharded them.

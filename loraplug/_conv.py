@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,7 +26,13 @@ from ._registry import register_lora_layer
 
 
 class LoRAConv(LoRALayer):
-    """LoRA around an ``nn.Conv{1,2,3}d`` (or subclass), every geometry argument honoured."""
+    """LoRA around an ``nn.Conv{1,2,3}d`` (or subclass), every geometry argument honoured.
+
+    ``y = conv(x, W) + b + s · conv₁ₓ₁(conv(x, A), B)`` with A (r, in/g, k…) carrying the
+    base's kernel, stride, padding, dilation, padding mode and groups g, and B
+    (out, r/g, 1…) a grouped pointwise convolution; ΔW (out, in/g, k…) is their per-group
+    product (see the module docstring). ``rank`` must be divisible by ``groups``.
+    """
 
     forward_methods = ("forward", "_conv_forward")
     conv: ClassVar[Callable[..., Tensor]]
@@ -48,15 +55,49 @@ class LoRAConv(LoRALayer):
 
     def base_forward(self, x: Tensor) -> Tensor:
         return type(self).conv(
-            self._padded(x), self.weight, self.bias, self.stride, self.padding,
-            self.dilation, self.groups,
+            self._padded(x), self._tensor("weight"), self._tensor("bias"), self.stride,
+            self.padding, self.dilation, self.groups,
         )
 
+    def _down(self, x: Tensor, a: Tensor, groups: int) -> Tensor:
+        # A: the base geometry from in to r channels (r·groups for stacked adapters).
+        return type(self).conv(self._padded(x), a, None, self.stride, self.padding,
+                               self.dilation, groups)
+
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        conv = type(self).conv
-        h = conv(self._padded(x), self.lora_A[name], None, self.stride, self.padding,
-                 self.dilation, self.groups)
-        return conv(h * self.scaling[name], self.lora_B[name], None, 1, 0, 1, self.groups)
+        a, b = self._adapter(name)
+        h = self._down(x, a, self.groups)
+        return type(self).conv(h * self.scaling[name], b, None, 1, 0, 1, self.groups)
+
+    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        a, b = self._adapter(name)
+        h = self._down(x, a, self.groups)  # (N, r, *S)
+        scaling = self.scaling[name]
+        if (self.groups > 1 or x.dim() != a.dim() or not isinstance(scaling, float)
+                or not out.dtype == h.dtype == b.dtype
+                or not (out.is_contiguous() and h.is_contiguous())):
+            return out + type(self).conv(h * scaling, b, None, 1, 0, 1, self.groups)
+        # B is a 1×1 convolution: per sample, out (c, S) += s · B (c, r) @ h (r, S), as
+        # one batched GEMM that accumulates into out (in place unless autograd records:
+        # see add_scaled_product).
+        n, c, rank = out.shape[0], out.shape[1], h.shape[1]
+        flat, b, h = out.view(n, c, -1), b.view(1, c, rank).expand(n, c, rank), h.view(n, rank, -1)
+        if torch.is_grad_enabled():
+            return torch.baddbmm(flat, b, h, alpha=scaling).view(out.shape)
+        flat.baddbmm_(b, h, alpha=scaling)
+        return out
+
+    def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                    slot: Tensor | None) -> Tensor:
+        if slot is not None:  # one (A, B, s) per row, gathered from the stacked adapters
+            a, b, scale = a[slot], b[slot], scale[slot]
+        # Row i is a group of its own: fold the rows into channels and convolve once with
+        # rows·groups groups. x (n, C, *S) -> (1, n·C, *S); A (n, r, C/g, *k) -> (n·r, C/g, *k).
+        n, g = x.shape[0], self.groups
+        h = self._down(x.reshape(1, -1, *x.shape[2:]), a.flatten(0, 1), n * g)
+        h = h.view(n, -1, *h.shape[2:]) * scale.view(n, *([1] * (x.dim() - 1)))
+        y = type(self).conv(h.view(1, -1, *h.shape[2:]), b.flatten(0, 1), None, 1, 0, 1, n * g)
+        return y.view(n, -1, *y.shape[2:])  # (n, out, *S')
 
     def delta_weight(self, name: str) -> Tensor:
         dtype = compute_dtype(self.weight.dtype)
@@ -65,6 +106,16 @@ class LoRAConv(LoRALayer):
         # Per group: (out/g, r/g) @ (r/g, in/g·k…) -> (out/g, in/g·k…); stack the groups.
         blocks = b.reshape(g, out // g, rank // g) @ a.reshape(g, rank // g, -1)
         return blocks.reshape(self.weight.shape).mul_(self.scaling[name])
+
+    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
+        if not target.is_contiguous():
+            return super()._add_delta(target, name, sign)
+        a, b = self._adapter(name)
+        g, out, rank = self.groups, b.shape[0], a.shape[0]
+        # The per-group products of delta_weight, accumulated straight into target.
+        target.view(g, out // g, -1).baddbmm_(
+            b.reshape(g, out // g, rank // g).to(target.dtype),
+            a.reshape(g, rank // g, -1).to(target.dtype), alpha=sign * self.scaling[name])
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape
@@ -92,7 +143,10 @@ class LoRAConv(LoRALayer):
 
 @register_lora_layer(nn.Conv1d)
 class LoRAConv1d(LoRAConv):
-    """LoRA around an ``nn.Conv1d``; see :class:`LoRAConv` for the math."""
+    """LoRA around an ``nn.Conv1d``: x (N, in, L), A (r, in/g, k), B (out, r/g, 1).
+
+    See :class:`LoRAConv` for the math.
+    """
 
     conv = staticmethod(F.conv1d)
 
@@ -117,6 +171,10 @@ class LoRAConv2d(LoRAConv):
 
 @register_lora_layer(nn.Conv3d)
 class LoRAConv3d(LoRAConv):
-    """LoRA around an ``nn.Conv3d``; see :class:`LoRAConv` for the math."""
+    """LoRA around an ``nn.Conv3d``: x (N, in, D, H, W), A (r, in/g, kd, kh, kw),
+    B (out, r/g, 1, 1, 1).
+
+    See :class:`LoRAConv` for the math.
+    """
 
     conv = staticmethod(F.conv3d)

@@ -59,8 +59,10 @@ def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Ten
 class LoRALayer(CompiledForwardMixin, nn.Module):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
-    Subclasses implement the methods below for one base type and register themselves
-    with :func:`loraplug.register_lora_layer`.
+    ``y = base(x) + Σ_a s_a · B_a A_a dropout_a(x)`` over the active adapters a, with
+    ``s_a = alpha_a / r_a``; merged, ``y = base(x)`` on ``W + Σ_a s_a ΔW_a``. Subclasses
+    implement the per-type hooks below for one base type and register themselves with
+    :func:`loraplug.register_lora_layer`.
 
     Attributes:
         base_layer: the wrapped module (not registered: its tensors are registered on

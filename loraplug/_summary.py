@@ -65,6 +65,16 @@ class LoRASummary:
 def summary(model: nn.Module) -> LoRASummary:
     """Return a table of the LoRA layers of ``model`` and its parameter counts.
 
+    Each row has the layer's name, base type, weight shape, adapters with their rank and
+    alpha, the active ones, and the parameters the adapters add (Linear:
+    ``r · (in + out)``). ``str()`` of the result, or the REPL, shows the table.
+
+    Args:
+        model: any model.
+
+    Returns:
+        A :class:`LoRASummary` with ``layers``, ``trainable`` and ``total`` counts.
+
     Example:
         >>> from torch import nn
         >>> import loraplug as lp
