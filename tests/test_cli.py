@@ -196,10 +196,24 @@ def test_targets_reports_a_rank_the_layer_refuses(capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "targets", "test_cli:grouped_model", "-t", "0", "-r", "3")
     assert code == 1
     assert rows_of(out)["0"][0] == "!"
-    assert "inject_lora would raise ConfigError for the 1 layer(s) marked !:" in out
+    assert "inject_lora would refuse the 1 layer(s) marked !:" in out
     assert re.search(r"^! 0: groups=2 needs a rank divisible by 2", out, re.M)
     with pytest.raises(lp.ConfigError, match="groups=2 needs a rank divisible by 2"):
         lp.inject_lora(grouped_model(), target="0", rank=3)
+
+
+def attention_model() -> nn.Module:
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(8, 2)
+    model.head = nn.Linear(8, 2)
+    return model
+
+
+def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "type:Linear")
+    assert code == 1
+    assert rows_of(out)["attn.out_proj"][0] == "!" and rows_of(out)["head"][0] == "*"
+    assert re.search(r"^! attn.out_proj: its owner nn.MultiheadAttention reads", out, re.M)
 
 
 def test_targets_warns_when_rank_exceeds_the_layer(capsys: pytest.CaptureFixture[str]) -> None:

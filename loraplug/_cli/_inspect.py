@@ -1,0 +1,87 @@
+"""``loraplug inspect``: an adapter directory's layers, ranks, sizes and finiteness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ._common import _dims, _one_line, _size, _table
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    # The readers load_adapter uses, so that inspect sees a file exactly as loading does.
+    from .._adapter_state import CONFIG_NAME, index_keys
+    from .._load import _locate, _read_config, _read_metadata, _read_weights
+    from .._peft_config import parse_config
+
+    directory, weights_file = _locate(Path(args.adapter_dir))
+    raw = _read_config(directory / CONFIG_NAME)
+    state, metadata = _read_weights(weights_file)
+    config, problems, unknown = parse_config(raw)
+    extras, found = _read_metadata(metadata)
+    problems += found
+    entries, others, found = index_keys(state, set())
+    problems += found
+
+    print(f"adapter   {directory}")
+    print(f"weights   {weights_file.name} ({_size(weights_file.stat().st_size)})")
+    if "loraplug" in extras:
+        print(f"written   by loraplug {metadata.get('loraplug.version', '?')} (file format "
+              f"{metadata.get('loraplug.format')}); adapter name {extras.get('adapter', '?')!r}")
+    else:
+        print("written   by PEFT or another tool (no loraplug metadata)")
+    if isinstance(raw, dict):
+        # The fields that shape the adapter, in PEFT's names; empty ones are left out.
+        fields = ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "bias",
+                  "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                  "base_model_name_or_path", "task_type")
+        shown = [f"{k}={json.dumps(raw[k])}" for k in fields
+                 if raw.get(k) not in (None, [], {}, "")]
+        print("config    " + "  ".join(shown))
+    if unknown:
+        print(f"config    fields loraplug ignores: {unknown}")
+
+    rows, params, nbytes, bad = [], 0, 0, []
+    for path, slots in sorted(entries.items()):
+        a = slots.get("A", (None, None, None))[1]
+        b = slots.get("B", (None, None, None))[1]
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            problems.append(f"{path}: needs both lora_A and lora_B tensors")
+            continue
+        rank = a.shape[0]  # A is (r, in…) for every layer type, (r, V) for embeddings
+        alpha_text = scaling_text = "?"
+        if config is not None:
+            want, alpha, source = config.spec(path)
+            if want != rank:
+                problems.append(f"{path}: tensors have rank {rank} but {source} says {want}")
+            scale = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+            alpha_text, scaling_text = f"{alpha:g}", f"{scale:.4g}"
+        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) \
+            if a.is_floating_point() and b.is_floating_point() else False
+        if not finite:
+            bad.append(path)
+        dtype = str(a.dtype).removeprefix("torch.")
+        if b.dtype != a.dtype:
+            dtype += "/" + str(b.dtype).removeprefix("torch.")
+        size = a.numel() * a.element_size() + b.numel() * b.element_size()
+        params += a.numel() + b.numel()
+        nbytes += size
+        rows.append((path, str(rank), alpha_text, scaling_text, _dims(a), _dims(b), dtype,
+                     _size(size), "yes" if finite else "NO"))
+    print()
+    if rows:
+        print(_table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
+                     rows, right=(1, 2, 3, 7)))
+    layers = f"{len(rows)} layer{'s' if len(rows) != 1 else ''}"
+    print(f"\n{layers}, {params:,} parameters, {_size(nbytes)} of tensors; "
+          + ("all finite." if not bad else f"NaN or inf in {bad}."))
+    if others:
+        problems.append(f"{len(others)} tensors are not LoRA tensors: {sorted(others)[:5]}")
+    for problem in problems:
+        print(f"problem: {_one_line(problem)}")
+    return 1 if problems or bad else 0

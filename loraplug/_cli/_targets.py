@@ -1,0 +1,65 @@
+"""``loraplug targets``: what a target would wrap, as a dry run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from torch import nn
+
+from .._registry import lookup, supported_types, type_name
+from ._common import CLIError, _pattern, _shape, _table, build_model
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .._inject import _module_paths, _owner_problems
+    from .._targeting import candidates, select
+
+    if args.rank < 1:
+        raise CLIError(f"--rank must be a positive integer; received {args.rank}", code=2)
+    model = build_model(args.model, meta=True)
+    chosen: dict[str, nn.Module] = {}
+    if args.target:
+        selection = select(model, [_pattern(t) for t in args.target],
+                           [_pattern(t) for t in args.exclude] or None)
+        chosen = selection.modules
+    total = sum(p.numel() for p in model.parameters())
+    rows, added, notes = [], 0, []
+    paths = _module_paths(model)
+    for name, _, module in candidates(model):
+        found = lookup(type(module))
+        if not name or (found is None and next(module.parameters(recurse=False), None) is None):
+            continue
+        mark, params = "", ""
+        if name in chosen:
+            layer_cls, registered = found  # type: ignore[misc]
+            probe = layer_cls(module, registered)
+            why = probe.check_rank(args.rank) or " ".join(
+                m.split(": ", 1)[1] for m in _owner_problems(model, name, paths[id(module)]))
+            shape_a, shape_b = probe.adapter_shapes(args.rank)
+            count = math.prod(shape_a) + math.prod(shape_b)
+            added += count
+            mark, params = "*", f"{count:,}"
+            if why:
+                notes.append(f"{name}: {why}")
+                mark = "!"
+            elif args.rank > probe.max_rank():
+                notes.append(f"{name}: rank {args.rank} exceeds the rank ΔW can have there "
+                             f"({probe.max_rank()}); the extra parameters add nothing")
+        supported = "" if found is None else "yes"
+        rows.append((mark, name, type_name(type(module)), _shape(module), supported, params))
+    header = ("", "layer", "type", "weight", "LoRA", f"+params (r={args.rank})" if chosen else "")
+    print(_table(header, rows, right=(5,)))
+    if chosen:
+        print(f"\n{len(chosen)} layers selected (*); rank {args.rank} adds {added:,} parameters "
+              f"to the model's {total:,} ({100 * added / total if total else 0:.3f}%).")
+        refused = sum(1 for row in rows if row[0] == "!")
+        if refused:
+            print(f"inject_lora would refuse the {refused} layer(s) marked !:")
+        for note in notes:
+            print(f"! {note}")
+    else:
+        able = sum(1 for row in rows if row[4])
+        print(f"\n{able} layers can take LoRA ({', '.join(supported_types())}); pass --target "
+              "PATTERN to see what a pattern selects.")
+    return 1 if any(row[0] == "!" for row in rows) else 0
