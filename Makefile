@@ -14,7 +14,7 @@ $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install -q -r requirements-dev.txt -e '.[docs]'
 	touch $(DOCS_STAMP)
 
-.PHONY: setup example test test-slow lint docs
+.PHONY: setup example test test-slow lint docs bench
 setup: $(STAMP)
 
 example: $(STAMP)
@@ -31,3 +31,8 @@ lint: $(STAMP)
 
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/mkdocs build --strict
+
+# Full measurement against PEFT (several minutes); `make bench ARGS=--quick` for a smoke run.
+# (The dev setup includes PEFT; elsewhere install the `bench` extra.)
+bench: $(STAMP)
+	$(PY) -m benchmarks $(ARGS)

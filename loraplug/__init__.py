@@ -30,9 +30,17 @@ from ._errors import (
     StateError,
     TargetError,
 )
+from ._files import (
+    adapter_state_dict,
+    load_adapter,
+    load_adapter_state_dict,
+    save_adapter,
+    save_merged,
+)
 from ._inject import find_targets, inject_lora, unload
 from ._layer import LoRALayer
 from ._linear import LoRALinear
+from ._mixed import adapter_per_sample
 from ._registry import lora_layer_type, register_lora_layer
 from ._summary import LayerSummary, LoRASummary, summary
 
@@ -57,13 +65,19 @@ __all__ = [
     "TargetError",
     "active_adapters",
     "adapter_names",
+    "adapter_per_sample",
+    "adapter_state_dict",
     "delete_adapter",
     "disable_adapters",
     "find_targets",
     "inject_lora",
+    "load_adapter",
+    "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
     "register_lora_layer",
+    "save_adapter",
+    "save_merged",
     "set_adapter",
     "summary",
     "unload",

@@ -7,10 +7,11 @@ Shapes: x (..., in), W (out, in), A (r, in), B (out, r), y (..., out).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layer import LoRALayer, compute_dtype
+from ._layer import LoRALayer, add_scaled_product, compute_dtype
 from ._registry import register_lora_layer
 
 
@@ -30,17 +31,35 @@ class LoRALinear(LoRALayer):
     """
 
     def base_forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self._tensor("weight"), self._tensor("bias"))
 
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         # Scale the rank-r intermediate: r·N multiplications instead of out·N.
-        h = F.linear(x, self.lora_A[name])
-        return F.linear(h * self.scaling[name], self.lora_B[name])
+        a, b = self._adapter(name)
+        return F.linear(F.linear(x, a) * self.scaling[name], b)
+
+    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        h = F.linear(x, self._modules["lora_A"]._parameters[name])  # (..., r)
+        return add_scaled_product(out, h, self._modules["lora_B"]._parameters[name],
+                                  self.scaling[name])
+
+    def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                    slot: Tensor | None) -> Tensor:
+        if slot is not None:  # one (A, B, s) per row, gathered from the stacked adapters
+            a, b, scale = a[slot], b[slot], scale[slot]
+        n = x.shape[0]
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, L, r)
+        h = h * scale.view(n, 1, 1)
+        return torch.bmm(h, b.transpose(1, 2)).view(*x.shape[:-1], -1)  # (n, L, out)
 
     def delta_weight(self, name: str) -> Tensor:
         dtype = compute_dtype(self.weight.dtype)
         a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
         return (b @ a).mul_(self.scaling[name])  # (out, r) @ (r, in) -> (out, in)
+
+    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
+        a, b = self._adapter(name)
+        target.addmm_(b.to(target.dtype), a.to(target.dtype), alpha=sign * self.scaling[name])
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight.shape

@@ -1,0 +1,1 @@
+"""Benchmarks of loraplug against PEFT: ``python -m benchmarks [--quick]``."""

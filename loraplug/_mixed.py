@@ -1,0 +1,180 @@
+"""Mixed adapters in one batch: each row of a batch through its own adapter.
+
+Inside ``with adapter_per_sample(model, names):`` every LoRA layer computes, for row i
+of its input (the first dimension),
+
+    y_i = base(x_i) + s_j · B_j A_j x_i,    j = names[i]    (base alone when names[i] is None)
+
+as one batched computation over the adapters stacked for that call: a batched matmul
+for Linear and Embedding, one grouped convolution (a group per row) for convolutions.
+Nothing is cached across calls, so training through the block works and parameters
+replaced inside it are used at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._adapters import _check_names, _layers_or_raise
+from ._errors import ConfigError, StateError
+from ._layer import LoRALayer
+
+
+class Route:
+    """Which adapter each row of a batch uses on one layer, and the forward that does it.
+
+    ``slots`` are the distinct adapters of ``names`` this layer carries, in first-use
+    order; rows whose adapter the layer lacks (or ``None``) compute the base alone.
+    """
+
+    def __init__(self, names: Sequence[str | None], available: Sequence[str]) -> None:
+        slot_of: dict[str, int] = {}
+        for n in names:
+            if n is not None and n in available and n not in slot_of:
+                slot_of[n] = len(slot_of)
+        self.rows = len(names)
+        self.slots = tuple(slot_of)
+        chosen = [i for i, n in enumerate(names) if n in slot_of]
+        slot = [slot_of[names[i]] for i in chosen]  # type: ignore[index]
+        # None for the common cases: every row has an adapter / row i uses slot i.
+        self._chosen = None if len(chosen) == self.rows else chosen
+        self._slot = None if slot == list(range(len(self.slots))) else slot
+        self._indices: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+
+    def indices(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """(rows that have an adapter, slot of each of those rows) as index tensors."""
+        if device not in self._indices:
+            self._indices[device] = tuple(  # type: ignore[assignment]
+                None if v is None else torch.tensor(v, dtype=torch.long, device=device)
+                for v in (self._chosen, self._slot))
+        return self._indices[device]
+
+    def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:
+        """``layer``'s output for ``x`` with each row's own adapter."""
+        if x.dim() == 0 or x.shape[0] != self.rows:
+            raise StateError(
+                f"adapter_per_sample was given {self.rows} adapter names, one per row, but a "
+                f"{type(layer).__name__} received an input of shape {tuple(x.shape)}; every "
+                "LoRA layer must see the batch as the first dimension of its input. Pass one "
+                "name per row of the batch."
+            )
+        if layer.merged_adapters:
+            raise StateError(
+                f"a {type(layer).__name__} was merged inside adapter_per_sample, so its weight "
+                "holds adapters; call loraplug.unmerge(model) before running the block."
+            )
+        out = layer.base_forward(x)
+        if not self.slots or layer.adapters_disabled:
+            return out
+        chosen, slot = self.indices(x.device)
+        xs = x if chosen is None else x.index_select(0, chosen)
+        a, b = _stacked(layer, self.slots)
+        scale = torch.tensor([layer.scaling[n] for n in self.slots], dtype=a.dtype,
+                             device=a.device)
+        if layer.training and any(layer.dropout[n] for n in self.slots):
+            xs = _dropout_per_row(xs, [layer.dropout[n] for n in self.slots], slot)
+        branch = layer.routed_lora(xs, a, b, scale, slot)
+        return out + branch if chosen is None else out.index_add(0, chosen, branch)
+
+
+def _stacked(layer: LoRALayer, slots: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    # A and B of every slot stacked on a new first dimension (a fresh copy each call, so
+    # never stale and differentiable). Smaller ranks are padded with zeros: zero rows of
+    # A, zero columns of B, an exact no-op.
+    store_a, store_b = layer._modules["lora_A"]._parameters, layer._modules["lora_B"]._parameters
+    rank = max(layer.rank[n] for n in slots)
+    if all(layer.rank[n] == rank for n in slots):
+        return torch.stack([store_a[n] for n in slots]), torch.stack([store_b[n] for n in slots])
+    groups = getattr(layer, "groups", 1)
+    a_list, b_list = [], []
+    for n in slots:
+        a, b = store_a[n], store_b[n]
+        extra = (rank - a.shape[0]) // groups
+        # Per group: A (g, r/g, …) gets rows, B (out, r/g, …) gets columns.
+        a_list.append(F.pad(a.reshape(groups, a.shape[0] // groups, -1), (0, 0, 0, extra))
+                      .reshape(rank, *a.shape[1:]))
+        b_list.append(F.pad(b.reshape(b.shape[0], b.shape[1], -1), (0, 0, 0, extra))
+                      .reshape(b.shape[0], rank // groups, *b.shape[2:]))
+    return torch.stack(a_list), torch.stack(b_list)
+
+
+def _dropout_per_row(x: Tensor, p: list[float], slot: Tensor | None) -> Tensor:
+    # Each row dropped with its own adapter's p, scaled by 1 / (1 - p) as nn.Dropout does.
+    keep = 1.0 - torch.tensor(p, dtype=x.dtype, device=x.device)
+    keep = (keep if slot is None else keep[slot]).view(-1, *([1] * (x.dim() - 1)))
+    return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+@contextmanager
+def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Run row i of each batch through adapter ``names[i]`` inside the block, in place.
+
+    Every LoRA layer computes ``y_i = base(x_i) + s_j · B_j A_j x_i`` with ``j =
+    names[i]``, or the base alone for ``None`` and on layers that lack adapter ``j``.
+    Rows are the first dimension of each LoRA layer's input, so ``len(names)`` must be
+    the batch size. All rows are computed together: per layer, the adapters used are
+    stacked and applied by one batched matmul (Linear, Embedding) or one grouped
+    convolution (Conv), not by a loop over adapters. Active adapters are ignored inside
+    the block; the previous routing comes back after it.
+
+    Args:
+        model: a model with LoRA layers, none merged, adapters not disabled.
+        names: one adapter name (or ``None``) per row of the batch.
+
+    Raises:
+        ConfigError: ``names`` is not a non-empty list of names and ``None``.
+        AdapterError: a name is not an adapter of the model.
+        StateError: the model has no LoRA layers, some are merged or disabled, or a
+            layer computes through its weight (a class that overrides ``forward``) or is of
+            a type without ``routed_lora``. Inside the block, a layer whose input has
+            another number of rows than ``len(names)`` raises it too.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = lp.inject_lora(model, target="0", rank=2, name="a")
+        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> x = torch.randn(3, 4)
+        >>> with lp.adapter_per_sample(model, ["a", "b", None]):
+        ...     y = model(x)
+        >>> y.shape
+        torch.Size([3, 4])
+    """
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not names \
+            or not all(n is None or isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"adapter_per_sample needs a non-empty list with one adapter name (or None for the "
+            f"base model) per row of the batch; received {names!r}. E.g. ['a', 'b', None]."
+        )
+    layers = _layers_or_raise(model, "adapter_per_sample")
+    _check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
+    for what, bad in (
+        ("are merged; call loraplug.unmerge(model) first",
+         [n for n, layer in layers if layer.merged]),
+        ("have adapters disabled (inside disable_adapters); use the block outside it",
+         [n for n, layer in layers if layer.adapters_disabled]),
+        ("compute through their weight (their class overrides forward), which cannot differ "
+         "per row; exclude them when injecting",
+         [n for n, layer in layers if layer.through_weight]),
+        ("are of a layer type without routed_lora; implement it to mix adapters per row",
+         [n for n, layer in layers
+          if type(layer).routed_lora is LoRALayer.routed_lora]),
+    ):
+        if bad:
+            raise StateError(f"adapter_per_sample: layers {bad[:5]} {what}.")
+    names = list(names)
+    before = [layer._route for _, layer in layers]
+    for _, layer in layers:
+        layer._route = Route(names, layer.adapter_names)
+    try:
+        yield
+    finally:
+        for (_, layer), route in zip(layers, before):
+            layer._route = route

@@ -1,0 +1,77 @@
+"""``python -m benchmarks --quick`` runs end to end and reports every scenario (no timings
+are asserted: they depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ["linear-call", "gpt-qv", "gpt-all", "vgg19-classifier", "vgg19-all", "conv2d",
+             "embedding"]
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _check_stats(stats: dict[str, float]) -> None:
+    assert 0 < stats["low"] <= stats["median"] <= stats["high"]
+    assert stats["rounds"] >= 1
+
+
+def _check_scenario(run: dict, with_peft: bool) -> None:
+    assert run["checks"]["loraplug_vs_base"] > 0  # the adapters do something
+    variants = ["base", "loraplug", "loraplug_merged"]
+    if with_peft:
+        assert run["checks"]["loraplug_vs_peft"] <= 1e-4  # the same function in both
+        variants += ["peft", "peft_merged"]
+    assert sorted(run["forward"]) == sorted(variants)
+    for v in variants:
+        _check_stats(run["forward"][v])
+    assert max(run["merged_checks"].values()) <= 1e-4
+    for who in ["loraplug", "peft"] if with_peft else ["loraplug"]:
+        _check_stats(run["train"][who])
+        assert run["train_peak_bytes"][who] >= 0
+        assert run["file_bytes"][who] > 0
+        for op in ("inject", "merge", "unmerge", "unload"):
+            assert run["admin"][op][who]["median"] > 0
+    assert run["flops"]["unmerged"] >= run["flops"]["base"]
+    assert len(run["load"]["before"]) == 3
+
+
+def test_two_scenarios_run_and_report(tmp_path: Path) -> None:
+    results, stdout = _run(tmp_path, "--only", "linear-call", "conv2d")
+    env = results["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["cpu"]
+    assert [r["name"] for r in results["scenarios"]] == ["linear-call", "conv2d"]
+    assert results["mixed"] == []
+    for run in results["scenarios"]:
+        _check_scenario(run, with_peft="peft" in env)
+    assert "Forward (no_grad)" in stdout and "linear-call" in stdout
+
+
+@pytest.mark.slow
+def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
+    results, stdout = _run(tmp_path)
+    with_peft = "peft" in results["environment"]
+    assert [r["name"] for r in results["scenarios"]] == SCENARIOS
+    for run in results["scenarios"]:
+        _check_scenario(run, with_peft)
+    assert [m["name"] for m in results["mixed"]] == ["mixed-decode", "mixed-prefill"]
+    for mixed in results["mixed"]:
+        assert all(v <= 1e-4 for v in mixed["checks"].values())
+        for stats in mixed["forward"].values():
+            _check_stats(stats)
+    assert "Mixed adapters in one batch" in stdout
