@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, lora_layers, refuse_tied
+from ._config import validate_hyperparameters
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
-from ._layer import LoRALayer, validate_hyperparameters
+from ._layer import LoRALayer
 from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
 

@@ -40,9 +40,10 @@ from ._adapter_state import (
     report,
 )
 from ._adapters import adapter_names
+from ._config import validate_hyperparameters
 from ._errors import AdapterFileError, LoRAError, LoRAWarning, StateError
 from ._inject import LayerSpec, _module_paths, _problems, inject_layers
-from ._layer import LoRALayer, validate_hyperparameters
+from ._layer import LoRALayer
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lookup, supported_types, type_name
 from ._targeting import candidates
