@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ from .twins import loraplug_twin, max_difference, peft_available, peft_twin
 ADAPTERS = 16
 
 
-def run(*, quick: bool, use_peft: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def run(*, quick: bool, use_peft: bool, log: Callable[[str], None],
+        settle: Callable[[], float | None] = lambda: None) -> list[dict[str, Any]]:
     """Decode (1 token per row) and prefill (128 tokens per row) shapes."""
     use_peft = use_peft and peft_available()
     shape = dict(layers=2, dim=256, heads=4, vocab=1024, context=128) if quick else \
@@ -42,7 +44,8 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None]) -> list[dict
                 return model(ids)
 
         fns: dict[str, Callable[[], object]] = {
-            "loraplug_one": lambda ids=ids: model(ids), "loraplug_mixed": mixed}
+            "base": lambda ids=ids: base(ids), "loraplug_one": lambda ids=ids: model(ids),
+            "loraplug_mixed": mixed}
         checks: dict[str, float] = {}
         with torch.no_grad():
             out = mixed()
@@ -57,6 +60,7 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None]) -> list[dict
                 checks["loraplug_vs_peft"] = max_difference(out, fns["peft_mixed"]())
                 if checks["loraplug_vs_peft"] > 1e-4:
                     raise AssertionError(f"mixed {label}: loraplug and PEFT differ: {checks}")
+            busy = settle()
             load_before = os.getloadavg()
             rounds = 3 if quick else (15 if label == "decode" else 7)
             inner_calls = 3 if label == "decode" else 1
@@ -66,6 +70,11 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None]) -> list[dict
             ratios["peft_mixed_over_loraplug_mixed"] = timing.ratio("peft_mixed",
                                                                     "loraplug_mixed")
             ratios["peft_mixed_over_peft_one"] = timing.ratio("peft_mixed", "peft_one")
+            # What mixing costs above the base model, PEFT's over loraplug's.
+            ratios["peft_extra_over_loraplug_extra"] = statistics.median(
+                (p - b) / max(m - b, 1e-12) for p, m, b in zip(
+                    timing.samples["peft_mixed"], timing.samples["loraplug_mixed"],
+                    timing.samples["base"]))
         results.append({
             "name": f"mixed-{label}",
             "about": f"{ADAPTERS} adapters (r{rank} on q, v), {ADAPTERS} rows × {tokens} "
@@ -74,5 +83,6 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None]) -> list[dict
             "forward": {k: s.as_dict() for k, s in timing.stats.items()},
             "ratio": ratios,
             "load": {"before": load_before, "after": os.getloadavg()},
+            "busy": busy,
         })
     return results

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import mixed, scenarios
+from .timing import wait_for_quiet
 from .twins import peft_available
 
 MiB = 1 << 20
@@ -137,16 +138,17 @@ def tables(results: dict[str, Any]) -> str:
     for r in results.get("mixed", []):
         f, ratio = r["forward"], r["ratio"]
         rows.append([
-            r["name"], _span(f["loraplug_one"]), _span(f["loraplug_mixed"]),
+            r["name"], _span(f["base"]), _span(f["loraplug_one"]), _span(f["loraplug_mixed"]),
             _ratio(ratio, "loraplug_mixed_over_one"),
             _span(f["peft_mixed"]) if "peft_mixed" in f else "—",
             _ratio(ratio, "peft_mixed_over_loraplug_mixed"),
+            _ratio(ratio, "peft_extra_over_loraplug_extra"),
         ])
     if rows:
         out.append(_table(
             f"Mixed adapters in one batch ({results['mixed'][0]['about']})",
-            ["shape", "lp one adapter", "lp per row", "per row ÷ one", "PEFT adapter_names",
-             "PEFT ÷ lp"], rows))
+            ["shape", "base", "lp one adapter", "lp per row", "per row ÷ one",
+             "PEFT adapter_names", "PEFT ÷ lp", "PEFT ÷ lp above base"], rows))
     return "\n".join(out)
 
 
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: %(default)s)")
     parser.add_argument("--no-peft", action="store_true", help="measure loraplug alone")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each timed phase, wait up to SECONDS for the CPUs to be "
+                             "90%% idle (for machines shared with other work)")
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks.json"),
                         help="where to write the JSON results (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -177,12 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         log("peft is not installed: measuring loraplug alone (pip install -e .[bench])")
     results: dict[str, Any] = {"environment": environment(args.threads), "quick": args.quick,
                                "scenarios": [], "mixed": []}
+    def settle() -> float | None:
+        if not args.quiet_wait:
+            return None
+        busy = wait_for_quiet(args.quiet_wait)
+        log(f"CPUs {100 * busy:.0f}% busy with other work" if busy is not None else
+            "CPU load unknown")
+        return busy
+
     for sc in chosen:
         if args.only and sc.name not in args.only:
             continue
-        results["scenarios"].append(scenarios.run(sc, use_peft=not args.no_peft, log=log))
+        results["scenarios"].append(scenarios.run(sc, use_peft=not args.no_peft, log=log,
+                                                  settle=settle))
     if not args.only or "mixed" in args.only:
-        results["mixed"] = mixed.run(quick=args.quick, use_peft=not args.no_peft, log=log)
+        results["mixed"] = mixed.run(quick=args.quick, use_peft=not args.no_peft, log=log,
+                                     settle=settle)
     results["environment"]["load_at_end"] = os.getloadavg()
     results["environment"]["seconds"] = round(time.perf_counter() - started, 1)
 

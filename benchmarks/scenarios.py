@@ -153,8 +153,13 @@ def _median(values: list[float]) -> dict[str, float]:
             "rounds": len(values)}
 
 
-def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """Everything measured on one scenario, as a JSON-ready dict."""
+def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None],
+        settle: Callable[[], float | None] = lambda: None) -> dict[str, Any]:
+    """Everything measured on one scenario, as a JSON-ready dict.
+
+    ``settle`` is called before each timed phase (to wait for a quiet machine); what it
+    returns is recorded as ``busy``.
+    """
     use_peft = use_peft and peft_available()
     load_before = os.getloadavg()
     base = sc.build()
@@ -167,13 +172,17 @@ def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None]) -> dict[str
     result["checks"] = _check(sc, base, lp_model, peft_model, x)
     result["flops"] = {"base": flops(lambda: sc.entry(base)(x)),
                        "unmerged": flops(lambda: sc.entry(lp_model)(x))}
-    result["flops"]["ratio"] = result["flops"]["unmerged"] / max(result["flops"]["base"], 1)
+    result["flops"]["ratio"] = (result["flops"]["unmerged"] / result["flops"]["base"]
+                                if result["flops"]["base"] else None)  # a lookup has none
     log(f"{sc.name}: inject, merge, unmerge, unload")
     result["admin"] = _admin(sc, base, targets, lp_model, peft_model)
     result["file_bytes"] = _file_sizes(lp_model, peft_model)
+    busy = result["busy"] = {}
     log(f"{sc.name}: forward")
+    busy["forward"] = settle()
     result.update(_forward(sc, base, lp_model, peft_model, x))
     log(f"{sc.name}: training step")
+    busy["train"] = settle()
     result.update(_training(sc, lp_model, peft_model, x))
     result["load"] = {"before": load_before, "after": os.getloadavg()}
     return result

@@ -8,8 +8,8 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -122,5 +122,32 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n)
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+
+def busy_fraction(window_s: float = 2.0) -> float | None:
+    """Fraction of all CPUs busy (with other work) over the next ``window_s`` seconds."""
+    start = _cpu_times()
+    time.sleep(window_s)
+    end = _cpu_times()
+    if start is None or end is None or end[1] == start[1]:
+        return None
+    return 1.0 - (end[0] - start[0]) / (end[1] - start[1])
+
+
+def wait_for_quiet(max_wait_s: float, busy_below: float = 0.1) -> float | None:
+    """Sleep until the machine is nearly idle (at most ``max_wait_s``); the last busy fraction.
+
+    On a machine shared with other work, a 2-thread matmul stalls whenever one of its
+    threads is descheduled; measuring while others compute says little.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = busy_fraction()
+        if busy is None or busy < busy_below or time.monotonic() >= deadline:
+            return busy

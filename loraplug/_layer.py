@@ -11,7 +11,11 @@ object is kept (unregistered) as ``base_layer`` and is handed back by ``unload``
 
 A layer type supplies only its shape-specific parts: ``base_forward`` (the base math),
 ``lora_forward`` (the low-rank branch), ``delta_weight`` (ΔW shaped like the weight) and
-``adapter_shapes``; optionally ``configure``, ``check_rank`` and ``max_rank``.
+``adapter_shapes``; optionally ``configure``, ``check_rank``, ``max_rank`` and
+``routed_lora`` (the branch with one adapter per row, for ``adapter_per_sample``). The
+built-in types also fuse the branch into the base output (``_add_lora``) and ΔW into
+the weight (``_add_delta``); a subclass that redefines ``lora_forward`` or
+``delta_weight`` falls back to the plain versions.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Ten
     """``out + scaling · h bᵀ`` over the last dimension, as one GEMM that accumulates.
 
     Shapes: out (..., d), h (..., r), b (d, r). ``out`` must be a fresh result of the
-    base computation, not saved for backward: it is written in place where that is
-    cheap. Scaling as the GEMM's ``alpha`` costs nothing, and no output-sized
-    temporary is made.
+    base computation, not saved for backward: it is written in place where autograd
+    does not record, or does not need a view for it. Scaling is the GEMM's ``alpha``,
+    so neither the product nor the scaling needs an output-sized temporary.
     """
     if out.dtype == h.dtype == b.dtype and type(scaling) is float and out.is_contiguous():
         flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
@@ -90,13 +94,15 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        # A class that redefines the branch must not inherit a parent's fused versions of
-        # it: they would compute the parent's branch. Fall back to the plain ones.
-        if "lora_forward" in cls.__dict__:
-            if "_add_lora" not in cls.__dict__:
-                cls._add_lora = LoRALayer._add_lora  # type: ignore[method-assign]
-            if "routed_lora" not in cls.__dict__:
-                cls.routed_lora = LoRALayer.routed_lora  # type: ignore[method-assign]
+        # A class that redefines the branch or ΔW must not inherit a parent's fused
+        # versions of them: they would compute the parent's math. Fall back to the plain
+        # ones (routed_lora has none: adapter_per_sample then refuses the layer).
+        fused = {"lora_forward": ("_add_lora", "routed_lora"), "delta_weight": ("_add_delta",)}
+        for plain, derived in fused.items():
+            if plain in cls.__dict__:
+                for name in derived:
+                    if name not in cls.__dict__:
+                        setattr(cls, name, getattr(LoRALayer, name))
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()

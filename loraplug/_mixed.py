@@ -7,8 +7,8 @@ of its input (the first dimension),
 
 as one batched computation over the adapters stacked for that call: a batched matmul
 for Linear and Embedding, one grouped convolution (a group per row) for convolutions.
-Nothing is cached across calls, so training through the block works and parameters
-replaced inside it are used at once.
+The stacks are made afresh on every call (nothing derived from a parameter is kept), so
+training through the block works and parameters changed inside it are used at once.
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ class Route:
     def indices(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """(rows that have an adapter, slot of each of those rows) as index tensors."""
         if device not in self._indices:
-            self._indices[device] = tuple(  # type: ignore[assignment]
-                None if v is None else torch.tensor(v, dtype=torch.long, device=device)
-                for v in (self._chosen, self._slot))
+            # Normal tensors even when first made under inference_mode: a later call
+            # with autograd may save them for backward.
+            with torch.inference_mode(False):
+                self._indices[device] = tuple(  # type: ignore[assignment]
+                    None if v is None else torch.tensor(v, dtype=torch.long, device=device)
+                    for v in (self._chosen, self._slot))
         return self._indices[device]
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:

@@ -385,7 +385,8 @@ def test_fast_path_gradients_match_the_dense_reference(case: Case, mode: str) ->
 
 
 @pytest.mark.parametrize("change", ["to_double", "load_state_dict", "load_assign",
-                                    "replace_parameter", "delete_adapter", "set_scale"])
+                                    "replace_parameter", "data_writes", "delete_adapter",
+                                    "set_scale"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "embedding"])
 def test_forward_uses_the_current_tensors_after_a_change(kind: str, change: str) -> None:
     """No stale tensors: whatever replaces or rewrites a parameter is seen by the next call."""
@@ -412,6 +413,11 @@ def test_forward_uses_the_current_tensors_after_a_change(kind: str, change: str)
         layer = model[0]
         layer.lora_A["a"] = nn.Parameter(torch.randn_like(layer.lora_A["a"]))
         layer.weight = nn.Parameter(torch.randn_like(layer.weight))
+    elif change == "data_writes":  # no version counter sees these
+        layer = model[0]
+        layer.lora_B["b"].data = torch.randn_like(layer.lora_B["b"])
+        layer.lora_A["a"].data.mul_(-2.0)
+        layer.weight.data.copy_(torch.randn_like(layer.weight))
     elif change == "delete_adapter":
         lp.delete_adapter(model, "b")
         live = ("a",)
@@ -425,3 +431,56 @@ def test_forward_uses_the_current_tensors_after_a_change(kind: str, change: str)
             routed = model(x)
         ref_rows = _dense(model[0], base, kind, x[:1], names[:1])
         assert_close(routed[:1], ref_rows, scale=_scale(ref_rows))
+
+
+class _Tripled(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * super().forward(x)
+
+
+@lp.register_lora_layer(_Tripled)
+class _LoRATripled(lp.LoRALinear):
+    """A user layer that redefines the branch and ΔW of LoRALinear."""
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * super().base_forward(x)
+
+    def lora_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return 3 * super().lora_forward(x, name)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return 3 * super().delta_weight(name)
+
+
+def test_a_subclass_that_redefines_the_math_gets_its_own_math() -> None:
+    """A parent's fused forward and merge are not inherited past a redefined lora_forward
+    or delta_weight: the output is 3·(W + ΔW)x and merging adds the subclass's 3·ΔW."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Tripled(4, 3, dtype=torch.float64))
+    lp.inject_lora(model, target="0", rank=2)
+    randomize_adapters(model)
+    layer, x = model[0], torch.randn(5, 4, dtype=torch.float64)
+    w0 = layer.weight.detach().clone()
+    d = delta("linear", layer.lora_A["default"], layer.lora_B["default"],
+              layer.scaling["default"])
+    assert_close(model(x), 3 * torch.nn.functional.linear(x, w0 + d, layer.bias))
+    lp.merge(model)
+    assert_close(layer.weight, w0 + 3 * d)
+    lp.unmerge(model)
+    with pytest.raises(lp.StateError, match="without routed_lora"):
+        _enter(model, ["default"])
+
+
+def test_a_block_serves_inference_mode_and_training_calls() -> None:
+    """Index tensors made during an inference_mode call are usable by a training call."""
+    torch.manual_seed(0)
+    model = _ab_model()
+    randomize_adapters(model)
+    x = torch.randn(3, 4)
+    with lp.adapter_per_sample(model, ["b", None, "a"]):
+        with torch.inference_mode():
+            first = model(x)
+        out = model(x)
+        out.sum().backward()
+    torch.testing.assert_close(out.detach(), first)
+    assert model[0].lora_B["b"].grad is not None and model[0].lora_B["a"].grad is not None
