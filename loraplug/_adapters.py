@@ -118,6 +118,21 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
         )
 
 
+def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+    """Raise unless the active adapters of ``layers`` can be folded into their weights.
+
+    Refused: layers sharded by FSDP2, weights tied to other modules, disabled adapters.
+    """
+    refuse_sharded(layers, action)
+    refuse_tied(model, [(n, layer) for n, layer in layers if not layer.merged], action)
+    disabled = [n for n, layer in layers if layer.adapters_disabled]
+    if disabled:
+        raise StateError(
+            f"{action}: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
+            "call it outside that block."
+        )
+
+
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapters, in place; several active adapters add up.
 
@@ -272,14 +287,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         True
     """
     layers = _layers_or_raise(model, "merge")
-    refuse_sharded(layers, "merge")
-    refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "merge")
-    disabled = [n for n, layer in layers if layer.adapters_disabled]
-    if disabled:
-        raise StateError(
-            f"merge: adapters are disabled on {disabled[:5]} (inside disable_adapters); merge "
-            "outside that block."
-        )
+    check_mergeable(model, layers, "merge")
     todo = [(n, layer) for n, layer in layers if not layer.merged]
     if not safe:
         for _, layer in todo:

@@ -46,10 +46,10 @@ from ._adapter_state import (
     adapter_state_dict,
     load_adapter_state_dict,
 )
-from ._adapters import lora_layers, refuse_tied
+from ._adapters import check_mergeable, lora_layers
 from ._atomic import bytes_writer, write_atomically
-from ._distributed import gather_full, refuse_sharded, run_on_main
-from ._errors import AdapterFileError, StateError
+from ._distributed import gather_full, run_on_main
+from ._errors import AdapterFileError
 from ._inject import _module_paths
 from ._load import load_adapter
 from ._peft_config import build_config
@@ -185,14 +185,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         ['0.bias', '0.weight']
     """
     layers = lora_layers(model)
-    refuse_sharded(layers, "save_merged")
-    refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "save_merged")
-    disabled = [path for path, layer in layers if layer.adapters_disabled]
-    if disabled:
-        raise StateError(
-            f"save_merged: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
-            "save outside that block."
-        )
+    check_mergeable(model, layers, "save_merged")
     paths = _module_paths(model)
     state = model.state_dict()
     with torch.no_grad():

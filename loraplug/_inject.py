@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._adapters import active_adapters, lora_layers, refuse_tied
+from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._config import validate_hyperparameters
-from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
 from ._registry import lookup, type_name
@@ -344,14 +343,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     """
     layers = lora_layers(model)
     if merge:
-        refuse_sharded(layers, "unload(merge=True)")
-        refuse_tied(model, [(n, la) for n, la in layers if not la.merged], "unload(merge=True)")
-        disabled = [n for n, layer in layers if layer.adapters_disabled]
-        if disabled:
-            raise StateError(
-                f"unload(merge=True): adapters are disabled on {disabled[:5]}; call it outside "
-                "the disable_adapters block."
-            )
+        check_mergeable(model, layers, "unload(merge=True)")
     all_paths = _module_paths(model)
     for _, layer in layers:
         if merge:
