@@ -20,7 +20,7 @@ eager mode, so adapters that are not trained get no gradient: a new alpha or new
 weights reuse the graph, and each distinct set of live adapters compiles once (dynamo
 caches it). What recompiles: a new adapter (new parameters and shapes), ``merge`` (a
 merged layer computes the base alone; ``unmerge`` returns to the cached graph) and the
-first call after ``train()``/``eval()``.
+first call after switching between training and evaluation mode.
 
 An inactive adapter costs its low-rank products in inference, multiplied by zero (its
 weights must be finite: 0 · inf is NaN); delete adapters a compiled model never uses.
