@@ -7,6 +7,7 @@ wins, which lets a user register a dedicated layer for their own subclass.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from ._layer import LoRALayer
 
 _REGISTRY: dict[type[nn.Module], type[LoRALayer]] = {}
+
+#: Base types of optional packages, by qualified class name -> the loraplug module that
+#: registers their layer when imported. Looked up only when a model holds such a type,
+#: so importing loraplug never imports transformers, bitsandbytes or torchao.
+_BY_NAME: dict[str, str] = {}
 
 L = TypeVar("L", bound="type[LoRALayer]")
 
@@ -71,9 +77,29 @@ def register_lora_layer(base_type: type[nn.Module]) -> Callable[[L], L]:
     return decorate
 
 
+def register_by_name(qualified_name: str, layer_module: str) -> None:
+    """Register an optional package's base type by name, resolved when a model holds one.
+
+    Args:
+        qualified_name: ``"package.module.Class"`` as ``cls.__module__ + "." +
+            cls.__qualname__`` spells it (e.g. ``"transformers.pytorch_utils.Conv1D"``).
+        layer_module: the module whose import registers the layer for that class with
+            :func:`register_lora_layer` (e.g. ``"loraplug._conv1d"``).
+    """
+    _BY_NAME[qualified_name] = layer_module
+
+
+def _resolve_by_name(ancestor: type) -> None:
+    module = _BY_NAME.pop(f"{ancestor.__module__}.{ancestor.__qualname__}", None)
+    if module is not None:
+        importlib.import_module(module)
+
+
 def lookup(module_type: type[nn.Module]) -> tuple[type[LoRALayer], type[nn.Module]] | None:
     """The LoRA layer class for ``module_type`` and the registered ancestor it came from."""
     for ancestor in module_type.__mro__:
+        if _BY_NAME:
+            _resolve_by_name(ancestor)
         layer_cls = _REGISTRY.get(ancestor)
         if layer_cls is not None:
             return layer_cls, ancestor
@@ -110,4 +136,4 @@ def type_name(module_type: type) -> str:
 
 def supported_types() -> list[str]:
     """Names of the registered base types, for error messages."""
-    return sorted(type_name(t) for t in _REGISTRY)
+    return sorted([*(type_name(t) for t in _REGISTRY), *_BY_NAME])
