@@ -40,6 +40,7 @@ from ._files import (
 from ._inject import find_targets, inject_lora, unload
 from ._layer import LoRALayer
 from ._linear import LoRALinear
+from ._loraplus import loraplus_param_groups
 from ._mixed import adapter_per_sample
 from ._registry import lora_layer_type, register_lora_layer
 from ._summary import LayerSummary, LoRASummary, summary
@@ -74,6 +75,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "lora_layer_type",
+    "loraplus_param_groups",
     "merge",
     "register_lora_layer",
     "save_adapter",

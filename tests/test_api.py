@@ -30,6 +30,7 @@ PUBLIC = [
     "load_adapter",
     "load_adapter_state_dict",
     "lora_layer_type",
+    "loraplus_param_groups",
     "merge",
     "register_lora_layer",
     "save_adapter",
