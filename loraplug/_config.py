@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ._errors import ConfigError
+from ._inits import check_init
 
 
 def validate_hyperparameters(
@@ -39,8 +40,4 @@ def validate_hyperparameters(
             f"adapter name must be a non-empty identifier without dots; received {name!r}. "
             "Use names like 'default' or 'style_b'."
         )
-    if init not in ("kaiming", "gaussian"):
-        raise ConfigError(
-            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
-        )
-    return rank, float(alpha), float(dropout), name, str(init)
+    return rank, float(alpha), float(dropout), name, check_init(init)

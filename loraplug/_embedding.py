@@ -37,6 +37,7 @@ class LoRAEmbedding(LoRALayer):
     """
 
     zero_init = "A"
+    transposed_delta = True
     supports_dropout = False
     peft_key_style = "embedding"
 

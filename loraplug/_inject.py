@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
+from ._inits import init_problem, initial_adapter, refuse_rewrite, rewrites_base
 from ._layer import LoRALayer
 from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
@@ -101,7 +103,7 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _problems(
     model: nn.Module, name: str, module: nn.Module, paths: list[str], *, rank: int,
-    dropout: float, adapter: str,
+    dropout: float, adapter: str, init: str = "kaiming",
 ) -> list[tuple[type[LoRAError], str]]:
     found: list[tuple[type[LoRAError], str]] = [
         (TargetError, m) for m in _owner_problems(model, name, paths)
@@ -132,9 +134,9 @@ def _problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = module if isinstance(module, LoRALayer) else layer_cls(module, lookup(type(module))[1])  # type: ignore[index]
-    why = probe.check_rank(rank)
-    if why:
-        found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
+    for why in (probe.check_rank(rank), init_problem(probe, init, rank)):
+        if why:
+            found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and dropout > 0:
         found.append((ConfigError, (
             f"{name!r} is a {type_name(type(probe.base_layer))} whose forward differs from "
@@ -178,7 +180,11 @@ def inject_lora(
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
         name: the adapter's name (an identifier without dots).
         exclude: patterns, as for ``target``, to leave out.
-        init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
+        init: how A and B start (see the initialisation docs): ``"kaiming"``
+            (Kaiming-uniform A, zero B), ``"gaussian"`` (N(0, 1/r) A, zero B),
+            ``"orthogonal"`` (both non-zero, B A = 0 up to rounding; even rank), or
+            ``"olora"``, ``"pissa"``, ``"pissa_niter_<k>"``, which take A and B from a QR
+            or SVD of W and **rewrite the base weight** to ``W − s·B A``.
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
         freeze_base: set ``requires_grad=False`` on every parameter that is not a LoRA
             parameter, so only adapters train.
@@ -191,7 +197,8 @@ def inject_lora(
             grouped convolution cannot take ``rank``.
         TargetError: a pattern matches nothing, nothing supported matched, or a layer's
             owner reads its weight directly (``nn.MultiheadAttention.out_proj``).
-        StateError: a target is on the meta device, lazy and uninitialised, or merged.
+        StateError: a target is on the meta device, lazy and uninitialised, or merged;
+            or ``init`` rewrites a base weight that is tied to another module's.
 
     Warns:
         LoRAWarning: matched layers of unsupported types were skipped, or ``rank`` exceeds
@@ -259,13 +266,16 @@ def inject_layers(
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
         problems += _problems(model, qualname, module, all_paths[id(module)],
-                              rank=specs[qualname].rank, dropout=dropout, adapter=name)
+                              rank=specs[qualname].rank, dropout=dropout, adapter=name,
+                              init=init)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
 
+    if rewrites_base(init):
+        refuse_rewrite(model, modules, init)
     # Build every new layer and adapter before touching the model.
-    staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
+    staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, Tensor | None, LayerSpec]] = []
     too_large: list[str] = []
     for qualname, module in modules.items():
         spec = specs[qualname]
@@ -276,8 +286,8 @@ def inject_layers(
             layer = layer_cls(module, registered)
         if spec.rank > layer.max_rank():
             too_large.append(f"{qualname} (rank {spec.rank}, at most {layer.max_rank()})")
-        a, b = layer.new_adapter(spec.rank, init)
-        staged.append((module, layer, a, b, spec))
+        scaling = spec.alpha / (math.sqrt(spec.rank) if use_rslora else spec.rank)
+        staged.append((module, layer, *initial_adapter(layer, spec.rank, scaling, init), spec))
 
     if too_large:  # before any change, so that warnings-as-errors change nothing either
         warnings.warn(
@@ -292,8 +302,14 @@ def inject_layers(
     known = {n for _, layer in existing for n in layer.adapter_names}
     active = [n for n in active_adapters(model) if n in known] or [name]
     disabled = any(layer.adapters_disabled for _, layer in existing)
-    for module, layer, a, b, spec in staged:
+    for module, layer, a, b, residual, spec in staged:
         layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
+        layer.init[name] = init
+        if residual is not None:  # W − s·B₀A₀: the adapted model starts equal to the base
+            with torch.no_grad():
+                layer.weight.copy_(residual)
+            layer.initial_values[name] = (a.detach().to("cpu", copy=True),
+                                          b.detach().to("cpu", copy=True))
         if layer is not module:
             layer.set_active(active)
             layer.set_disabled(disabled)

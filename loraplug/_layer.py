@@ -84,6 +84,8 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
     forward_methods: ClassVar[tuple[str, ...]] = ("forward",)
     #: Which of A, B starts at zero so that a fresh adapter adds exactly nothing.
     zero_init: ClassVar[str] = "B"
+    #: Whether ΔW is (B A)ᵀ rather than B A (Embedding: W is (V, d), B A is (d, V)).
+    transposed_delta: ClassVar[bool] = False
     #: Whether dropout on the input of the low-rank branch is meaningful (not for ids).
     supports_dropout: ClassVar[bool] = True
     #: How PEFT's files name this layer's tensors: "weight" (``lora_A.weight``) or
@@ -122,6 +124,10 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.dropout: dict[str, float] = {}
+        #: adapter name -> its initialisation; for those that rewrote the base weight,
+        #: the initial (A₀, B₀) on the CPU, to write the adapter against the original W.
+        self.init: dict[str, str] = {}
+        self.initial_values: dict[str, tuple[Tensor, Tensor]] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
         self.adapters_disabled = False
@@ -269,6 +275,8 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             del store[name]
         for store in (self.rank, self.alpha, self.scaling, self.use_rslora, self.dropout):
             del store[name]
+        self.init.pop(name, None)
+        self.initial_values.pop(name, None)
         self._refresh()
 
     def set_scale(self, name: str, alpha: float) -> None:

@@ -1,0 +1,194 @@
+"""Initial values of A and B: the starting point of training, as PEFT computes them.
+
+Every layer type writes its update as a product of matrices, per group g:
+
+    ΔW_g = s · B_g A_g,    B_g (m, r/g), A_g (r/g, n),    W_g (m, n)
+
+(Linear: W itself; Conv: W reshaped to (g, out/g, in/g·k…); Embedding: Wᵀ, because its
+ΔW is (B A)ᵀ). The initialisations work on that form:
+
+- ``kaiming`` (PEFT's ``True``), ``gaussian``: one factor random, the other zero, so ΔW = 0
+  exactly and the base is untouched.
+- ``orthogonal``: A and B both random, built from the odd and even rows of one random
+  orthogonal matrix, so B A = 0 up to rounding (datta0.github.io/posts/rethink-lora-init);
+  the base is untouched. Needs an even rank per group.
+- ``olora`` (Büyükakyüz, 2024): W_g = Q R; B = Q[:, :r], A = R[:r]. **Rewrites the base**
+  to W − s·B A, so the adapted model starts equal to the base model.
+- ``pissa`` (Meng et al., 2024): W_g = U S Vᵀ; B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ. **Rewrites
+  the base** to W − s·B A. ``pissa_niter_<k>`` uses a randomized SVD with k subspace
+  iterations (faster on large layers; a different residual each run).
+
+An initialisation that rewrites the base leaves A₀, B₀ on the layer (on the CPU), so
+that :func:`loraplug.save_adapter` can write the trained adapter as a plain one against
+the original weights: ``s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]``, rank 2r.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ._adapters import shared_weights
+from ._distributed import refuse_sharded
+from ._errors import ConfigError, LoRAWarning, StateError
+from ._layer import LoRALayer, compute_dtype
+
+#: Initialisations that rewrite the base weight when the adapter is created.
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+INITS = ("kaiming", "gaussian", "orthogonal", "olora", "pissa", "pissa_niter_<k>")
+
+
+def check_init(init: object) -> str:
+    """``init`` if it names an initialisation, else a :class:`ConfigError`."""
+    if isinstance(init, str) and (init in INITS[:-1] or _PISSA_NITER.fullmatch(init)):
+        return init
+    raise ConfigError(
+        f"init must be one of {list(INITS)} (k a positive number of subspace iterations, e.g. "
+        f"'pissa_niter_4'); received {init!r}."
+    )
+
+
+def rewrites_base(init: str) -> bool:
+    """Whether ``init`` changes the base weight (``olora``, ``pissa``, ``pissa_niter_<k>``)."""
+    return init in ("olora", "pissa") or init.startswith("pissa_niter_")
+
+
+def _matrices(layer: LoRALayer, weight: Tensor) -> Tensor:
+    """The weight as ΔW's matrices, (g, m, n), in ΔW's compute dtype (a copy)."""
+    w = weight.detach().to(compute_dtype(weight.dtype), copy=True)
+    if layer.transposed_delta:
+        return w.t().unsqueeze(0).contiguous()
+    groups = getattr(layer, "groups", 1)
+    return w.reshape(groups, w.shape[0] // groups, -1)
+
+
+def _matrix_shape(layer: LoRALayer) -> tuple[int, int, int]:
+    shape = tuple(layer.weight.shape)
+    if layer.transposed_delta:
+        return 1, shape[1], shape[0]
+    groups = getattr(layer, "groups", 1)
+    return groups, shape[0] // groups, math.prod(shape[1:])
+
+
+def _problem(layer: LoRALayer, init: str, rank: int) -> str | None:
+    g, m, n = _matrix_shape(layer)
+    shape_a, shape_b = layer.adapter_shapes(rank)
+    if len(layer.weight.shape) < 2 or shape_a[0] != rank or shape_b[0] != g * m \
+            or math.prod(shape_a) != rank * n or math.prod(shape_b) != rank * m:
+        return (f"init={init!r} needs ΔW written as B A on the weight's rows and columns, which "
+                f"{type(layer).__name__} does not declare; use init='kaiming' or 'gaussian'.")
+    per_group = rank // g
+    if init == "orthogonal" and per_group % 2:
+        return (f"init='orthogonal' pairs rows of an orthogonal matrix, so it needs an even rank"
+                f"{' per group' if g > 1 else ''}; received rank={rank}"
+                f"{f' ({per_group} per group of {g})' if g > 1 else ''}. Use an even rank.")
+    if rewrites_base(init) and per_group > min(m, n):
+        return (f"init={init!r} takes the first r singular directions of a {m}×{n} weight"
+                f"{' per group' if g > 1 else ''}, so the rank can be at most {min(m, n) * g}; "
+                f"received rank={rank}.")
+    return None
+
+
+def init_problem(layer: LoRALayer, init: str, rank: int) -> str | None:
+    """Why ``init`` cannot start an adapter of ``rank`` on ``layer``, or ``None``."""
+    if init in ("kaiming", "gaussian"):
+        return None
+    return _problem(layer, init, rank)
+
+
+def _factors(w: Tensor, init: str, rank: int, scaling: float) -> tuple[Tensor, Tensor]:
+    # One group: w (m, n) -> B (m, rank), A (rank, n).
+    m, n = w.shape
+    if init == "orthogonal":
+        q, _ = torch.linalg.qr(torch.randn(rank, rank, dtype=w.dtype))
+        a = (torch.randn(n, rank // 2, dtype=w.dtype) @ q[0::2]).t() / 10.0
+        b = torch.randn(rank // 2, m, dtype=w.dtype).t() @ q[1::2] / 10.0
+        return b, a  # q's odd rows ⟂ even rows: B A = 0 up to rounding
+    if init == "olora":
+        q, r = torch.linalg.qr(w)
+        return q[:, :rank], r[:rank]
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:  # pissa_niter_<k>
+        niter = int(init.rsplit("_", 1)[1])
+        u, s, v = torch.svd_lowrank(w, q=rank, niter=niter)
+        vh = v.t()
+    root = (s / scaling).sqrt()
+    return u * root, root[:, None] * vh
+
+
+def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> tuple[
+        Tensor, Tensor, Tensor | None]:
+    """(A, B, new base weight or ``None``) for a fresh adapter; nothing is changed.
+
+    ``init`` must be valid for the layer (:func:`init_problem`). A and B come in the
+    weight's dtype; the new weight, for inits that rewrite the base, is ``W − s·B A``
+    computed in :func:`compute_dtype` and cast once.
+    """
+    if init in ("kaiming", "gaussian"):
+        a, b = layer.new_adapter(rank, init)
+        return a, b, None
+    weight = layer.weight
+    mats = _matrices(layer, weight)
+    g = mats.shape[0]
+    pairs = [_factors(w, init, rank // g, scaling) for w in mats]
+    b_mat = torch.stack([b for b, _ in pairs])  # (g, m, r/g)
+    a_mat = torch.stack([a for _, a in pairs])  # (g, r/g, n)
+    shape_a, shape_b = layer.adapter_shapes(rank)
+    a = a_mat.reshape(shape_a).to(weight.dtype)
+    b = b_mat.reshape(shape_b).to(weight.dtype)
+    if not rewrites_base(init):
+        return a, b, None
+    # W − s·B A, from the factors as stored (in the weight's dtype), so that the adapted
+    # model starts as close to the base as the dtype allows.
+    residual = mats - scaling * (b.to(mats.dtype).reshape(b_mat.shape)
+                                 @ a.to(mats.dtype).reshape(a_mat.shape))
+    if layer.transposed_delta:
+        residual = residual[0].t()
+    return a, b, residual.reshape(weight.shape).to(weight.dtype).contiguous()
+
+
+def refuse_rewrite(model: nn.Module, modules: dict[str, nn.Module], init: str) -> None:
+    """Raise unless the base weights of ``modules`` can be rewritten by ``init``."""
+    action = f"inject_lora(init={init!r})"
+    refuse_sharded(list(modules.items()), action)
+    tied = shared_weights(model, list(modules.items()))  # type: ignore[arg-type]
+    if tied:
+        listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
+        raise StateError(
+            f"{action} rewrites the base weight to W − s·B₀A₀, but the weight of {listing} is "
+            "shared (tied), so the other modules would change too; nothing was changed. Use "
+            "init='kaiming', 'gaussian' or 'orthogonal' there, or untie the weights first."
+        )
+    crowded = [n for n, m in modules.items() if isinstance(m, LoRALayer) and m.adapter_names]
+    if crowded:
+        warnings.warn(
+            f"{action} rewrites the base weight of {crowded[:5]}, which carry other adapters: "
+            "those now act on the residual W − s·B₀A₀, not on the original weight.",
+            LoRAWarning, stacklevel=5,
+        )
+
+
+def plain_tensors(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, groups: int) -> tuple[
+        Tensor, Tensor]:
+    """The trained adapter as a plain one against the original base: ``[A; A₀]``, ``[B, −B₀]``.
+
+    ``s·B A − s·B₀ A₀`` is one adapter of rank 2r whose scaling must stay ``s``: the
+    caller doubles alpha (or multiplies it by √2 with rsLoRA). Per group, A's rows and
+    B's columns are concatenated group by group, so grouped convolutions stay block
+    diagonal.
+    """
+    lead = (groups, -1)
+    tail = a.shape[1:]
+    a_rows = torch.cat([a.reshape(*lead, *tail), a0.to(a.dtype).reshape(*lead, *tail)],
+                       dim=1).reshape(2 * a.shape[0], *tail)
+    # B (out, r/g, 1…): group j's columns pair with A's rows of group j.
+    out, cols = b.shape[0], b.shape[1]
+    b_g = b.reshape(groups, out // groups, cols, *b.shape[2:])
+    b0_g = b0.to(b.dtype).reshape(b_g.shape)
+    return a_rows, torch.cat([b_g, -b0_g], dim=2).reshape(out, 2 * cols, *b.shape[2:])
