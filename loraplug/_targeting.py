@@ -19,10 +19,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
+import torch
 from torch import nn
 
 from ._errors import TargetError
@@ -38,6 +40,21 @@ _COMPILE_PREFIX = "_orig_mod."
 def clean_name(name: str) -> str:
     """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path each module object is reachable at, by ``id`` (shared modules have several)."""
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(path)
+    return paths
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the real (uncleaned) ``path`` inside ``model``."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
 
 
 def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
@@ -203,3 +220,76 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "loraplug.register_lora_layer."
         )
     return selection
+
+
+#: Owners that read a child's weight directly in their own forward instead of calling
+#: the child, so an adapter on that child would never be computed: owner type ->
+#: (child names, what to do about it).
+_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
+    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
+    nn.TransformerEncoderLayer: (
+        ("linear1", "linear2"),
+        "Its inference fast path reads them; disable it first with "
+        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
+    ),
+}
+
+
+def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
+    """Why an owner of the module at ``paths`` would bypass its adapter, if it would.
+
+    ``name`` is the module's clean name, for the messages; ``paths`` are its real paths
+    (see :func:`module_paths`).
+    """
+    found = []
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        for owner, (attrs, advice) in _OWNER_READS.items():
+            fast_path = torch.backends.mha.get_fastpath_enabled()
+            if owner is nn.TransformerEncoderLayer and not fast_path:
+                continue
+            if isinstance(parent, owner) and leaf in attrs:
+                found.append(
+                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
+                    "inside its own forward instead of calling the layer, so an adapter there "
+                    f"would be silently ignored. {advice.format(leaf=leaf)}"
+                )
+    return found
+
+
+def find_targets(
+    model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
+) -> list[str]:
+    """Return the sorted names ``inject_lora`` would wrap, without changing anything.
+
+    Raises the same errors as :func:`inject_lora` for the targets themselves, including
+    the refusal of layers whose owner reads their weight directly.
+
+    Args:
+        model: any ``nn.Module``; not changed.
+        target: glob(s), compiled regex(es), module type(s) or a predicate
+            ``(name, module) -> bool``; see the targeting docs.
+        exclude: patterns, as for ``target``, to leave out.
+
+    Returns:
+        The sorted names of the layers that would receive an adapter.
+
+    Raises:
+        TargetError: a pattern matches nothing, nothing supported matched, or an owner
+            reads a selected layer's weight directly.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> lp.find_targets(model, nn.Linear, exclude="2")
+        ['0']
+    """
+    selection = select(model, target, exclude)
+    paths = module_paths(model)
+    refused = [m for n, mod in selection.modules.items()
+               for m in owner_problems(model, n, paths[id(mod)])]
+    if refused:
+        raise TargetError("\n".join(refused))
+    return list(selection.modules)

@@ -31,7 +31,7 @@ from ._targets import cmd_targets
 # --------------------------------------------------------------------------- entry point
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``loraplug`` command."""
-    from .. import __version__
+    from .._version import __version__
 
     model_help = ("torchvision:NAME (built without weights) or package.module:callable "
                   "(returns an nn.Module)")
