@@ -39,7 +39,9 @@ from ._registry import lora_layer_type, register_lora_layer
 from ._save import adapter_state_dict, save_adapter, save_merged
 from ._summary import LayerSummary, LoRASummary, summary
 from ._targeting import find_targets
-from ._version import __version__ as __version__
+from ._version import VERSION
+
+__version__ = VERSION
 
 __all__ = [
     "AdapterError",

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ from ._registry import lora_layer_for, lora_layer_type, supported_types, type_na
 from ._targeting import candidates, module_paths
 
 _MAX_LINES = 40
+T = TypeVar("T")
 
 
 def _report(where: str, problems: list[str]) -> str:
@@ -53,9 +55,18 @@ def _report(where: str, problems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _close_names(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-    return f" Close module names: {close}." if close else ""
+def _matched(entries: dict[str, Slots], targets: dict[str, T], problems: list[str],
+             missing: str) -> Iterator[tuple[str, Slots, T]]:
+    """(path, slots, target) for each entry in path order; a path without a target is a
+    problem (``missing``, with the close names)."""
+    for path, slots in sorted(entries.items()):
+        target = targets.get(path)
+        if target is None:
+            close = difflib.get_close_matches(path, sorted(targets), n=3, cutoff=0.6)
+            problems.append(f"{path}: {missing}"
+                            + (f" Close module names: {close}." if close else ""))
+            continue
+        yield path, slots, target
 
 
 def read_adapter_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
@@ -182,12 +193,8 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
     dropouts = extras.get("dropout", {})
     problems: list[str] = []
     plan: dict[str, _Planned] = {}
-    for path, slots in sorted(entries.items()):
-        module = everything.get(path)
-        if module is None:
-            problems.append(f"{path}: the model has no module of that name."
-                            + _close_names(path, sorted(everything)))
-            continue
+    for path, slots, module in _matched(entries, everything, problems,
+                                        "the model has no module of that name."):
         planned, found = _plan_layer(
             model, config, path, module, paths[id(module)], slots,
             dropout=float(dropouts.get(path, config.dropout)), adapter=adapter)
@@ -338,12 +345,13 @@ def load_adapter_state_dict(
         >>> import torch
         >>> from torch import nn
         >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 3))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> state = {k: torch.ones_like(v) for k, v in lp.adapter_state_dict(model).items()}
-        >>> lp.load_adapter_state_dict(model, state)
+        >>> trained, fresh = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3))
+        >>> for model in (trained, fresh):
+        ...     _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = torch.nn.init.ones_(trained[0].lora_B["default"])
+        >>> lp.load_adapter_state_dict(fresh, lp.adapter_state_dict(trained))
         ['0']
-        >>> model[0].lora_B["default"].sum().item()
+        >>> fresh[0].lora_B["default"].sum().item()
         6.0
     """
     where = f"load_adapter_state_dict(name={name!r})"
@@ -364,12 +372,8 @@ def load_adapter_state_dict(
     entries, others, found = index_keys(state, everything)
     problems += found + other_key_problems(model, state, others)
     loaded: dict[str, tuple[LoRALayer, Tensor, Tensor]] = {}
-    for path, slots in sorted(entries.items()):
-        layer = layers.get(path)
-        if layer is None:
-            problems.append(f"{path}: the model has no layer with adapter {name!r} there."
-                            + _close_names(path, sorted(layers)))
-            continue
+    for path, slots, layer in _matched(entries, layers, problems,
+                                       f"the model has no layer with adapter {name!r} there."):
         tensors, found = layer_tensors(path, type(layer), slots)
         problems += found
         if tensors is None:

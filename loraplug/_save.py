@@ -17,7 +17,7 @@ from safetensors.torch import save as serialize
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ._adapters import _check_names, check_mergeable, lora_layers
+from ._adapters import check_mergeable, check_names, lora_layers
 from ._atomic import bytes_writer, write_atomically
 from ._distributed import gather_full, run_on_main
 from ._errors import AdapterFileError
@@ -37,11 +37,11 @@ from ._format import (
 from ._layer import LoRALayer
 from ._peft_config import build_config
 from ._targeting import candidates, clean_name, module_paths
-from ._version import __version__
+from ._version import VERSION
 
 
 def _adapter_layers(model: nn.Module, name: str, action: str) -> list[tuple[str, LoRALayer]]:
-    _check_names(model, [name], action)
+    check_names(model, [name], action)
     return [(path, layer) for path, layer in lora_layers(model) if name in layer.adapter_names]
 
 
@@ -148,7 +148,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names)
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in adapter_state_dict(model, name).items()}
-    metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: __version__,
+    metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
                 META_ADAPTER: name}
     metadata[META_CONFIG] = json.dumps({k: config.get(k) for k in PAIRED_FIELDS}, sort_keys=True)
     if len({dropout for _, _, dropout in specs.values()}) > 1:

@@ -143,6 +143,26 @@ class Selection:
     unsupported: dict[str, str] = field(default_factory=dict)
 
 
+class _Patterns:
+    """Patterns with their matchers, remembering which of them ever matched."""
+
+    def __init__(self, patterns: list[Pattern]) -> None:
+        self.patterns = patterns
+        self.matchers = [_matcher(p) for p in patterns]
+        self.hit = [False] * len(patterns)
+
+    def match(self, name: str, module: nn.Module) -> bool:
+        # Every pattern is tried on every module, so that each one's hits are known.
+        found = False
+        for i, matcher in enumerate(self.matchers):
+            if matcher(name, module):
+                self.hit[i] = found = True
+        return found
+
+    def missed(self) -> list[Pattern]:
+        return [p for p, hit in zip(self.patterns, self.hit) if not hit]
+
+
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
     """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
 
@@ -156,45 +176,19 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
             "target=nn.Linear."
         )
-    excludes = _as_list(exclude)
-    inc = [(p, _matcher(p)) for p in includes]
-    exc = [(p, _matcher(p)) for p in excludes]
+    inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
     everything = list(candidates(model))
-    names = [name for name, _, _ in everything if name]
-    hit_inc = [False] * len(inc)
-    hit_exc = [False] * len(exc)
     picked: list[tuple[str, str, nn.Module]] = []
     seen: set[int] = set()
     for name, path, module in everything:
-        included = False
-        for i, (_, match) in enumerate(inc):
-            if match(name, module):
-                hit_inc[i] = included = True
+        included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
-        excluded = False
-        for i, (_, match) in enumerate(exc):
-            if match(name, module):
-                hit_exc[i] = excluded = True
+        excluded = exc.match(name, module)
         if included and not excluded and id(module) not in seen:
             seen.add(id(module))  # a shared module is wrapped once, under its first name
             picked.append((name, path, module))
-
-    missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]
-    missing_exc = [p for (p, _), hit in zip(exc, hit_exc) if not hit]
-    if missing or missing_exc:
-        present = sorted({type_name(type(m)) for _, _, m in everything})
-        lines = []
-        for kind, group in (("target", missing), ("exclude", missing_exc)):
-            for p in group:
-                hint = (f" Module types present: {present}." if isinstance(p, type)
-                        else _suggest(p, names))
-                lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
-        raise TargetError(
-            "\n".join(lines) + "\nPatterns are globs over full dotted names from "
-            "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
-            "target) shows what a target selects."
-        )
-
+    if inc.missed() or exc.missed():
+        raise _unmatched(everything, inc.missed(), exc.missed())
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):
@@ -203,6 +197,27 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "replaced in place. Wrap it in a container, e.g. model = nn.Sequential(model), "
             "or target its children."
         )
+    return _selection(picked)
+
+
+def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],
+               missing_exc: list[Pattern]) -> TargetError:
+    names = [name for name, _, _ in everything if name]
+    present = sorted({type_name(type(m)) for _, _, m in everything})
+    lines = []
+    for kind, group in (("target", missing), ("exclude", missing_exc)):
+        for p in group:
+            hint = (f" Module types present: {present}." if isinstance(p, type)
+                    else _suggest(p, names))
+            lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
+    return TargetError(
+        "\n".join(lines) + "\nPatterns are globs over full dotted names from "
+        "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
+        "target) shows what a target selects."
+    )
+
+
+def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
     selection = Selection()
     for name, path, module in sorted(picked, key=lambda item: item[0]):
         if isinstance(module, LoRALayer) or lookup(type(module)) is not None:
