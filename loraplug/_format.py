@@ -189,6 +189,31 @@ def read_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
     return state, {}
 
 
+def read_adapter_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
+    """:func:`read_weights` for an adapter's tensors, with its failures worded for loading.
+
+    Raises:
+        AdapterFileError: the file cannot be read, or holds no mapping.
+    """
+    try:
+        return read_weights(path)
+    except UnreadableWeights as err:
+        if err.reason == "safetensors":
+            message = (f"{path} is not a readable safetensors file ({err.detail}); it may be "
+                       "truncated or corrupt. Save the adapter again.")
+        elif err.reason == "refused":
+            message = (
+                f"refused to load {path}: PyTorch's tensor-only unpickler rejected it"
+                f"{' (' + err.detail + ')' if err.detail else ''}. A pickle holding anything "
+                "but tensors can run arbitrary code when loaded, so it was not unpickled. If "
+                "you trust the file, convert it to safetensors yourself.")
+        elif err.reason == "torch":
+            message = f"{path} is not a readable torch file ({err.detail})."
+        else:
+            message = f"{path} holds a {err.detail}; expected a dict key -> tensor."
+        raise AdapterFileError(message) from err.__cause__
+
+
 class FileExtras(TypedDict, total=False):
     """What loraplug's metadata adds to PEFT's files; a PEFT file has none of it."""
 

@@ -21,21 +21,20 @@ import torch
 from torch import Tensor, nn
 
 from ._adapters import adapter_names, lora_layers
-from ._errors import AdapterFileError, LoRAError, LoRAWarning, StateError
+from ._errors import AdapterFileError, ConfigError, LoRAWarning, StateError
 from ._format import (
     CONFIG_NAME,
     FileExtras,
     Slots,
-    UnreadableWeights,
     index_keys,
     key_names,
     layer_tensors,
     locate,
     other_key_problems,
     pair_problems,
+    read_adapter_weights,
     read_config,
     read_metadata,
-    read_weights,
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
@@ -45,6 +44,16 @@ from ._targeting import candidates, module_paths
 
 _MAX_LINES = 40
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One layer of a file to load: where it goes, its hyperparameters and its tensors."""
+
+    module: nn.Module
+    spec: LayerSpec
+    a: Tensor
+    b: Tensor
 
 
 def _report(where: str, problems: list[str]) -> str:
@@ -67,91 +76,6 @@ def _matched(entries: dict[str, Slots], targets: dict[str, T], problems: list[st
                             + (f" Close module names: {close}." if close else ""))
             continue
         yield path, slots, target
-
-
-def read_adapter_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
-    """:func:`read_weights` for an adapter's tensors, its failures worded for loading."""
-    try:
-        return read_weights(path)
-    except UnreadableWeights as err:
-        if err.reason == "safetensors":
-            message = (f"{path} is not a readable safetensors file ({err.detail}); it may be "
-                       "truncated or corrupt. Save the adapter again.")
-        elif err.reason == "refused":
-            message = (
-                f"refused to load {path}: PyTorch's tensor-only unpickler rejected it"
-                f"{' (' + err.detail + ')' if err.detail else ''}. A pickle holding anything "
-                "but tensors can run arbitrary code when loaded, so it was not unpickled. If "
-                "you trust the file, convert it to safetensors yourself.")
-        elif err.reason == "torch":
-            message = f"{path} is not a readable torch file ({err.detail})."
-        else:
-            message = f"{path} holds a {err.detail}; expected a dict key -> tensor."
-        raise AdapterFileError(message) from err.__cause__
-
-
-def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],
-                            rank: int, source: str) -> str | None:
-    want_a, want_b = probe.adapter_shapes(rank)
-    a, b = tuple(got[0].shape), tuple(got[1].shape)
-    if (a, b) == (tuple(want_a), tuple(want_b)):
-        return None
-    groups = getattr(probe, "groups", 1)
-    if groups > 1 and len(a) == len(want_a) and a[1] == want_a[1] * groups and a[2:] == want_a[2:]:
-        return (
-            f"{path}: lora_A has shape {a}, PEFT's layout for a grouped convolution "
-            f"(groups={groups}), where A reads all {a[1]} input channels; loraplug's A is "
-            f"grouped too, shape {tuple(want_a)} (r, in/groups, k…), so that ΔW is block "
-            "diagonal like the weight and merges exactly. PEFT's A mixes channels across "
-            "groups, which no grouped convolution weight can express, so this adapter cannot "
-            "be loaded. Exclude grouped convolutions when training with PEFT, or train this "
-            "layer with loraplug."
-        )
-    message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
-               f"A {tuple(want_a)} and B {tuple(want_b)}")
-    if a and probe.adapter_shapes(a[0]) == (a, b):
-        return message + (f"; the tensors have rank {a[0]}, so {source} in {CONFIG_NAME} "
-                          "disagrees with the weights.")
-    return message + "; the file was saved for a layer of another shape."
-
-
-@contextlib.contextmanager
-def _rng_untouched(modules: list[nn.Module]) -> Iterator[None]:
-    # Injection draws initial values that the file then overwrites; keep the caller's RNG.
-    devices = {t.device for m in modules for t in m.parameters(recurse=False)
-               if t.device.type != "cpu"}
-    kinds = {d.type for d in devices}
-    if len(kinds) == 1:
-        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}),
-                                   device_type=kinds.pop()):
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            yield
-
-
-def _geometry_warning(plan: dict[str, _Planned]) -> None:
-    odd = [path for path, item in plan.items()
-           if getattr(item.module, "padding_mode", "zeros") != "zeros"
-           or any(d != 1 for d in getattr(item.module, "dilation", (1,)))]
-    if odd:
-        warnings.warn(
-            f"the adapter file has no loraplug metadata (PEFT writes it so) and targets "
-            f"convolutions with dilation or a non-zero padding_mode: {odd[:5]}. PEFT's A "
-            "ignores both (peft#3697); loraplug applies them (so the adapter merges exactly), "
-            "so outputs of those layers differ from PEFT's.",
-            LoRAWarning, stacklevel=4,
-        )
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """One layer of a file to load: where it goes, its hyperparameters and its tensors."""
-
-    module: nn.Module
-    spec: LayerSpec
-    a: Tensor
-    b: Tensor
 
 
 def _layer_class(module: nn.Module) -> type[LoRALayer] | None:
@@ -212,10 +136,35 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
     return plan, problems
 
 
+def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],
+                            rank: int, source: str) -> str | None:
+    want_a, want_b = probe.adapter_shapes(rank)
+    a, b = tuple(got[0].shape), tuple(got[1].shape)
+    if (a, b) == (tuple(want_a), tuple(want_b)):
+        return None
+    groups = getattr(probe, "groups", 1)
+    if groups > 1 and len(a) == len(want_a) and a[1] == want_a[1] * groups and a[2:] == want_a[2:]:
+        return (
+            f"{path}: lora_A has shape {a}, PEFT's layout for a grouped convolution "
+            f"(groups={groups}), where A reads all {a[1]} input channels; loraplug's A is "
+            f"grouped too, shape {tuple(want_a)} (r, in/groups, k…), so that ΔW is block "
+            "diagonal like the weight and merges exactly. PEFT's A mixes channels across "
+            "groups, which no grouped convolution weight can express, so this adapter cannot "
+            "be loaded. Exclude grouped convolutions when training with PEFT, or train this "
+            "layer with loraplug."
+        )
+    message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
+               f"A {tuple(want_a)} and B {tuple(want_b)}")
+    if a and probe.adapter_shapes(a[0]) == (a, b):
+        return message + (f"; the tensors have rank {a[0]}, so {source} in {CONFIG_NAME} "
+                          "disagrees with the weights.")
+    return message + "; the file was saved for a layer of another shape."
+
+
 def _name_problems(model: nn.Module, adapter: str) -> list[str]:
     try:
         validate_name(adapter)
-    except LoRAError as err:
+    except ConfigError as err:
         return [str(err)]
     if adapter in adapter_names(model):
         return [f"the model already has an adapter named {adapter!r}; load under another name "
@@ -236,6 +185,35 @@ def _warn_before_loading(directory: Path, unknown: list[str], mismatched: list[s
         )
     if "loraplug" not in extras:
         _geometry_warning(plan)
+
+
+def _geometry_warning(plan: dict[str, _Planned]) -> None:
+    odd = [path for path, item in plan.items()
+           if getattr(item.module, "padding_mode", "zeros") != "zeros"
+           or any(d != 1 for d in getattr(item.module, "dilation", (1,)))]
+    if odd:
+        warnings.warn(
+            f"the adapter file has no loraplug metadata (PEFT writes it so) and targets "
+            f"convolutions with dilation or a non-zero padding_mode: {odd[:5]}. PEFT's A "
+            "ignores both (peft#3697); loraplug applies them (so the adapter merges exactly), "
+            "so outputs of those layers differ from PEFT's.",
+            LoRAWarning, stacklevel=4,
+        )
+
+
+@contextlib.contextmanager
+def _rng_untouched(modules: list[nn.Module]) -> Iterator[None]:
+    # Injection draws initial values that the file then overwrites; keep the caller's RNG.
+    devices = {t.device for m in modules for t in m.parameters(recurse=False)
+               if t.device.type != "cpu"}
+    kinds = {d.type for d in devices}
+    if len(kinds) == 1:
+        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}),
+                                   device_type=kinds.pop()):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            yield
 
 
 def load_adapter(
@@ -277,9 +255,11 @@ def load_adapter(
             is taken, or a target layer is merged. One error lists every problem.
 
     Warns:
-        LoRAWarning: the config has fields loraplug does not know (ignored), or a PEFT
+        LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
             file targets dilated or non-zero-padded convolutions, whose adapter PEFT
-            computes differently.
+            computes differently, or a rank exceeds the rank ΔW can have on a layer.
+            Every warning comes before any change, so that with warnings as errors a
+            warning leaves the model as it was.
     """
     directory, weights_file = locate(Path(path))
     raw = read_config(directory / CONFIG_NAME)

@@ -3,6 +3,7 @@
 Lookups walk the base type's method resolution order, so a subclass of ``nn.Linear``
 finds the layer registered for ``nn.Linear``; the most specific registered ancestor
 wins, which lets a user register a dedicated layer for their own subclass.
+:func:`lora_layer_for` is the one place a LoRA layer is built around a module.
 """
 
 from __future__ import annotations

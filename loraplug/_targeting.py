@@ -11,7 +11,9 @@ A target is one of, or a list of:
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
-inside a LoRA layer (its adapters, dropouts) are never candidates.
+inside a LoRA layer (its adapters, dropouts) are never candidates. A layer whose owner
+reads its weight directly (``nn.MultiheadAttention.out_proj``) is refused: an adapter
+there would never be computed. This module also finds and replaces modules by path.
 """
 
 from __future__ import annotations
