@@ -12,6 +12,8 @@ from torch import Tensor
 from .._format import UnreadableWeights, read_weights
 from ._common import CLIError, _size, build_model
 
+_NOT_A_STATE_DICT = "--weights {path} holds a {held}, not a state dict (key -> tensor)"
+
 
 def _load_checkpoint(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
@@ -19,18 +21,7 @@ def _load_checkpoint(path: Path) -> Mapping[str, Tensor]:
     try:
         state, _ = read_weights(path)
     except UnreadableWeights as err:
-        if err.reason == "refused" and err.detail:
-            raise CLIError(
-                f"refused to load {path}: it holds objects other than tensors ({err.detail}), "
-                "and unpickling those can run arbitrary code. Save the model's state_dict() "
-                "alone, or as safetensors") from err.__cause__
-        if err.reason == "mapping":
-            raise CLIError(f"--weights {path} holds a {err.detail}, not a state dict "
-                           "(key -> tensor)") from err.__cause__
-        kind = "safetensors" if err.reason == "safetensors" else "torch"
-        detail = f" ({err.detail})" if err.detail else ""
-        raise CLIError(f"--weights {path} is not a readable {kind} file{detail}") \
-            from err.__cause__
+        raise CLIError(_unreadable(err)) from err.__cause__
     if _is_state_dict(state):
         return state
     # Training checkpoints often nest the weights: {"state_dict": {...}, "epoch": ...}.
@@ -38,8 +29,19 @@ def _load_checkpoint(path: Path) -> Mapping[str, Tensor]:
         inner = state.get(key)
         if _is_state_dict(inner):
             return inner
-    raise CLIError(f"--weights {path} holds a {type(state).__name__}, not a state dict "
-                   "(key -> tensor)")
+    raise CLIError(_NOT_A_STATE_DICT.format(path=path, held=type(state).__name__))
+
+
+def _unreadable(err: UnreadableWeights) -> str:
+    if err.reason == "mapping":
+        return _NOT_A_STATE_DICT.format(path=err.path, held=err.detail)
+    if err.reason == "refused" and err.detail:
+        return (f"refused to load {err.path}: it holds objects other than tensors "
+                f"({err.detail}), and unpickling those can run arbitrary code. Save the "
+                "model's state_dict() alone, or as safetensors")
+    kind = "safetensors" if err.reason == "safetensors" else "torch"
+    detail = f" ({err.detail})" if err.detail else ""
+    return f"--weights {err.path} is not a readable {kind} file{detail}"
 
 
 def _is_state_dict(value: object) -> TypeGuard[Mapping[str, Tensor]]:
