@@ -180,6 +180,16 @@ def _pattern(raw: dict, key: str, problems: list[str], *, valid: Callable[[objec
     return dict(value)
 
 
+def _refused(raw: dict) -> list[str]:
+    """The fields whose value would change the math in a way loraplug cannot follow."""
+    found = []
+    for name, (neutral, why) in _REFUSED.items():
+        value = raw.get(name)
+        if value not in neutral and value != [] and value != {}:
+            found.append(f"{name} is {value!r}: {why}.")
+    return found
+
+
 def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[str]]:
     """Validate a parsed ``adapter_config.json``.
 
@@ -223,10 +233,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
             "convert it with PEFT first (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...))."
         )
-    for name, (neutral, why) in _REFUSED.items():
-        value = raw.get(name)
-        if value not in neutral and value != [] and value != {}:
-            problems.append(f"{name} is {value!r}: {why}.")
+    problems += _refused(raw)
     layers = raw.get("layers_to_transform")
     unknown = sorted(
         k for k, v in raw.items()
