@@ -73,7 +73,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
+def check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -159,7 +159,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """
     names = _name_list(names, "set_adapter")
     layers = _layers_or_raise(model, "set_adapter")
-    _check_names(model, names, "set_adapter")
+    check_names(model, names, "set_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -236,7 +236,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         (['b'], ['b'])
     """
     layers = _layers_or_raise(model, "delete_adapter")
-    _check_names(model, [name], "delete_adapter")
+    check_names(model, [name], "delete_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._adapters import _check_names, _layers_or_raise
+from ._adapters import _layers_or_raise, check_names
 from ._errors import ConfigError, StateError
 from ._layer import LoRALayer
 
@@ -157,7 +157,7 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
             f"base model) per row of the batch; received {names!r}. E.g. ['a', 'b', None]."
         )
     layers = _layers_or_raise(model, "adapter_per_sample")
-    _check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
+    check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
     for what, bad in (
         ("are merged; call loraplug.unmerge(model) first",
          [n for n, layer in layers if layer.merged]),
