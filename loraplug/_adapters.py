@@ -121,8 +121,14 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
 def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layers sharded by FSDP2, weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
+    weights tied to other modules, disabled adapters.
     """
+    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    if refusing:
+        raise StateError(
+            f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
+        )
     refuse_sharded(layers, action)
     refuse_tied(model, [(n, layer) for n, layer in layers if not layer.merged], action)
     disabled = [n for n, layer in layers if layer.adapters_disabled]
@@ -268,10 +274,10 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
             the adapted weights while checking.
 
     Raises:
-        StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
-            set and a merged weight is not finite, a LoRA layer's weight is tied to
-            another module's, or FSDP2 has sharded the LoRA layers (nothing is changed
-            then).
+        StateError: the model has no LoRA layers, a layer type cannot merge
+            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
+            weight is not finite, a LoRA layer's weight is tied to another module's, or
+            FSDP2 has sharded the LoRA layers (nothing is changed then).
 
     Example:
         >>> import torch
@@ -288,25 +294,23 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
     """
     layers = _layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
-    todo = [(n, layer) for n, layer in layers if not layer.merged]
     if not safe:
-        for _, layer in todo:
+        for _, layer in layers:
             layer.merge()
         return
     staged = []
-    for name, layer in todo:
-        names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
-        if not names:
+    for name, layer in layers:
+        new = layer.stage_merge()
+        if new is None:
             continue
-        new = layer.merged_weight(names)
         if not torch.isfinite(new).all():
             raise StateError(
-                f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
-                "weights; no layer was changed. Check that adapter's tensors."
+                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
+                "or inf weights; no layer was changed. Check that adapter's tensors."
             )
-        staged.append((layer, new, names))
-    for layer, new, names in staged:
-        layer._commit(new, names)
+        staged.append((layer, new))
+    for layer, new in staged:
+        layer.commit_merge(new)
 
 
 def unmerge(model: nn.Module) -> None:

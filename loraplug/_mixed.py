@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ def _stacked(layer: LoRALayer, slots: tuple[str, ...]) -> tuple[Tensor, Tensor]:
     # A and B of every slot stacked on a new first dimension (a fresh copy each call, so
     # never stale and differentiable). Smaller ranks are padded with zeros: zero rows of
     # A, zero columns of B, an exact no-op.
-    store_a, store_b = layer._modules["lora_A"]._parameters, layer._modules["lora_B"]._parameters
+    registry: dict[str, Any] = layer._modules  # direct lookups: see LoRALayer._tensor
+    store_a, store_b = registry["lora_A"]._parameters, registry["lora_B"]._parameters
     rank = max(layer.rank[n] for n in slots)
     if all(layer.rank[n] == rank for n in slots):
         return torch.stack([store_a[n] for n in slots]), torch.stack([store_b[n] for n in slots])
@@ -111,6 +113,23 @@ def _dropout_per_row(x: Tensor, p: list[float], slot: Tensor | None) -> Tensor:
     keep = 1.0 - torch.tensor(p, dtype=x.dtype, device=x.device)
     keep = (keep if slot is None else keep[slot]).view(-1, *([1] * (x.dim() - 1)))
     return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def _refuse_unroutable(layers: list[tuple[str, LoRALayer]]) -> None:
+    # Layers whose rows cannot each take their own adapter.
+    for what, bad in (
+        ("are merged; call loraplug.unmerge(model) first",
+         [n for n, layer in layers if layer.merged]),
+        ("have adapters disabled (inside disable_adapters); use the block outside it",
+         [n for n, layer in layers if layer.adapters_disabled]),
+        ("compute through their weight (their class overrides forward), which cannot differ "
+         "per row; exclude them when injecting",
+         [n for n, layer in layers if layer.through_weight]),
+        ("are of a layer type without routed_lora; implement it to mix adapters per row",
+         [n for n, layer in layers if not layer._forms.routed]),
+    ):
+        if bad:
+            raise StateError(f"adapter_per_sample: layers {bad[:5]} {what}.")
 
 
 @contextmanager
@@ -158,26 +177,13 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
         )
     layers = _layers_or_raise(model, "adapter_per_sample")
     _check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
-    for what, bad in (
-        ("are merged; call loraplug.unmerge(model) first",
-         [n for n, layer in layers if layer.merged]),
-        ("have adapters disabled (inside disable_adapters); use the block outside it",
-         [n for n, layer in layers if layer.adapters_disabled]),
-        ("compute through their weight (their class overrides forward), which cannot differ "
-         "per row; exclude them when injecting",
-         [n for n, layer in layers if layer.through_weight]),
-        ("are of a layer type without routed_lora; implement it to mix adapters per row",
-         [n for n, layer in layers
-          if type(layer).routed_lora is LoRALayer.routed_lora]),
-    ):
-        if bad:
-            raise StateError(f"adapter_per_sample: layers {bad[:5]} {what}.")
+    _refuse_unroutable(layers)
     names = list(names)
-    before = [layer._route for _, layer in layers]
+    before = [layer._detour for _, layer in layers]
     for _, layer in layers:
-        layer._route = Route(names, layer.adapter_names)
+        layer._detour = Route(names, layer.adapter_names)
     try:
         yield
     finally:
         for (_, layer), route in zip(layers, before):
-            layer._route = route
+            layer._detour = route
