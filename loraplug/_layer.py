@@ -156,8 +156,8 @@ class LoRALayer(AdapterSet):
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         """The branch ``s · B A x`` of adapter ``name`` alone, shaped like the output.
 
-        Derived from ``add_lora`` (it runs ``base_forward`` for the output's shape); the
-        forward never calls it.
+        Derived from ``add_lora``; it runs ``base_forward`` for the output's shape (the
+        forward itself calls ``add_lora`` on the base output).
         """
         a, b = self._adapter(name)
         zeros = torch.zeros_like(self.base_forward(x))
@@ -219,7 +219,7 @@ class LoRALayer(AdapterSet):
         registry: dict[str, Any] = self._modules
         return registry["lora_A"]._parameters[name], registry["lora_B"]._parameters[name]
 
-    # ----------------------------------------------------------- adapters
+    # ----------------------------------------------------------- new adapters
     def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
         """Freshly initialised (A, B) for rank ``rank``; one of them is zero.
 
@@ -272,8 +272,11 @@ class LoRALayer(AdapterSet):
         return self._adapted_weight(names, self.scaling, sign)
 
     def stage_merge(self) -> Tensor | None:
-        """The weight with :attr:`held_active` folded in, not written; ``None`` when there
-        is nothing to merge (merged already, or no active adapter here)."""
+        """The weight :meth:`merge` would write, computed but not written; or ``None``.
+
+        ``None`` when there is nothing to merge: merged already, or no active adapter here.
+        Pass the weight to :meth:`commit_merge`, after checking it (``merge(safe=True)``).
+        """
         if self.merged_adapters or not self.held_active:
             return None
         return self.merged_weight()
@@ -321,13 +324,14 @@ class LoRALayer(AdapterSet):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        if self.merged_adapters or not self.held_active:
-            return
         if not safe:
-            self.commit_merge()
+            if not self.merged_adapters and self.held_active:
+                self.commit_merge()
             return
         new = self.stage_merge()
-        if new is not None and not torch.isfinite(new).all():
+        if new is None:
+            return
+        if not torch.isfinite(new).all():
             raise StateError(
                 f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
                 "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "

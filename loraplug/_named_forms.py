@@ -27,12 +27,9 @@ class Forms(NamedTuple):
 
 
 def _first_definition(cls: type, *names: str) -> tuple[type, str]:
-    # The most specific class in cls's MRO that defines one of names, and which one.
-    for klass in cls.__mro__:
-        for name in names:
-            if name in vars(klass):
-                return klass, name
-    return object, ""
+    # The most specific class in cls's MRO that defines one of names, and which one
+    # (LoRALayer defines them all).
+    return next((klass, name) for klass in cls.__mro__ for name in names if name in vars(klass))
 
 
 def forms_of(cls: type[LoRALayer]) -> Forms:

@@ -52,7 +52,7 @@ def add_matmul(target: Tensor, m1: Tensor, m2: Tensor, scale: Scale) -> None:
     """``target += scale · m1 @ m2`` in place, batched over the first dimension when 3-d.
 
     The factors are cast to ``target``'s dtype (:func:`compute_dtype` of the weight, for
-    a merge). Put the smaller factor first: a tensor ``scale`` multiplies it.
+    a merge). A tensor ``scale`` multiplies ``m1`` (r columns in LoRA's use) instead.
     """
     m1, m2 = m1.to(target.dtype), m2.to(target.dtype)
     if isinstance(scale, Tensor):
