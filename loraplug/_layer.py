@@ -1,4 +1,4 @@
-"""The LoRA layer base class: forward, merge, unmerge and adapter bookkeeping, written once.
+"""The LoRA layer base class: the layer-type contract, forward, merge and unmerge, written once.
 
 A LoRA layer wraps one base module (``nn.Linear``, ``nn.Conv2d``, ...) and computes
 
@@ -16,6 +16,7 @@ a weight-shaped tensor); optionally ``configure``, ``check_rank``, ``max_rank`` 
 ``routed_lora``. Everything else is derived here once: the eager and the compiled
 forward (one loop; the scale is a float, or a gate tensor under ``torch.compile``), the
 forward through the weight, ``lora_forward`` and ``delta_weight``, merge and unmerge.
+The adapters' bookkeeping is :class:`~loraplug._adapter_set.AdapterSet`'s.
 docs/extending.md walks through a new layer type.
 """
 

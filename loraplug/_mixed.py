@@ -40,8 +40,8 @@ class Route:
                 slot_of[n] = len(slot_of)
         self.rows = len(names)
         self.slots = tuple(slot_of)
-        chosen = [i for i, n in enumerate(names) if n in slot_of]
-        slot = [slot_of[names[i]] for i in chosen]  # type: ignore[index]
+        picked = [(i, slot_of[n]) for i, n in enumerate(names) if n is not None and n in slot_of]
+        chosen, slot = [i for i, _ in picked], [j for _, j in picked]
         # None for the common cases: every row has an adapter / row i uses slot i.
         self._chosen = None if len(chosen) == self.rows else chosen
         self._slot = None if slot == list(range(len(self.slots))) else slot
@@ -53,9 +53,10 @@ class Route:
             # Normal tensors even when first made under inference_mode: a later call
             # with autograd may save them for backward.
             with torch.inference_mode(False):
-                self._indices[device] = tuple(  # type: ignore[assignment]
+                chosen, slot = (
                     None if v is None else torch.tensor(v, dtype=torch.long, device=device)
                     for v in (self._chosen, self._slot))
+                self._indices[device] = chosen, slot
         return self._indices[device]
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:
