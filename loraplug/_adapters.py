@@ -234,12 +234,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Example:
         >>> from torch import nn
         >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = lp.inject_lora(model, target=nn.Linear, rank=2)
+        >>> _ = lp.inject_lora(model, target="1", rank=2, name="head")
         >>> lp.delete_adapter(model, "default")
         >>> lp.adapter_names(model), lp.active_adapters(model)
-        (['b'], ['b'])
+        (['head'], ['head'])
     """
     layers = _layers_or_raise(model, "delete_adapter")
     _check_names(model, [name], "delete_adapter")
