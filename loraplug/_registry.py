@@ -69,8 +69,8 @@ def register_lora_layer(base_type: type[nn.Module]) -> Callable[[L], L]:
         if not (isinstance(layer_cls, type) and issubclass(layer_cls, LoRALayer)):
             raise ConfigError(
                 f"register_lora_layer({base_type.__name__}) decorated {layer_cls!r}; expected a "
-                "subclass of loraplug.LoRALayer that implements base_forward, lora_forward, "
-                "delta_weight and adapter_shapes."
+                "subclass of loraplug.LoRALayer that implements base_forward, adapter_shapes, "
+                "add_lora and add_delta (see docs/extending.md)."
             )
         _REGISTRY[base_type] = layer_cls
         return layer_cls

@@ -73,7 +73,7 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
         if not callable(obj):
             raise CLIError(f"{spec} is a {type(obj).__name__}; expected a callable that "
                            "returns an nn.Module, or an nn.Module")
-        builder = obj  # type: ignore[assignment]
+        builder = obj
     model = None
     if meta:
         try:
