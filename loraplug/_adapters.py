@@ -15,8 +15,10 @@ from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
+from ._extras import AdapterModule, adapter_modules
 from ._layer import LoRALayer
 from ._targeting import clean_name
+from ._variants import bias_refusal
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -24,7 +26,14 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
-def _layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
+def _holders(model: nn.Module) -> list[tuple[str, LoRALayer | AdapterModule]]:
+    """LoRA layers and the wrappers of trained modules and token rows: every module that
+    keeps adapter state (active, disabled, merged)."""
+    return [(clean_name(n), m) for n, m in model.named_modules()
+            if isinstance(m, (LoRALayer, AdapterModule))]
+
+
+def layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
     layers = lora_layers(model)
     if not layers:
         raise StateError(
@@ -46,7 +55,7 @@ def adapter_names(model: nn.Module) -> list[str]:
         >>> lp.adapter_names(model)
         ['default', 'head']
     """
-    return sorted({n for _, layer in lora_layers(model) for n in layer.adapter_names})
+    return sorted({n for _, layer in _holders(model) for n in layer.adapter_names})
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -73,7 +82,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
+def check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -121,10 +130,20 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
 def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layers sharded by FSDP2, weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
+    weights tied to other modules, disabled adapters.
     """
+    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    if refusing:
+        raise StateError(
+            f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
+        )
     refuse_sharded(layers, action)
     refuse_tied(model, [(n, layer) for n, layer in layers if not layer.merged], action)
+    for n, layer in layers:
+        why = None if layer.merged else bias_refusal(layer, layer.held_active)
+        if why:
+            raise StateError(f"{action}: {n!r}: {why}")
     disabled = [n for n, layer in layers if layer.adapters_disabled]
     if disabled:
         raise StateError(
@@ -158,8 +177,13 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         ['default', 'b']
     """
     names = _name_list(names, "set_adapter")
-    layers = _layers_or_raise(model, "set_adapter")
-    _check_names(model, names, "set_adapter")
+    layers_or_raise(model, "set_adapter")
+    layers = _holders(model)
+    check_names(model, names, "set_adapter")
+    clashes = [f"{n}: {why}" for n, m in adapter_modules(model)
+               if (why := m.active_problem(names))]
+    if clashes:
+        raise StateError(f"set_adapter: {'; '.join(clashes[:5])}")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -191,7 +215,8 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
     """
-    layers = _layers_or_raise(model, "disable_adapters")
+    layers_or_raise(model, "disable_adapters")
+    layers = _holders(model)
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -228,15 +253,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Example:
         >>> from torch import nn
         >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = lp.inject_lora(model, target=nn.Linear, rank=2)
+        >>> _ = lp.inject_lora(model, target="1", rank=2, name="head")
         >>> lp.delete_adapter(model, "default")
         >>> lp.adapter_names(model), lp.active_adapters(model)
-        (['b'], ['b'])
+        (['head'], ['head'])
     """
-    layers = _layers_or_raise(model, "delete_adapter")
-    _check_names(model, [name], "delete_adapter")
+    layers_or_raise(model, "delete_adapter")
+    layers = _holders(model)
+    check_names(model, [name], "delete_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -268,10 +294,10 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
             the adapted weights while checking.
 
     Raises:
-        StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
-            set and a merged weight is not finite, a LoRA layer's weight is tied to
-            another module's, or FSDP2 has sharded the LoRA layers (nothing is changed
-            then).
+        StateError: the model has no LoRA layers, a layer type cannot merge
+            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
+            weight is not finite, a LoRA layer's weight is tied to another module's, or
+            FSDP2 has sharded the LoRA layers (nothing is changed then).
 
     Example:
         >>> import torch
@@ -286,27 +312,29 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
-    layers = _layers_or_raise(model, "merge")
+    layers = layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
-    todo = [(n, layer) for n, layer in layers if not layer.merged]
     if not safe:
-        for _, layer in todo:
+        for _, layer in layers:
             layer.merge()
+        for _, module in adapter_modules(model):
+            module.merge()
         return
     staged = []
-    for name, layer in todo:
-        names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
-        if not names:
+    for name, layer in layers:
+        new = layer.stage_merge()
+        if new is None:
             continue
-        new = layer.merged_weight(names)
         if not torch.isfinite(new).all():
             raise StateError(
-                f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
-                "weights; no layer was changed. Check that adapter's tensors."
+                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
+                "or inf weights; no layer was changed. Check that adapter's tensors."
             )
-        staged.append((layer, new, names))
-    for layer, new, names in staged:
-        layer._commit(new, names)
+        staged.append((layer, new))
+    for layer, new in staged:
+        layer.commit_merge(new)
+    for _, module in adapter_modules(model):
+        module.merge()
 
 
 def unmerge(model: nn.Module) -> None:
@@ -322,7 +350,9 @@ def unmerge(model: nn.Module) -> None:
     Raises:
         StateError: the model has no LoRA layers, or FSDP2 has sharded them.
     """
-    layers = _layers_or_raise(model, "unmerge")
+    layers = layers_or_raise(model, "unmerge")
     refuse_sharded(layers, "unmerge")
     for _, layer in layers:
         layer.unmerge()
+    for _, module in adapter_modules(model):
+        module.unmerge()

@@ -18,7 +18,7 @@ Everything here works on ΔW's matrix form (see ``_inits``): per group, W_g (m, 
 ΔW_g = B_g A_g, whose rows are DoRA's channels: a Linear's outputs, a convolution's
 output channels, an embedding's dimensions (the columns of W). So one implementation
 serves every such layer type; a layer type supports DoRA by saying how a per-channel
-factor broadcasts over its output (:meth:`LoRALayer.dora_channels`), which is also the
+factor broadcasts over its output (:meth:`LoRALayer.channel_shape`), which is also the
 shape PEFT stores the magnitude in: Linear and Embedding (C,), Conv (1, C, 1…).
 
 The norm is never built from a dense ΔW: per channel,
@@ -36,14 +36,17 @@ divides by the same numbers: after a restart too, from saved tensors alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ._inits import _matrix_shape
-from ._layer import LoRALayer, compute_dtype
+from ._matrix import as_matrices, form_problem, matrix_shape, transposed
+from ._products import compute_dtype
+
+if TYPE_CHECKING:
+    from ._layer import LoRALayer
 
 
 class BufferDict(nn.Module):
@@ -62,25 +65,22 @@ class BufferDict(nn.Module):
         return name in self._buffers
 
 
+def _store(layer: LoRALayer, key: str) -> dict[str, Tensor]:
+    # The parameters (buffers for the norms) of registry ``key``, or {} before any DoRA.
+    module = layer._modules.get(key)
+    if module is None:
+        return {}
+    return module._buffers if key == "lora_dora_norm" else module._parameters  # type: ignore[return-value]
+
+
 def dora_problem(layer: LoRALayer, rank: int) -> str | None:
     """Why DoRA cannot work on ``layer`` with rank ``rank``, or ``None``."""
-    shape_a, shape_b = layer.adapter_shapes(rank)
-    g, m, n = _matrix_shape(layer)
-    form = layer.weight.dim() >= 2 and shape_a[0] == rank and shape_b[0] == g * m \
-        and math.prod(shape_a) == rank * n and math.prod(shape_b) == rank * m
-    if form and layer.dora_channels(g * m) is not None:
+    g, m, _ = matrix_shape(layer)
+    if not form_problem(layer, rank) and layer.channel_shape(g * m) is not None:
         return None
     return (f"DoRA needs a per-output-channel magnitude, which {type(layer).__name__} does not "
             "declare (DoRA is available on Linear, Conv1d/2d/3d and Embedding layers, as in "
             "PEFT); inject this layer without dora=True.")
-
-
-def _matrix(layer: LoRALayer, tensor: Tensor) -> Tensor:
-    # A weight-shaped tensor as (g, m, n), a view where possible.
-    g, m, _ = _matrix_shape(layer)
-    if layer.transposed_delta:
-        return tensor.t().unsqueeze(0)
-    return tensor.reshape(g, m, -1)
 
 
 def weight_norm_sq(layer: LoRALayer) -> Tensor:
@@ -91,7 +91,7 @@ def weight_norm_sq(layer: LoRALayer) -> Tensor:
     if cached is not None and cached[0] == key and not torch.compiler.is_compiling():
         return cached[1]
     with torch.no_grad():
-        value = _matrix(layer, weight.detach()).to(compute_dtype(weight.dtype)).square().sum(-1)
+        value = as_matrices(layer, weight.detach()).to(compute_dtype(weight.dtype)).square().sum(-1)
     if not torch.compiler.is_compiling():
         layer.__dict__["_dora_weight_sq"] = (key, value)
     return value
@@ -106,7 +106,7 @@ def channel_norm(layer: LoRALayer, a: Tensor, b: Tensor, scale: float | Tensor,
     """
     w = layer._tensor("weight") if weight is None else weight
     dtype = compute_dtype(w.dtype)
-    wm = _matrix(layer, w.detach())
+    wm = as_matrices(layer, w.detach())
     g, m, _ = wm.shape
     am = a.detach().reshape(g, a.shape[0] // g, -1)
     bm = b.detach().reshape(g, m, -1).to(dtype)
@@ -121,22 +121,22 @@ def channel_norm(layer: LoRALayer, a: Tensor, b: Tensor, scale: float | Tensor,
 
 def initial_magnitude(layer: LoRALayer, a: Tensor, b: Tensor, scale: float,
                       weight: Tensor) -> Tensor:
-    """m = ‖W + s·ΔW‖ in the magnitude's shape (:meth:`dora_channels`) and W's dtype."""
+    """m = ‖W + s·ΔW‖ in the magnitude's shape (:meth:`channel_shape`) and W's dtype."""
     norm = channel_norm(layer, a, b, scale, weight)
-    return norm.reshape(layer.dora_channels(norm.numel())).to(weight.dtype)  # type: ignore[arg-type]
+    return norm.reshape(layer.channel_shape(norm.numel())).to(weight.dtype)  # type: ignore[arg-type]
 
 
 def factor(layer: LoRALayer, name: str, scale: float | Tensor) -> Tensor:
     """f = m / ‖W + s·ΔW‖ in the magnitude's shape; differentiable in m only."""
     a, b = layer._adapter(name)
-    magnitude = layer._modules["lora_magnitude_vector"]._parameters[name]
+    magnitude = _store(layer, "lora_magnitude_vector")[name]
     norm = channel_norm(layer, a, b, scale)
     return magnitude / norm.view(magnitude.shape).to(magnitude.dtype)
 
 
 def scaled_b(layer: LoRALayer, b: Tensor, f: Tensor, dtype: torch.dtype) -> Tensor:
     """B with its channel rows multiplied by ``f``: ΔW(A, f ⊙ B) = f ⊙ ΔW(A, B)."""
-    g, m, _ = _matrix_shape(layer)
+    g, m, _ = matrix_shape(layer)
     return (b.to(dtype).reshape(g, m, -1) * f.to(dtype).reshape(g, m, 1)).reshape(b.shape)
 
 
@@ -144,7 +144,7 @@ def weight_view(layer: LoRALayer, f: Tensor) -> Tensor:
     """A per-channel vector shaped to broadcast over the weight (channels are its rows,
     or its columns for a transposed ΔW)."""
     weight = layer._tensor("weight")
-    if layer.transposed_delta:
+    if transposed(layer):
         return f.reshape(1, -1)
     return f.reshape(-1, *([1] * (weight.dim() - 1)))
 
@@ -157,31 +157,31 @@ def fold(layer: LoRALayer, target: Tensor, names: Iterable[str],
     ``layer.lora_dora_norm`` for :meth:`store_norms`; unmerging reads them from there.
     """
     names = tuple(names)
-    mags = layer._modules["lora_magnitude_vector"]._parameters
-    stored = layer._modules["lora_dora_norm"]
+    mags = _store(layer, "lora_magnitude_vector")
+    stored = _store(layer, "lora_dora_norm")
     factors: dict[str, Tensor] = {}
     for name in names:
         if name in mags:
             a, b = layer._adapter(name)
             norm = channel_norm(layer, a, b, scales[name]) if sign > 0 else stored[name]
             factors[name] = mags[name].reshape(-1).to(target.dtype) / norm.to(target.dtype)
-    total = 1 + sum(f - 1 for f in factors.values())
-    if sign > 0:
+    total = 1 + torch.stack(list(factors.values())).sum(0) - len(factors) if factors else None
+    if sign > 0 and total is not None:
         target.mul_(weight_view(layer, total))
     for name in names:
         a, b = layer._adapter(name)
         if name in factors:
             b = scaled_b(layer, b, factors[name], target.dtype)
         layer.add_delta(target, a, b, scales[name] if sign > 0 else -scales[name])
-    if sign < 0:
+    if sign < 0 and total is not None:
         target.div_(weight_view(layer, total))
 
 
 @torch.no_grad()
 def store_norms(layer: LoRALayer, names: Iterable[str]) -> None:
     """Record ‖W + s·ΔW‖ of the DoRA adapters in ``names`` (before merging them)."""
-    mags = layer._modules["lora_magnitude_vector"]._parameters
-    stored = layer._modules["lora_dora_norm"]
+    mags = _store(layer, "lora_magnitude_vector")
+    stored = _store(layer, "lora_dora_norm")
     for name in names:
         if name in mags:
             a, b = layer._adapter(name)
@@ -189,9 +189,12 @@ def store_norms(layer: LoRALayer, names: Iterable[str]) -> None:
 
 
 def forward(layer: LoRALayer, x: Tensor, names: tuple[str, ...],
-            scales: Mapping[str, float | Tensor]) -> Tensor:
-    """The layer's output with adapters ``names`` live, some of them DoRA adapters."""
-    mags = layer._modules["lora_magnitude_vector"]._parameters
+            scales: Mapping[str, float | Tensor], biases: Mapping[str, Tensor]) -> Tensor:
+    """The layer's output with adapters ``names`` live, some of them DoRA adapters.
+
+    ``biases``: B's bias of the plain adapters that have one.
+    """
+    mags = _store(layer, "lora_magnitude_vector")
     out = layer.base_forward(x)
     bias = layer._parameters.get("bias")
     if len(names) == 1 and not (layer.training and layer.dropout[names[0]]) \
@@ -206,7 +209,7 @@ def forward(layer: LoRALayer, x: Tensor, names: tuple[str, ...],
         if bias is None:
             return out * f.to(out.dtype)
         return torch.addcmul(bias.view(f.shape).to(out.dtype), out, f.to(out.dtype))
-    return _forward_general(layer, x, names, scales, out, bias, mags)
+    return _forward_general(layer, x, names, scales, out, bias, mags, biases)
 
 
 def _without_bias(layer: LoRALayer, x: Tensor, bias: Tensor | None, shape: torch.Size) -> Tensor:
@@ -216,7 +219,7 @@ def _without_bias(layer: LoRALayer, x: Tensor, bias: Tensor | None, shape: torch
 
 def _forward_general(layer: LoRALayer, x: Tensor, names: tuple[str, ...],
                      scales: Mapping[str, float | Tensor], out: Tensor, bias: Tensor | None,
-                     mags: Mapping[str, Tensor]) -> Tensor:
+                     mags: Mapping[str, Tensor], biases: Mapping[str, Tensor]) -> Tensor:
     # Each DoRA adapter d adds (f_d − 1) ⊙ W x + f_d ⊙ s_d·B_d A_d x to the base output,
     # W x taken from the base output computed once (or recomputed on a dropped-out input).
     shape = next(mags[n] for n in names if n in mags).shape
@@ -228,6 +231,8 @@ def _forward_general(layer: LoRALayer, x: Tensor, names: tuple[str, ...],
         h = layer.lora_dropout[name](x) if dropped else x
         if name not in mags:
             out = layer.add_lora(out, h, a, b, scales[name])
+            if name in biases:
+                out = out + scales[name] * biases[name].view(shape).to(out.dtype)
             continue
         f = factor(layer, name, scales[name])
         base = _without_bias(layer, h, bias, f.shape) if dropped else plain

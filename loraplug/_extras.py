@@ -20,8 +20,6 @@ from typing import Any
 
 from torch import nn
 
-from ._errors import StateError
-
 
 class AdapterModule(nn.Module):
     """Base of the wrappers that carry non-low-rank parts of adapters.
@@ -50,9 +48,17 @@ class AdapterModule(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The parameters the adapters train here."""
+        raise NotImplementedError
+
     @property
     def held_active(self) -> tuple[str, ...]:
         return tuple(n for n in self.active_adapters if n in self.adapter_names)
+
+    def active_problem(self, names: Iterable[str]) -> str | None:
+        """Why ``names`` cannot be active together here, or ``None``."""
+        return None
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = tuple(names)
@@ -76,7 +82,7 @@ class AdapterModule(nn.Module):
         for key in original._modules:
             original._modules[key] = self._modules[key]
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterModule:
         super()._apply(fn, recurse)
         self.sync_original()
         return self
@@ -113,6 +119,9 @@ class TrainedModule(AdapterModule):
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(self.modules_to_save.keys())
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.modules_to_save.parameters())
+
     def add_copy(self, name: str) -> nn.Module:
         """A fresh trainable copy of the original module for adapter ``name``."""
         self.sync_original()
@@ -124,17 +133,14 @@ class TrainedModule(AdapterModule):
     def remove_adapter(self, name: str) -> None:
         del self.modules_to_save[name]
 
-    def set_active(self, names: Iterable[str]) -> None:
-        names = tuple(names)
+    def active_problem(self, names: Iterable[str]) -> str | None:
         holding = [n for n in names if n in self.modules_to_save]
         if len(holding) > 1:
-            raise StateError(
-                f"adapters {holding} each train their own copy of this module, and only one "
-                "copy can compute it; activate one of them at a time."
-            )
-        self.active_adapters = names
+            return (f"adapters {holding} each train their own copy of this module, and only "
+                    "one copy can compute it; activate one of them at a time.")
+        return None
 
-    def merge(self) -> None:
+    def merge(self, *, safe: bool = False) -> None:
         """Record the active copy as merged (its forward stays the copy's)."""
         self.merged_adapters = self.held_active
 
@@ -157,3 +163,25 @@ class TrainedModule(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"trained copies: {list(self.adapter_names)}"
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, AdapterModule]]:
+    """(name, wrapper) for each trained-module or token-row wrapper in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterModule)]
+
+
+def unwrap_modules(model: nn.Module, *, merge: bool) -> None:
+    """Put back the modules the wrappers replaced: the active copy (trained modules) or
+    the weight with the active rows (token rows) when ``merge``, else the originals."""
+    wrappers = [m for _, m in model.named_modules(remove_duplicate=False)
+                if isinstance(m, AdapterModule)]
+    for wrapper in dict.fromkeys(wrappers):
+        if merge and not wrapper.adapters_disabled:
+            wrapper.merge()
+        else:
+            wrapper.unmerge()
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, AdapterModule):
+            parent_path, _, leaf = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, leaf, module.module_for(merge))

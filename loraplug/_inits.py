@@ -25,7 +25,6 @@ the original weights: ``s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]``, r
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 
@@ -35,7 +34,8 @@ from torch import Tensor, nn
 from ._adapters import shared_weights
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAWarning, StateError
-from ._layer import LoRALayer, compute_dtype
+from ._layer import LoRALayer
+from ._matrix import form_problem, matrix_shape, transposed, weight_matrices
 
 #: Initialisations that rewrite the base weight when the adapter is created.
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
@@ -57,28 +57,9 @@ def rewrites_base(init: str) -> bool:
     return init in ("olora", "pissa") or init.startswith("pissa_niter_")
 
 
-def _matrices(layer: LoRALayer, weight: Tensor) -> Tensor:
-    """The weight as ΔW's matrices, (g, m, n), in ΔW's compute dtype (a copy)."""
-    w = weight.detach().to(compute_dtype(weight.dtype), copy=True)
-    if layer.transposed_delta:
-        return w.t().unsqueeze(0).contiguous()
-    groups = getattr(layer, "groups", 1)
-    return w.reshape(groups, w.shape[0] // groups, -1)
-
-
-def _matrix_shape(layer: LoRALayer) -> tuple[int, int, int]:
-    shape = tuple(layer.weight.shape)
-    if layer.transposed_delta:
-        return 1, shape[1], shape[0]
-    groups = getattr(layer, "groups", 1)
-    return groups, shape[0] // groups, math.prod(shape[1:])
-
-
 def _problem(layer: LoRALayer, init: str, rank: int) -> str | None:
-    g, m, n = _matrix_shape(layer)
-    shape_a, shape_b = layer.adapter_shapes(rank)
-    if len(layer.weight.shape) < 2 or shape_a[0] != rank or shape_b[0] != g * m \
-            or math.prod(shape_a) != rank * n or math.prod(shape_b) != rank * m:
+    g, m, n = matrix_shape(layer)
+    if form_problem(layer, rank):
         return (f"init={init!r} needs ΔW written as B A on the weight's rows and columns, which "
                 f"{type(layer).__name__} does not declare; use init='kaiming' or 'gaussian'.")
     per_group = rank // g
@@ -134,7 +115,7 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
         a, b = layer.new_adapter(rank, init)
         return a, b, None
     weight = layer.weight
-    mats = _matrices(layer, weight)
+    mats = weight_matrices(layer, weight)
     g = mats.shape[0]
     pairs = [_factors(w, init, rank // g, scaling) for w in mats]
     b_mat = torch.stack([b for b, _ in pairs])  # (g, m, r/g)
@@ -148,7 +129,7 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
     # model starts as close to the base as the dtype allows.
     residual = mats - scaling * (b.to(mats.dtype).reshape(b_mat.shape)
                                  @ a.to(mats.dtype).reshape(a_mat.shape))
-    if layer.transposed_delta:
+    if transposed(layer):
         residual = residual[0].t()
     return a, b, residual.reshape(weight.shape).to(weight.dtype).contiguous()
 

@@ -22,23 +22,20 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeGuard, TypeVar
+
+from ._options import AdapterOptions
 
 #: Fields that must hold a neutral value, with the reason they cannot be honoured.
 _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
-    "use_dora": ((False, None), "DoRA adapters (use_dora=true) are not supported yet"),
     "fan_in_fan_out": ((False, None), (
         "fan_in_fan_out=true is for transformers' Conv1D layers (GPT-2), which have no LoRA "
         "layer here")),
     "bias": (("none", None), (
         "bias='all' or 'lora_only' files carry trained base biases; loraplug adapters hold "
         "only A and B")),
-    "lora_bias": ((False, None), "lora_bias=true adds a bias to B, which loraplug lacks"),
-    "modules_to_save": ((None,), (
-        "modules_to_save stores full copies of modules; load those weights with "
-        "model.load_state_dict")),
-    "trainable_token_indices": ((None,), "trainable_token_indices is not supported"),
     "target_parameters": ((None,), "target_parameters (LoRA on bare parameters) is not supported"),
     "layer_replication": ((None,), "layer_replication changes the model's layers"),
     "use_qalora": ((False, None), "QALoRA is not supported"),
@@ -61,11 +58,25 @@ _IGNORED = frozenset({
     "layers_pattern", "init_lora_weights", "task_type", "auto_mapping", "peft_version",
     "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "qalora_group_size",
+    "qalora_group_size", "use_dora", "lora_bias", "modules_to_save",
+    "trainable_token_indices",
 })
 
-#: Initialisations that leave the base weights alone (others rewrite W when created).
-_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
+#: PEFT's ``init_lora_weights`` -> the ``init`` a loaded adapter is injected with. Those
+#: that only choose starting values (the file's tensors replace them) load as plain
+#: adapters; ``pissa`` and ``olora`` rewrite the base weight, which loading redoes from the
+#: original weights exactly as PEFT does (SVD and QR are deterministic).
+_INITS: dict[object, str] = {True: "kaiming", False: "kaiming", "gaussian": "kaiming",
+                             "eva": "kaiming", "mica": "kaiming", "orthogonal": "kaiming",
+                             "pissa": "pissa", "olora": "olora"}
+#: Initialisations that rewrite the base weights from something the file does not carry.
+_UNREBUILDABLE = {
+    "corda": "from the activations of calibration data (CorDA)",
+    "loftq": "to a quantised weight and its residual (LoftQ)",
+    "lora_ga": "from gradients estimated on training data (LoRA-GA)",
+}
+
+T = TypeVar("T")
 
 #: PEFT's shorthand for "every linear layer but the output layer"; PEFT expands it
 #: before saving, so a file holding it names its layers through its tensor keys.
@@ -87,6 +98,17 @@ class PeftLoRAConfig:
     #: ``layers_to_transform`` narrows the targets to some layer indices; then the
     #: tensor keys, not ``target_modules`` alone, say which layers exist.
     layers_restricted: bool = False
+    init: str = "kaiming"
+    dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    #: ``{embedding name: token ids}``, or a list of ids for the input embedding.
+    token_indices: dict[str, tuple[int, ...]] | tuple[int, ...] | None = None
+
+    @property
+    def options(self) -> AdapterOptions:
+        """How the adapter's layers are made: its initialisation, DoRA, B's bias."""
+        return AdapterOptions(self.init, self.dora, self.lora_bias)
 
     def spec(self, name: str) -> tuple[int, float, str]:
         """(rank, alpha, where the rank came from) for module ``name``, as PEFT resolves it."""
@@ -105,9 +127,10 @@ class PeftLoRAConfig:
         """Whether PEFT would put this adapter on module ``name``."""
         if self.exclude_modules is not None and matches(self.exclude_modules, name):
             return False
-        if self.target_modules in (None, ALL_LINEAR):
+        targets = self.target_modules
+        if targets is None or targets == ALL_LINEAR:
             return True
-        return matches(self.target_modules, name)  # type: ignore[arg-type]
+        return matches(targets, name)
 
 
 def matches(spec: tuple[str, ...] | str, name: str) -> bool:
@@ -125,7 +148,7 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     return None
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
 
@@ -157,7 +180,12 @@ def _module_spec(raw: dict, key: str, problems: list[str]) -> tuple[str, ...] | 
     return None
 
 
-def _pattern(raw: dict, key: str, valid, expected: str, problems: list[str]) -> dict:  # type: ignore[no-untyped-def]
+def _positive_number(value: object) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _pattern(raw: dict, key: str, problems: list[str], *, valid: Callable[[object], bool],
+             expected: str) -> dict:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         problems.append(f"{key} is {value!r}; expected an object mapping name patterns to values.")
@@ -169,6 +197,16 @@ def _pattern(raw: dict, key: str, valid, expected: str, problems: list[str]) -> 
         if not valid(item):
             problems.append(f"{key}[{pattern!r}] is {item!r}; expected {expected}.")
     return dict(value)
+
+
+def _refused(raw: dict) -> list[str]:
+    """The fields whose value would change the math in a way loraplug cannot follow."""
+    found = []
+    for name, (neutral, why) in _REFUSED.items():
+        value = raw.get(name)
+        if value not in neutral and value != [] and value != {}:
+            found.append(f"{name} is {value!r}: {why}.")
+    return found
 
 
 def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[str]]:
@@ -192,7 +230,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     if not _rank_ok(rank):
         problems.append(f"r is {rank!r}; expected a positive integer.")
     alpha = raw.get("lora_alpha", 8)
-    if not (_is_number(alpha) and alpha > 0):
+    if not _positive_number(alpha):
         problems.append(f"lora_alpha is {alpha!r}; expected a finite number > 0.")
     dropout = raw.get("lora_dropout", 0.0)
     if not (_is_number(dropout) and 0 <= dropout < 1):
@@ -200,23 +238,15 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     use_rslora = raw.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         problems.append(f"use_rslora is {use_rslora!r}; expected true or false.")
-    rank_pattern = _pattern(raw, "rank_pattern", _rank_ok, "a positive integer", problems)
-    alpha_pattern = _pattern(raw, "alpha_pattern", lambda v: _is_number(v) and v > 0,
-                             "a finite number > 0", problems)
+    rank_pattern = _pattern(raw, "rank_pattern", problems, valid=_rank_ok,
+                            expected="a positive integer")
+    alpha_pattern = _pattern(raw, "alpha_pattern", problems, valid=_positive_number,
+                             expected="a finite number > 0")
     targets = _module_spec(raw, "target_modules", problems)
     excludes = _module_spec(raw, "exclude_modules", problems)
-    init = raw.get("init_lora_weights", True)
-    if init not in _SAFE_INITS:
-        problems.append(
-            f"init_lora_weights is {init!r}, an initialisation that rewrites the base weights "
-            "when the adapter is created, so the adapter only fits that rewritten model; "
-            "convert it with PEFT first (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...))."
-        )
-    for name, (neutral, why) in _REFUSED.items():
-        value = raw.get(name)
-        if value not in neutral and value != [] and value != {}:
-            problems.append(f"{name} is {value!r}: {why}.")
+    init = _init(raw.get("init_lora_weights", True), problems)
+    extras = _extras(raw, problems)
+    problems += _refused(raw)
     layers = raw.get("layers_to_transform")
     unknown = sorted(
         k for k, v in raw.items()
@@ -228,12 +258,63 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
         rank=rank, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora,
         target_modules=targets, exclude_modules=excludes, rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        layers_restricted=layers not in (None, []),
+        layers_restricted=layers not in (None, []), init=init, **extras,  # type: ignore[arg-type]
     )
     return config, [], unknown
 
 
-def _most_common(values: list) -> object:  # type: ignore[type-arg]
+def _init(value: object, problems: list[str]) -> str:
+    """The ``init`` to load an adapter of PEFT's ``init_lora_weights`` with."""
+    if isinstance(value, (bool, str)) and value in _INITS:
+        return _INITS[value]
+    if isinstance(value, str) and re.fullmatch(r"pissa_niter_\d+", value):
+        problems.append(
+            f"init_lora_weights is {value!r}: the adapter was trained on the residual "
+            "W − s·B₀A₀ of a randomized SVD, which cannot be rebuilt from the original "
+            "weights. Save it as a plain adapter (loraplug: save_adapter(..., plain=True); "
+            "PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...)).")
+    elif isinstance(value, str) and value in _UNREBUILDABLE:
+        problems.append(
+            f"init_lora_weights is {value!r}, which rewrites the base weights "
+            f"{_UNREBUILDABLE[value]}; the file does not carry that, so the adapter only fits "
+            "the rewritten model. Convert it with PEFT first (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)).")
+    else:
+        problems.append(f"init_lora_weights is {value!r}; expected one of PEFT's "
+                        f"initialisations {sorted(map(str, _INITS))} or 'pissa_niter_<k>'.")
+    return "kaiming"
+
+
+def _extras(raw: dict, problems: list[str]) -> dict[str, object]:
+    """DoRA, B's bias, trained modules and token rows, as :class:`PeftLoRAConfig` fields."""
+    found: dict[str, object] = {}
+    for key, field_name in (("use_dora", "dora"), ("lora_bias", "lora_bias")):
+        value = raw.get(key) or False
+        if not isinstance(value, bool):
+            problems.append(f"{key} is {value!r}; expected true or false.")
+        found[field_name] = bool(value)
+    if found["dora"] and found["lora_bias"]:
+        problems.append("use_dora and lora_bias are both true, which PEFT refuses too.")
+    saved = raw.get("modules_to_save")
+    if saved is not None:
+        if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+            problems.append(f"modules_to_save is {saved!r}; expected a list of module names.")
+        else:
+            found["modules_to_save"] = tuple(saved)
+    tokens = raw.get("trainable_token_indices")
+    ids_ok = lambda ids: isinstance(ids, list) and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) for i in ids)
+    if isinstance(tokens, dict) and all(ids_ok(v) for v in tokens.values()):
+        found["token_indices"] = {k: tuple(v) for k, v in tokens.items()}
+    elif ids_ok(tokens):
+        found["token_indices"] = tuple(tokens)  # type: ignore[arg-type]
+    elif tokens is not None:
+        problems.append(f"trainable_token_indices is {tokens!r}; expected token ids, or an "
+                        "object mapping embedding names to token ids.")
+    return found
+
+
+def _most_common(values: list[T]) -> T:
     return Counter(values).most_common(1)[0][0]
 
 

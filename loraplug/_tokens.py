@@ -16,15 +16,14 @@ the model), so ``unmerge`` restores them exactly, after a restart too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._dora import BufferDict
-from ._errors import StateError
 from ._extras import AdapterModule
 
 
@@ -49,6 +48,10 @@ class TrainableTokens(AdapterModule):
         self._slots: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
     @property
+    def _weight(self) -> Tensor:
+        return cast(Tensor, self._parameters["weight"])
+
+    @property
     def owner(self) -> TrainableTokens:
         return self.__dict__["tied_to"] or self
 
@@ -56,9 +59,14 @@ class TrainableTokens(AdapterModule):
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(self.owner.token_indices)
 
-    def add_rows(self, name: str, indices: Sequence[int], values: Tensor | None = None) -> None:
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        if self.__dict__["tied_to"] is not None:
+            return []
+        return list(self.trainable_tokens_delta.values())
+
+    def add_rows(self, name: str, indices: Iterable[int], values: Tensor | None = None) -> None:
         """Train rows ``indices`` for adapter ``name``, starting from the weight's own."""
-        weight = self._parameters["weight"]
+        weight = self._weight
         index = torch.tensor(list(indices), dtype=torch.long, device=weight.device)
         original = weight.detach().index_select(0, index)
         start = original if values is None else values.to(weight.dtype)
@@ -74,18 +82,18 @@ class TrainableTokens(AdapterModule):
             del self.token_indices[name]
         self._slots.clear()
 
-    def set_active(self, names: Sequence[str]) -> None:
-        names = tuple(names)
+    def active_problem(self, names: Iterable[str]) -> str | None:
         seen: dict[int, str] = {}
         for name in names:
             for i in self.owner.token_indices.get(name, ()):
                 if i in seen:
-                    raise StateError(
-                        f"adapters {seen[i]!r} and {name!r} both train token {i} of this "
-                        "embedding; activate one of them at a time."
-                    )
+                    return (f"adapters {seen[i]!r} and {name!r} both train token {i} of this "
+                            "embedding; activate one of them at a time.")
                 seen[i] = name
-        self.active_adapters = names
+        return None
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = tuple(names)
         self._slots.clear()
 
     def _rows(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -93,7 +101,7 @@ class TrainableTokens(AdapterModule):
         owner = self.owner
         key = (*names, str(device))
         if key not in self._slots:
-            vocab = self._parameters["weight"].shape[0]
+            vocab = self._weight.shape[0]
             slot = torch.full((vocab,), -1, dtype=torch.long)
             ids = [i for n in names for i in owner.token_indices[n]]
             slot[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
@@ -127,24 +135,24 @@ class TrainableTokens(AdapterModule):
         columns = F.linear(x, values, None if bias is None else bias.index_select(0, ids))
         return out.index_copy(-1, ids, columns.to(out.dtype))
 
-    def merge(self) -> None:
+    def merge(self, *, safe: bool = False) -> None:
         """Write the active rows into the weight (the tied head sees them through the tie)."""
         names = self.held_active
         if self.__dict__["tied_to"] is None and names:
-            _, ids = self._rows(names, self._parameters["weight"].device)
+            _, ids = self._rows(names, self._weight.device)
             with torch.no_grad():
-                self._parameters["weight"].index_copy_(0, ids, self._values(names).detach().to(
-                    self._parameters["weight"].dtype))
+                self._weight.index_copy_(0, ids, self._values(names).detach().to(
+                    self._weight.dtype))
         self.merged_adapters = names
 
     def unmerge(self) -> None:
         names = self.merged_adapters
         if self.__dict__["tied_to"] is None and names:
-            _, ids = self._rows(names, self._parameters["weight"].device)
+            _, ids = self._rows(names, self._weight.device)
             originals = torch.cat([self.trainable_tokens_original[n] for n in names])
             with torch.no_grad():
-                self._parameters["weight"].index_copy_(0, ids, originals.to(
-                    self._parameters["weight"].dtype))
+                self._weight.index_copy_(0, ids, originals.to(
+                    self._weight.dtype))
         self.merged_adapters = ()
 
     def module_for(self, merged: bool) -> nn.Module:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,12 @@ def test_empty_weights(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- config fields
 @pytest.mark.parametrize(("changes", "match"), [
-    ({"use_dora": True}, r"use_dora is True: DoRA adapters \(use_dora=true\) are not supported"),
+    ({"use_dora": "yes"}, r"use_dora is 'yes'; expected true or false"),
+    ({"use_dora": True, "lora_bias": True}, r"use_dora and lora_bias are both true"),
     ({"bias": "all"}, r"bias is 'all': bias='all' or 'lora_only' files carry trained base biases"),
-    ({"modules_to_save": ["head"]}, r"modules_to_save is \['head'\]"),
+    ({"modules_to_save": "head"}, r"modules_to_save is 'head'; expected a list of module"),
+    ({"trainable_token_indices": {"emb": ["a"]}}, r"trainable_token_indices is \{'emb': "
+                                                  r"\['a'\]\}; expected token ids"),
     ({"fan_in_fan_out": True}, r"fan_in_fan_out is True: .*Conv1D"),
     ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only LoRA adapters"),
     ({"r": 0}, r"r is 0; expected a positive integer"),
@@ -185,8 +189,11 @@ def test_empty_weights(tmp_path: Path) -> None:
     ({"alpha_pattern": {"(": 2}}, r"alpha_pattern key '\(' is not a valid regular expression"),
     ({"target_modules": 3}, r"target_modules is 3; expected a list of module names or a regex"),
     ({"target_modules": "fc("}, r"target_modules 'fc\(' is not a valid regular expression"),
-    ({"init_lora_weights": "pissa"}, r"init_lora_weights is 'pissa', an initialisation that "
-                                     r"rewrites the base weights"),
+    ({"init_lora_weights": "pissa_niter_4"}, r"init_lora_weights is 'pissa_niter_4': the "
+                                             r"adapter was trained on the residual"),
+    ({"init_lora_weights": "corda"}, r"init_lora_weights is 'corda', which rewrites the base "
+                                     r"weights from the activations of calibration data"),
+    ({"init_lora_weights": "xavier"}, r"init_lora_weights is 'xavier'; expected one of PEFT's"),
 ])
 def test_config_fields_that_cannot_be_honoured(saved: tuple[Path, nn.Module], changes: dict,
                                                match: str) -> None:
@@ -195,19 +202,56 @@ def test_config_fields_that_cannot_be_honoured(saved: tuple[Path, nn.Module], ch
     refused(base, path, r"nothing was changed:\n  - adapter_config.json: " + match)
 
 
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"use_dora": True}, r"conv1: use_dora is true in the config, but the file lacks "
+                         r"conv1.lora_magnitude_vector"),
+    ({"lora_bias": True}, r"conv1: lora_bias is true in the config, but the file lacks "
+                          r"conv1.lora_B.bias"),
+    ({"modules_to_save": ["head"]}, r"modules_to_save names 'head', which matches no module"),
+    ({"trainable_token_indices": {"fc": [1]}}, r"trainable_token_indices: 'fc' is no module"),
+])
+def test_config_fields_the_tensors_do_not_follow(saved: tuple[Path, nn.Module], changes: dict,
+                                                  match: str) -> None:
+    path, base = saved
+    edit_config(path, **changes)
+    refused(base, path, match)
+
+
+def test_warnings_as_errors_leave_a_mixed_dropout_load_unchanged(tmp_path: Path) -> None:
+    # Layers with different dropouts used to be injected group by group, so a warning for
+    # a later group came after the first group was already in the model.
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = copy.deepcopy(base)
+    with pytest.warns(lp.LoRAWarning, match="the rank exceeds"):
+        lp.inject_lora(model, target="0", rank=3, dropout=0.0)
+        lp.inject_lora(model, target="1", rank=3, dropout=0.1)
+    lp.save_adapter(model, tmp_path)
+    before = snapshot(base)
+    with pytest.warns(lp.LoRAWarning) as caught:
+        lp.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [str(w.message) for w in caught] == [
+        "the rank exceeds the rank ΔW can have on 1 (rank 3, at most 2); the extra parameters "
+        "add cost without capacity. Consider a smaller rank."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lp.LoRAWarning)
+        with pytest.raises(lp.LoRAWarning, match=r"the rank exceeds the rank ΔW can have on 1 "):
+            lp.load_adapter(base, tmp_path)
+    assert_unchanged(base, before)
+
+
 def test_every_problem_is_reported_at_once(saved: tuple[Path, nn.Module]) -> None:
     path, base = saved
-    edit_config(path, use_dora=True, bias="lora_only")
+    edit_config(path, use_dora="maybe", bias="lora_only")
 
     def damage(tensors: dict) -> None:  # type: ignore[type-arg]
         del tensors[f"{PREFIX}conv1.lora_B.weight"]
-        tensors[f"{PREFIX}conv1.lora_magnitude_vector"] = torch.ones(4)
+        tensors[f"{PREFIX}conv1.lora_B.default.bias"] = torch.ones(4)
 
     edit_tensors(path, damage)
-    message = refused(base, path, "use_dora")
+    message = refused(base, path, "use_dora is 'maybe'")
     assert "bias is 'lora_only'" in message
-    assert "unexpected key 'base_model.model.conv1.lora_magnitude_vector': a DoRA magnitude" \
-        in message
+    assert "unexpected key 'base_model.model.conv1.lora_B.default.bias': B's bias of an adapter " \
+        "saved with PEFT's lora_bias=true, under a model.state_dict() name" in message
 
 
 def test_unknown_config_fields_warn(saved: tuple[Path, nn.Module]) -> None:
@@ -408,8 +452,9 @@ def test_save_errors(tmp_path: Path) -> None:
         lp.save_adapter(model, tmp_path / "file")
     lp.inject_lora(model, target="conv1", rank=1, name="mixed")
     lp.inject_lora(model, target="conv2", rank=1, name="mixed", use_rslora=True)
-    with pytest.raises(lp.AdapterFileError, match=r"adapter 'mixed' uses rsLoRA on \['conv2'\] "
-                                                  r"but not on its other layers"):
+    with pytest.raises(lp.AdapterFileError, match=r"adapter 'mixed' has use_rslora \{'False': "
+                                                  r"\['conv1'\], 'True': \['conv2'\]\} on "
+                                                  r"different layers; PEFT's config has one"):
         lp.save_adapter(model, tmp_path / "mixed", name="mixed")
     with pytest.raises(lp.AdapterFileError, match=r"save_merged could not write .*file/m"):
         lp.save_merged(model, tmp_path / "file" / "m.safetensors")

@@ -1,0 +1,54 @@
+"""ΔW's matrix form: per group g, W_g (m, n) with ΔW_g = B_g A_g (see ``_inits``, ``_dora``).
+
+Linear: W itself; Conv: W reshaped to (g, out/g, in/g·k…); a layer whose ΔW is (B A)ᵀ
+(``transposed_delta``: Embedding, transformers' Conv1D) works on Wᵀ. The rows of the
+form are the layer's output channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from ._products import compute_dtype
+
+if TYPE_CHECKING:
+    from ._layer import LoRALayer
+
+
+def transposed(layer: LoRALayer) -> bool:
+    """Whether the layer's ΔW is (B A)ᵀ."""
+    return bool(layer.transposed_delta or getattr(layer, "fan_in_fan_out", False))
+
+
+def matrix_shape(layer: LoRALayer) -> tuple[int, int, int]:
+    """(g, m, n) of the weight's matrix form."""
+    shape = tuple(layer.weight.shape)
+    if transposed(layer):
+        return 1, shape[1], shape[0]
+    groups = getattr(layer, "groups", 1)
+    return groups, shape[0] // groups, math.prod(shape[1:])
+
+
+def as_matrices(layer: LoRALayer, tensor: Tensor) -> Tensor:
+    """A weight-shaped tensor as (g, m, n), a view where possible."""
+    if transposed(layer):
+        return tensor.t().unsqueeze(0)
+    g, m, _ = matrix_shape(layer)
+    return tensor.reshape(g, m, -1)
+
+
+def weight_matrices(layer: LoRALayer, weight: Tensor) -> Tensor:
+    """The weight as (g, m, n) in ΔW's compute dtype, a copy."""
+    w = weight.detach().to(compute_dtype(weight.dtype), copy=True)
+    return as_matrices(layer, w).contiguous()
+
+
+def form_problem(layer: LoRALayer, rank: int) -> bool:
+    """Whether A and B of ``rank`` are *not* the matrix form's factors, by their shapes."""
+    g, m, n = matrix_shape(layer)
+    shape_a, shape_b = layer.adapter_shapes(rank)
+    return (layer.weight.dim() < 2 or shape_a[0] != rank or shape_b[0] != g * m
+            or math.prod(shape_a) != rank * n or math.prod(shape_b) != rank * m)
