@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import mixed, scenarios
+from . import dora, mixed, scenarios
 from .timing import wait_for_quiet
 from .twins import peft_available
 
@@ -149,6 +149,22 @@ def tables(results: dict[str, Any]) -> str:
             f"Mixed adapters in one batch ({results['mixed'][0]['about']})",
             ["shape", "base", "lp one adapter", "lp per row", "per row ÷ one",
              "PEFT adapter_names", "PEFT ÷ lp", "PEFT ÷ lp above base"], rows))
+    rows = []
+    for r in results.get("dora", []):
+        t, ratio, peak = r["train"], r["ratio"], r["train_peak_bytes"]
+        rows.append([
+            r["name"], _span(t["loraplug_lora"]), _span(t["loraplug_dora"]),
+            _ratio(ratio, "dora_over_lora"),
+            _span(t["peft_dora"]) if "peft_dora" in t else "—",
+            _ratio(ratio, "peft_dora_over_loraplug_dora"),
+            " / ".join(f"{peak[k] / MiB:.1f}" for k in ("loraplug_lora", "loraplug_dora",
+                                                         "peft_dora") if k in peak),
+        ])
+    if rows:
+        out.append(_table(
+            "DoRA training step (forward + backward + AdamW), median [min–max]",
+            ["scenario", "lp LoRA", "lp DoRA", "DoRA ÷ LoRA", "PEFT DoRA", "PEFT ÷ lp DoRA",
+             "peak MiB lp LoRA / lp DoRA / PEFT DoRA"], rows))
     return "\n".join(out)
 
 
@@ -174,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}",  # noqa: E731
                             file=sys.stderr, flush=True)
     chosen = scenarios.scenarios(args.quick)
-    known = [s.name for s in chosen] + ["mixed"]
+    known = [s.name for s in chosen] + ["mixed", "dora"]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {known}")
     if not args.no_peft and not peft_available():
         log("peft is not installed: measuring loraplug alone (pip install -e .[bench])")
     results: dict[str, Any] = {"environment": environment(args.threads), "quick": args.quick,
-                               "scenarios": [], "mixed": []}
+                               "scenarios": [], "mixed": [], "dora": []}
     def settle() -> float | None:
         if not args.quiet_wait:
             return None
@@ -198,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only or "mixed" in args.only:
         results["mixed"] = mixed.run(quick=args.quick, use_peft=not args.no_peft, log=log,
                                      settle=settle)
+    if not args.only or "dora" in args.only:
+        results["dora"] = dora.run(quick=args.quick, use_peft=not args.no_peft, log=log,
+                                   settle=settle)
     results["environment"]["load_at_end"] = os.getloadavg()
     results["environment"]["seconds"] = round(time.perf_counter() - started, 1)
 

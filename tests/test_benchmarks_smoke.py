@@ -56,7 +56,7 @@ def test_two_scenarios_run_and_report(tmp_path: Path) -> None:
     env = results["environment"]
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["cpu"]
     assert [r["name"] for r in results["scenarios"]] == ["linear-call", "conv2d"]
-    assert results["mixed"] == []
+    assert results["mixed"] == [] and results["dora"] == []
     for run in results["scenarios"]:
         _check_scenario(run, with_peft="peft" in env)
     assert "Forward (no_grad)" in stdout and "linear-call" in stdout
@@ -75,3 +75,17 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
         for stats in mixed["forward"].values():
             _check_stats(stats)
     assert "Mixed adapters in one batch" in stdout
+    assert [d["name"] for d in results["dora"]] == ["gpt-all", "vit_b_16-mlp"]
+
+
+def test_dora_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    results, stdout = _run(tmp_path, "--only", "dora")
+    assert results["scenarios"] == [] and results["mixed"] == []
+    assert [d["name"] for d in results["dora"]] == ["gpt-all", "vit_b_16-mlp"]
+    for dora in results["dora"]:
+        assert dora["checks"]["dora_vs_base"] > 0
+        if "peft" in results["environment"]:
+            assert dora["checks"]["loraplug_vs_peft"] <= 1e-4  # the same DoRA in both
+        for stats in dora["train"].values():
+            _check_stats(stats)
+    assert "DoRA training step" in stdout
