@@ -312,6 +312,9 @@ class LoRALayer(AdapterSet):
         """
         names = self.held_active
         if self._extended:
+            why = _variants.bias_refusal(self, names)
+            if why:
+                raise StateError(why)
             _dora.store_norms(self, names)  # unmerge divides by these, after a restart too
         if weight is None:
             self._fold(names, 1)

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from . import _dora
-from ._errors import StateError
 
 if TYPE_CHECKING:
     from ._layer import LoRALayer
@@ -126,9 +125,7 @@ def fold_bias(layer: LoRALayer, names: tuple[str, ...], sign: int) -> None:
     biases = registry(layer, "lora_B_bias")
     base = layer._parameters.get("bias")
     for name in names:
-        if name in biases:
-            if base is None:
-                raise StateError(bias_refusal(layer, names))
+        if name in biases and base is not None:  # merge refuses biases without a base bias
             base.add_(biases[name].to(base.dtype), alpha=sign * float(layer.scaling[name]))
 
 

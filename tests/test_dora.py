@@ -169,3 +169,49 @@ def test_mixed_dora_and_plain_adapters_in_one_batch(kind: str) -> None:
             lp.set_adapter(model, name)
             alone = model(x[row:row + 1])
         torch.testing.assert_close(mixed[row:row + 1], alone)
+
+
+@given(case=cases(torch.float64))
+def test_save_reload_merge_unmerge_gives_the_weight_back(case: Case) -> None:
+    import tempfile
+
+    base, model = adapted(case)
+    train_a_little(model)
+    weight = base[0].weight.detach().clone()
+    with tempfile.TemporaryDirectory() as tmp:
+        lp.save_adapter(model, tmp)
+        fresh = copy.deepcopy(base)
+        lp.load_adapter(fresh, tmp)
+    assert_close(fresh(case.x), model(case.x))
+    lp.merge(fresh)
+    assert_close(fresh(case.x), model(case.x))
+    lp.unmerge(fresh)
+    assert_close(fresh[0].weight, weight)
+
+
+class Plain(nn.Linear):
+    """A Linear whose LoRA layer type declares no output channels."""
+
+
+@lp.register_lora_layer(Plain)
+class LoRAPlain(lp.LoRALinear):
+    def channel_shape(self, channels: int) -> tuple[int, ...] | None:
+        return None
+
+
+def test_dora_on_a_layer_type_without_channels_is_refused() -> None:
+    model = nn.Sequential(Plain(4, 3))
+    with pytest.raises(lp.ConfigError, match=r"DoRA needs a per-output-channel magnitude, which "
+                                             r"LoRAPlain does not declare"):
+        lp.inject_lora(model, target="0", rank=2, dora=True)
+
+
+def test_an_adapter_dora_on_some_layers_only_is_refused_on_save(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    lp.inject_lora(model, target="0", rank=2, dora=True)
+    lp.inject_lora(model, target="1", rank=2)  # the same adapter, plain on this layer
+    with pytest.raises(lp.AdapterFileError, match=r"adapter 'default' has use_dora \{'True': "
+                                                  r"\['0'\], 'False': \['1'\]\} on different "
+                                                  r"layers"):
+        lp.save_adapter(model, tmp_path)
+    assert not list(tmp_path.iterdir())

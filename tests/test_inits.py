@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +172,75 @@ def test_a_layer_type_without_the_matrix_form_is_refused() -> None:
                                              r"weight's rows and columns, which LoRAOdd does "
                                              r"not declare"):
         lp.inject_lora(nn.Sequential(Odd()), target="0", rank=2, init="olora")
+
+
+def trained_pissa(init: str = "pissa") -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5))
+    model = copy.deepcopy(base)
+    lp.inject_lora(model, target=nn.Linear, rank=2, alpha=4, init=init)
+    with torch.no_grad():  # "training"
+        for key, p in model.named_parameters():
+            if ".lora_" in key:
+                p.add_(0.1 * torch.randn_like(p))
+    return base, model, torch.randn(3, 8)
+
+
+def test_plain_save_loads_on_the_original_weights(tmp_path: Path) -> None:
+    base, model, x = trained_pissa()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lp.save_adapter(model, tmp_path / "plain", plain=True)
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (4, 8, True)
+    fresh = copy.deepcopy(base)
+    lp.load_adapter(fresh, tmp_path / "plain")
+    torch.testing.assert_close(fresh(x), model(x))
+    assert torch.equal(fresh[0].weight, base[0].weight)  # a plain adapter: W untouched
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain"))
+    torch.testing.assert_close(theirs(x), model(x))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rewriting_files_rebuild_the_residual_as_peft_does(init: str, tmp_path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    peft = pytest.importorskip("peft")
+    base, model, x = trained_pissa(init)
+    lp.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())[
+        "init_lora_weights"] == init
+    fresh = copy.deepcopy(base)
+    lp.load_adapter(fresh, tmp_path / "ours")
+    torch.testing.assert_close(fresh(x), model(x))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(theirs(x), model(x))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    again = copy.deepcopy(base)
+    lp.load_adapter(again, tmp_path / "peft")
+    torch.testing.assert_close(again(x), model(x))
+
+
+def test_plain_save_needs_the_starting_values(tmp_path: Path) -> None:
+    _, model, _ = trained_pissa()
+    model[0].initial_values.clear()  # as after a restart from a state dict
+    with pytest.raises(lp.AdapterFileError, match=r"save_adapter\(plain=True\): \['0'\] have "
+                                                  r"no starting values of adapter 'default'"):
+        lp.save_adapter(model, tmp_path, plain=True)
+    with pytest.raises(lp.AdapterFileError, match=r"plain must be True or False; received 1"):
+        lp.save_adapter(model, tmp_path, plain=1)  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())
+
+
+def test_mica_files_load_as_plain_adapters(tmp_path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base, x = nn.Sequential(nn.Linear(8, 6)), torch.randn(3, 8)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=["0"], r=2, init_lora_weights="mica"))
+    with torch.no_grad():
+        theirs.base_model.model[0].lora_A["default"].weight.normal_()
+    theirs.save_pretrained(str(tmp_path))
+    ours = copy.deepcopy(base)
+    lp.load_adapter(ours, tmp_path)
+    torch.testing.assert_close(ours(x), theirs(x))

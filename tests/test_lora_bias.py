@@ -79,3 +79,13 @@ def test_unusable_bias_options_are_refused(kwargs: dict, error: type, match: str
     with pytest.raises(error, match=match):
         lp.inject_lora(model, **kwargs)
     assert_unchanged(model, before)
+
+
+def test_a_layer_refuses_to_merge_a_bias_it_cannot_hold() -> None:
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    lp.inject_lora(model, target="0", rank=2, lora_bias=True)
+    layer = model[0]
+    with pytest.raises(lp.StateError, match=r"this layer has none; keep them unmerged"):
+        layer.merge()
+    with pytest.raises(lp.StateError, match=r"adapters \['default'\] have a bias on B"):
+        layer.commit_merge()  # the low-level step checks too
