@@ -126,3 +126,52 @@ def fill_extras(model: nn.Module, found: TrainedExtras, adapter: str, *, active:
             own[k].copy_(value)
     for path, rows in found.rows.items():
         modules[path].trainable_tokens_delta[adapter].copy_(rows)
+
+
+def state_extras(model: nn.Module, name: str, state: Mapping, others: dict[str, str]) -> tuple[
+        list[tuple[Tensor, Tensor]], list[str]]:
+    """(target, value) pairs for adapter ``name``'s trained copies and token rows in
+    ``state`` (their keys are taken out of ``others``), and the problems found."""
+    pairs: list[tuple[Tensor, Tensor]] = []
+    problems: list[str] = []
+    for path, module in adapter_modules(model):
+        path = clean_name(path)
+        targets: dict[str, Tensor] = {}
+        if isinstance(module, TrainedModule) and name in module.modules_to_save:
+            targets = {f"{path}.{k}": v for k, v in
+                       module.modules_to_save[name].state_dict().items()}
+        elif isinstance(module, TrainableTokens) and module.__dict__["tied_to"] is None \
+                and name in module.token_indices:
+            targets = {f"{path}.{TOKENS_KEY}": module.trainable_tokens_delta[name]}
+        for key, target in targets.items():
+            found = others.pop(key, "")
+            if not found:
+                problems.append(f"{path}: missing key {key} of adapter {name!r}.")
+            elif state[found].shape != target.shape:
+                problems.append(f"{key}: shape {tuple(state[found].shape)} in the state; the "
+                                f"adapter's is {tuple(target.shape)}.")
+            else:
+                pairs.append((target, state[found]))
+    return pairs, problems
+
+
+@torch.no_grad()
+def merged_extras_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """``state`` (the model's) as the plain model with active copies and rows in place."""
+    for path, module in adapter_modules(model):
+        prefix = f"{path}." if path else ""
+        for key in [k for k in state if k.startswith(prefix)
+                    and k[len(prefix):].split(".")[0] in
+                    ("modules_to_save", "trainable_tokens_delta", "trainable_tokens_original")]:
+            del state[key]
+        if isinstance(module, TrainedModule):
+            chosen = module.module_for(merged=True)
+            for key, value in chosen.state_dict().items():
+                state[prefix + key] = value
+        elif isinstance(module, TrainableTokens) and not module.owner.merged:
+            owner = module.owner  # a tied head takes the embedding's rows
+            names = () if owner.adapters_disabled else owner.held_active
+            if names:
+                _, ids = owner._rows(names, owner._weight.device)
+                state[prefix + "weight"] = owner._weight.index_copy(
+                    0, ids, owner._values(names).to(owner._weight.dtype))

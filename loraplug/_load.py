@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._adapters import active_adapters, adapter_names, lora_layers
 from ._errors import AdapterFileError, ConfigError, LoRAWarning, StateError
-from ._extras_files import TrainedExtras, fill_extras, read_extras
+from ._extras_files import TrainedExtras, fill_extras, read_extras, state_extras
 from ._format import (
     CONFIG_NAME,
     FileExtras,
@@ -44,6 +44,7 @@ from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
 from ._variant_files import expected_shape_problem, fill_variants, variant_problems
+from ._variants import registry
 
 _MAX_LINES = 40
 T = TypeVar("T")
@@ -343,12 +344,16 @@ def load_adapter_state_dict(
         )
     everything = {clean for clean, _, _ in candidates(model) if clean}
     entries, others, found = index_keys(state, everything)
-    problems += found + other_key_problems(model, state, others)
-    loaded: dict[str, tuple[LoRALayer, Tensor, Tensor]] = {}
+    extra_pairs, found_extras = state_extras(model, name, state, others)
+    problems += found + found_extras + other_key_problems(model, state, others)
+    loaded: dict[str, tuple[LoRALayer, Tensor, Tensor, dict[str, Tensor]]] = {}
     for path, slots, layer in _matched(entries, layers, problems,
                                        f"the model has no layer with adapter {name!r} there."):
         tensors, found = layer_tensors(path, type(layer), slots)
-        problems += found
+        extra, found_extra = extra_tensors(path, slots)
+        problems += found + found_extra + variant_problems(
+            path, layer, extra, dora=name in registry(layer, "lora_magnitude_vector"),
+            lora_bias=name in registry(layer, "lora_B_bias"), source="for this adapter")
         if tensors is None:
             continue
         a, b = tensors
@@ -358,7 +363,7 @@ def load_adapter_state_dict(
                 f"{path}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} in the state; adapter "
                 f"{name!r} (rank {layer.rank[name]}) has A {want[0]}, B {want[1]}."
             )
-        loaded[path] = (layer, a, b)
+        loaded[path] = (layer, a, b, extra)
     for path, layer in layers.items():
         if path not in entries:
             key_a, key_b = key_names(type(layer))
@@ -372,7 +377,10 @@ def load_adapter_state_dict(
     if problems:
         raise AdapterFileError(_report(where, problems))
     with torch.no_grad():
-        for layer, a, b in loaded.values():
+        for layer, a, b, extra in loaded.values():
             layer.lora_A[name].copy_(a)
             layer.lora_B[name].copy_(b)
+            fill_variants(layer, name, extra)
+        for target, value in extra_pairs:
+            target.copy_(value)
     return sorted(loaded)

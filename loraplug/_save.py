@@ -21,7 +21,7 @@ from ._adapters import check_mergeable, check_names, lora_layers
 from ._atomic import bytes_writer, write_atomically
 from ._distributed import gather_full, run_on_main
 from ._errors import AdapterFileError
-from ._extras_files import extras_config, extras_state
+from ._extras_files import extras_config, extras_state, merged_extras_state
 from ._format import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -41,6 +41,7 @@ from ._peft_config import build_config
 from ._save_fields import as_plain, uniform_fields
 from ._targeting import candidates, clean_name, module_paths
 from ._variant_files import variant_state
+from ._variants import ADAPTER_REGISTRIES, adapted_bias
 from ._version import VERSION
 
 
@@ -220,12 +221,18 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     with torch.no_grad():
         for _, layer in layers:
             weight = layer.weight.detach() if layer.merged else layer.merged_weight()
+            bias: Tensor | None = layer._parameters.get("bias")
+            if not layer.merged and layer._extended:
+                bias = adapted_bias(layer, layer.held_active, layer.scaling)
             for real in paths[id(layer)]:
                 prefix = f"{real}." if real else ""
-                for adapter in layer.adapter_names:
-                    state.pop(f"{prefix}lora_A.{adapter}", None)
-                    state.pop(f"{prefix}lora_B.{adapter}", None)
+                for key in [k for k in state if k.startswith(prefix)
+                            and k[len(prefix):].split(".")[0] in ADAPTER_REGISTRIES]:
+                    del state[key]
                 state[f"{prefix}weight"] = weight
+                if bias is not None:
+                    state[f"{prefix}bias"] = bias.detach()
+        merged_extras_state(model, state)
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

@@ -95,8 +95,7 @@ def summary(model: nn.Module) -> LoRASummary:
             adapters=tuple((n, layer.rank[n], layer.alpha[n]) for n in layer.adapter_names),
             active=layer.held_active,
             merged=layer.merged,
-            lora_parameters=sum(p.numel() for s in (layer.lora_A, layer.lora_B)
-                                for p in s.values()),
+            lora_parameters=sum(p.numel() for p in layer.adapter_parameters()),
         ))
     params = list(model.parameters())
     return LoRASummary(

@@ -21,19 +21,19 @@ _SLOTS = {"M": ("use_dora", "lora_magnitude_vector", "a DoRA magnitude"),
 
 
 def variant_problems(path: str, probe: LoRALayer, extra: dict[str, Tensor], *, dora: bool,
-                     lora_bias: bool) -> list[str]:
-    """What is wrong with a layer's magnitude and bias, given what the config asks for."""
+                     lora_bias: bool, source: str = "in the config") -> list[str]:
+    """What is wrong with a layer's magnitude and bias, given what ``source`` asks for."""
     wanted = {"M": dora, "bias": lora_bias}
     g, m, _ = matrix_shape(probe)
     problems = []
     for slot, (field, suffix, what) in _SLOTS.items():
         if wanted[slot] and slot not in extra:
-            problems.append(f"{path}: {field} is true in the config, but the file lacks "
+            problems.append(f"{path}: {field} is true {source}, but the file lacks "
                             f"{path}.{suffix}.")
         elif not wanted[slot] and slot in extra:
             problems.append(f"{path}: the file holds {what} ({path}.{suffix}), but {field} is "
-                            f"false in the config; set {field}: true if the adapter was "
-                            "trained with it.")
+                            f"false {source}; set {field}: true if the adapter was trained "
+                            "with it.")
         elif slot in extra and extra[slot].numel() != g * m:
             problems.append(f"{path}: {path}.{suffix} has shape {tuple(extra[slot].shape)}; "
                             f"this layer has {g * m} output channels.")

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 Scale = float | Tensor
 
+#: The registries of a LoRA layer that hold adapter tensors (``state_dict`` key parts).
+ADAPTER_REGISTRIES = ("lora_A", "lora_B", "lora_magnitude_vector", "lora_dora_norm",
+                      "lora_B_bias")
+
 
 def registry(layer: nn.Module, key: str) -> dict[str, Tensor]:
     """The tensors of registry ``key`` (``lora_magnitude_vector``, ...), or an empty dict."""

@@ -201,3 +201,52 @@ def test_activating_two_copies_or_overlapping_rows_is_refused() -> None:
     lp.inject_lora(lm, target="mid", rank=2, name="b", trainable_token_indices={"emb": [2]})
     with pytest.raises(lp.StateError, match=r"adapters 'default' and 'b' both train token 2"):
         lp.set_adapter(lm, ["default", "b"])
+
+
+def test_save_merged_writes_the_plain_model_with_copies_rows_and_biases(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model, ids = LM(), torch.tensor([[1, 2, 3, 1, 7]])
+    base = copy.deepcopy(model)
+    lp.inject_lora(model, target="mid", rank=2, trainable_token_indices={"emb": [1, 3]},
+                   lora_bias=True)
+    train(model, ids)
+    y = model(ids)
+    lp.save_merged(model, tmp_path / "merged.safetensors")
+    plain = copy.deepcopy(base)
+    state = load_file(tmp_path / "merged.safetensors")
+    assert sorted(state) == sorted(plain.state_dict())
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(ids), y)
+
+
+def test_adapter_state_dict_round_trip_with_every_option() -> None:
+    model, x = classifier(), torch.randn(5, 4)
+    lp.inject_lora(model, target="0", rank=2, dora=True, modules_to_save=["2"])
+    train(model, x)
+    fresh = classifier()
+    lp.inject_lora(fresh, target="0", rank=2, dora=True, modules_to_save=["2"])
+    assert lp.load_adapter_state_dict(fresh, lp.adapter_state_dict(model)) == ["0"]
+    assert torch.equal(fresh(x), model(x))
+    state = lp.adapter_state_dict(model)
+    del state["0.lora_magnitude_vector"], state["2.weight"]
+    with pytest.raises(lp.AdapterFileError, match=r"0: use_dora is true for this adapter, but "
+                                                  r"the file lacks 0.lora_magnitude_vector"):
+        lp.load_adapter_state_dict(fresh, state)
+    with pytest.raises(lp.AdapterFileError, match=r"2: missing key 2.weight of adapter 'default'"):
+        lp.load_adapter_state_dict(fresh, state)
+
+
+def test_save_merged_of_dora_and_a_trained_head(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model, x = classifier(), torch.randn(5, 4)
+    base = copy.deepcopy(model)
+    lp.inject_lora(model, target="0", rank=2, dora=True, modules_to_save=["2"])
+    train(model, x)
+    lp.save_merged(model, tmp_path / "merged.safetensors")
+    state = load_file(tmp_path / "merged.safetensors")
+    assert sorted(state) == sorted(base.state_dict())
+    base.load_state_dict(state)
+    torch.testing.assert_close(base(x), model(x))
