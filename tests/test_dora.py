@@ -215,3 +215,23 @@ def test_an_adapter_dora_on_some_layers_only_is_refused_on_save(tmp_path: Path) 
                                                   r"layers"):
         lp.save_adapter(model, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+@torch.no_grad()
+def test_compiled_dora_switches_adapters_without_recompiling() -> None:
+    from test_compile import CountingBackend
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Unflatten(1, (6, 1)), nn.Conv1d(6, 4, 1))
+    lp.inject_lora(model, target=["0", "3"], rank=2, dora=True)
+    lp.inject_lora(model, target=["0", "3"], rank=2, name="plain")
+    train_a_little(model)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(3, 6)
+    for names in (["default"], ["plain"], ["default", "plain"]):
+        lp.set_adapter(model, names)
+        torch.testing.assert_close(compiled(x), model(x))
+    with lp.disable_adapters(model):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert backend.graphs == 1
