@@ -83,7 +83,9 @@ def _shapes(quick: bool) -> list[tuple[str, str, Callable[[], nn.Module], Callab
 def _vit(shape: dict[str, int]) -> nn.Module:
     from torchvision.models import VisionTransformer
 
-    return VisionTransformer(**shape)
+    model = VisionTransformer(**shape)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    return model
 
 
 def run(*, quick: bool, use_peft: bool, log: Callable[[str], None],
