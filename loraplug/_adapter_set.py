@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from . import _variants
 from ._compile import sync_gates
 from ._errors import StateError
 
@@ -74,6 +75,7 @@ class AdapterSet(nn.Module):
             del store[name]
         self.init.pop(name, None)
         self.initial_values.pop(name, None)
+        _variants.remove(self, name)  # type: ignore[arg-type]
         self._refresh()
 
     def set_scale(self, name: str, alpha: float) -> None:
@@ -104,6 +106,14 @@ class AdapterSet(nn.Module):
             )
         self.adapters_disabled = bool(disabled)
         self._refresh()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every trained parameter of every adapter: A, B, DoRA magnitudes, B's biases."""
+        params: list[nn.Parameter] = [*self.lora_A.values(), *self.lora_B.values()]
+        for key in ("lora_magnitude_vector", "lora_B_bias"):
+            params += [p for p in _variants.registry(self, key).values()
+                       if isinstance(p, nn.Parameter)]
+        return params
 
     @property
     def adapter_names(self) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ the original weights: ``s·B A − s·B₀ A₀ = s·[B, −B₀] [A; A₀]``, r
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -103,6 +104,24 @@ def _factors(w: Tensor, init: str, rank: int, scaling: float) -> tuple[Tensor, T
     return u * root, root[:, None] * vh
 
 
+def _zero_start(layer: LoRALayer, rank: int, init: str) -> tuple[Tensor, Tensor]:
+    # kaiming: the non-zero side Kaiming-uniform with a = √5 (PEFT's and loralib's
+    # default); gaussian: N(0, 1/r). Embeddings start with A = 0 and B ~ N(0, 1), as PEFT.
+    weight = layer.weight
+    shape_a, shape_b = layer.adapter_shapes(rank)
+    a = torch.empty(shape_a, device=weight.device, dtype=torch.float32)
+    b = torch.empty(shape_b, device=weight.device, dtype=torch.float32)
+    zero, other = (b, a) if layer.zero_init == "B" else (a, b)
+    nn.init.zeros_(zero)
+    if layer.zero_init == "A":
+        nn.init.normal_(other)
+    elif init == "kaiming":
+        nn.init.kaiming_uniform_(other, a=math.sqrt(5))
+    else:
+        nn.init.normal_(other, std=1.0 / rank)
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
 def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> tuple[
         Tensor, Tensor, Tensor | None]:
     """(A, B, new base weight or ``None``) for a fresh adapter; nothing is changed.
@@ -112,7 +131,7 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
     computed in :func:`compute_dtype` and cast once.
     """
     if init in ("kaiming", "gaussian"):
-        a, b = layer.new_adapter(rank, init)
+        a, b = _zero_start(layer, rank, init)
         return a, b, None
     weight = layer.weight
     mats = weight_matrices(layer, weight)

@@ -22,7 +22,6 @@ docs/extending.md walks through a new layer type.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -238,28 +237,6 @@ class LoRALayer(AdapterSet):
         registry: dict[str, Any] = self._modules
         return registry["lora_A"]._parameters[name], registry["lora_B"]._parameters[name]
 
-    # ----------------------------------------------------------- new adapters
-    def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
-        """Freshly initialised (A, B) for rank ``rank``; one of them is zero.
-
-        ``init="kaiming"``: the non-zero side is Kaiming-uniform with a = √5 (PEFT's and
-        loralib's default); ``"gaussian"``: normal with std 1/r. Embeddings start with
-        A = 0 and B ~ N(0, 1), as PEFT does.
-        """
-        weight = self.weight
-        shape_a, shape_b = self.adapter_shapes(rank)
-        a = torch.empty(shape_a, device=weight.device, dtype=torch.float32)
-        b = torch.empty(shape_b, device=weight.device, dtype=torch.float32)
-        zero, other = (b, a) if self.zero_init == "B" else (a, b)
-        nn.init.zeros_(zero)
-        if self.zero_init == "A":
-            nn.init.normal_(other)
-        elif init == "kaiming":
-            nn.init.kaiming_uniform_(other, a=math.sqrt(5))
-        else:
-            nn.init.normal_(other, std=1.0 / rank)
-        return a.to(weight.dtype), b.to(weight.dtype)
-
     # ----------------------------------------------------------- merge
     def _adapted_weight(self, names: Iterable[str], scales: Mapping[str, Scale],
                         sign: int = 1) -> Tensor:
@@ -380,19 +357,6 @@ class LoRALayer(AdapterSet):
             _variants.fold_bias(self, self.merged_adapters, -1)
         self.merged_adapters = ()
         self._refresh()
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """Every trained parameter of every adapter: A, B, DoRA magnitudes, B's biases."""
-        params: list[nn.Parameter] = [*self.lora_A.values(), *self.lora_B.values()]
-        for key in ("lora_magnitude_vector", "lora_B_bias"):
-            params += [p for p in _variants.registry(self, key).values()
-                       if isinstance(p, nn.Parameter)]
-        return params
-
-    def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name`` (the layer must not have it merged), with its extras."""
-        super().remove_adapter(name)
-        _variants.remove(self, name)
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:
