@@ -199,16 +199,16 @@ def forward(layer: LoRALayer, x: Tensor, names: tuple[str, ...],
     bias = layer._parameters.get("bias")
     if len(names) == 1 and not (layer.training and layer.dropout[names[0]]) \
             and type(scales[names[0]]) is float:
-        # One DoRA adapter: f ⊙ (W x + s·B A x) + b, the base output reused in place.
+        # One DoRA adapter: f ⊙ (W x + s·B A x) + b = f ⊙ (y + s·B A x) + (1 − f) ⊙ b, with
+        # the branch accumulated into the base output y and one pass over the output.
         name = names[0]
         f = factor(layer, name, scales[name])
-        if bias is not None:
-            out = out.sub_(bias.view(f.shape).to(out.dtype))
         a, b = layer._adapter(name)
         out = layer.add_lora(out, x, a, b, scales[name])
+        f = f.to(out.dtype)
         if bias is None:
-            return out * f.to(out.dtype)
-        return torch.addcmul(bias.view(f.shape).to(out.dtype), out, f.to(out.dtype))
+            return out * f
+        return torch.addcmul(bias.view(f.shape).to(out.dtype) * (1 - f), out, f)
     return _forward_general(layer, x, names, scales, out, bias, mags, biases)
 
 
