@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, memory_problem, rank_ok
+from ._bounded import short_repr as _short
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
 from ._registry import lora_layer_for, type_name
@@ -46,24 +47,25 @@ def validate_hyperparameters(
     Raises:
         ConfigError: a value is of the wrong type or out of range.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not rank_ok(rank):
         raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
+            f"rank must be a positive int; received {_short(rank)}. Typical ranks are 4 to "
+            f"64, e.g. rank=8 (at most {MAX_RANK})."
         )
     if alpha is None:
         alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
+    if not alpha_ok(alpha):
         raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+            f"alpha must be a finite number > 0; received {_short(alpha)}. The scaling is "
+            "alpha / rank, computed in the weights' dtype, so alpha must fit a float32 "
+            f"({ALPHA_RANGE[0]:.4g} to {ALPHA_RANGE[1]:.4g}); alpha=None means alpha = rank "
+            "(scaling 1)."
         )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
+            f"dropout must be a number in [0, 1); received {_short(dropout)}. Use 0.0 for "
+            "none, e.g. dropout=0.05."
         )
     name = validate_name(name)
     if init not in ("kaiming", "gaussian"):
@@ -108,7 +110,7 @@ def injection_problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = lora_layer_for(module)
-    why = probe.check_rank(spec.rank)
+    why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and spec.dropout > 0:

@@ -39,6 +39,7 @@ from ._format import (
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
 from ._peft_config import PeftLoRAConfig, parse_config
+from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
 
@@ -277,7 +278,12 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        plan, found = _plan(model, config, entries, extras, adapter)
+        try:
+            with work_limit():  # config regexes: bounded work in all (see _regex)
+                plan, found = _plan(model, config, entries, extras, adapter)
+        except RegexRefused as err:
+            found = [f"{CONFIG_NAME}: the regex {err}; adapter files are matched in bounded "
+                     "time. Name the modules in a list instead."]
         problems += found
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
