@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ class JSONTooDeep(ValueError):
     """JSON text nested deeper than :data:`MAX_JSON_DEPTH`."""
 
 
-def load_json(text: str | bytes) -> object:
+def load_json(text: str | bytes) -> Any:
     """``json.loads(text)``, refusing nesting deeper than :data:`MAX_JSON_DEPTH`.
 
     Raises:

@@ -68,9 +68,10 @@ _BUDGET: ContextVar[list[int] | None] = ContextVar("loraplug_regex_budget", defa
 
 
 @contextlib.contextmanager
-def work_limit(steps: int = MAX_WORK) -> Iterator[None]:
-    """Within the block, matching visits at most ``steps`` automaton states in all; past
-    that, the match raises :class:`RegexRefused`."""
+def work_limit(steps: int | None = None) -> Iterator[None]:
+    """Within the block, matching visits at most ``steps`` automaton states in all
+    (:data:`MAX_WORK` by default); past that, the match raises :class:`RegexRefused`."""
+    steps = MAX_WORK if steps is None else steps
     token = _BUDGET.set([steps, steps])
     try:
         yield

@@ -6,20 +6,24 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
 
 # The readers load_adapter uses, so that inspect sees a file exactly as loading does.
+from .._bounded import tensor_problem
 from .._format import (
     CONFIG_NAME,
+    Slots,
     index_keys,
     locate,
     read_adapter_weights,
     read_config,
     read_metadata,
 )
-from .._peft_config import parse_config
+from .._peft_config import PeftLoRAConfig, parse_config
+from .._regex import RegexRefused, work_limit
 from ._common import _dims, _one_line, _size, _table
 
 
@@ -52,32 +56,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"config    fields loraplug ignores: {unknown}")
 
     rows, params, nbytes, bad = [], 0, 0, []
-    for path, slots in sorted(entries.items()):
-        a = slots.get("A", (None, None, None))[1]
-        b = slots.get("B", (None, None, None))[1]
-        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-            problems.append(f"{path}: needs both lora_A and lora_B tensors")
-            continue
-        rank = a.shape[0]  # A is (r, in…) for every layer type, (r, V) for embeddings
-        alpha_text = scaling_text = "?"
-        if config is not None:
-            want, alpha, source = config.spec(path)
-            if want != rank:
-                problems.append(f"{path}: tensors have rank {rank} but {source} says {want}")
-            scale = alpha / (math.sqrt(rank) if config.use_rslora else rank)
-            alpha_text, scaling_text = f"{alpha:g}", f"{scale:.4g}"
-        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) \
-            if a.is_floating_point() and b.is_floating_point() else False
-        if not finite:
-            bad.append(path)
-        dtype = str(a.dtype).removeprefix("torch.")
-        if b.dtype != a.dtype:
-            dtype += "/" + str(b.dtype).removeprefix("torch.")
-        size = a.numel() * a.element_size() + b.numel() * b.element_size()
-        params += a.numel() + b.numel()
-        nbytes += size
-        rows.append((path, str(rank), alpha_text, scaling_text, _dims(a), _dims(b), dtype,
-                     _size(size), "yes" if finite else "NO"))
+    with work_limit():  # the config's regexes, matched in bounded time
+        for path, slots in sorted(entries.items()):
+            row = _layer_row(path, slots, config, problems)
+            if row is None:
+                continue
+            cells, a, b, finite = row
+            if not finite:
+                bad.append(path)
+            params += a.numel() + b.numel()
+            nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+            rows.append(cells)
     print()
     if rows:
         print(_table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
@@ -90,3 +79,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"problem: {_one_line(problem)}")
     return 1 if problems or bad else 0
+
+
+def _layer_row(path: str, slots: Slots, config: PeftLoRAConfig | None,
+               problems: list[str]) -> tuple[tuple[str, ...], Tensor, Tensor, bool] | None:
+    """One row of the table, or ``None`` (with the reason in ``problems``)."""
+    found, reasons = [], []
+    for slot in "AB":
+        key, value, _ = slots.get(slot, ("", None, ""))
+        why = "needs both lora_A and lora_B tensors" if value is None \
+            else tensor_problem(key, value)
+        if why:
+            reasons.append(f"{path}: {why}")
+        found.append(value)
+    if reasons:
+        problems += dict.fromkeys(reasons)  # once, when both are missing
+        return None
+    a, b = cast(Tensor, found[0]), cast(Tensor, found[1])
+    if a.dim() < 2 or b.dim() < 2:
+        problems.append(f"{path}: A has shape {tuple(a.shape)} and B {tuple(b.shape)}; an "
+                        "adapter's A is (r, in…) and its B (out, r…)")
+        return None
+    if a.shape[0] == 0:
+        problems.append(f"{path}: A {tuple(a.shape)} and B {tuple(b.shape)} have rank 0, an "
+                        "empty adapter; a rank is at least 1")
+        return None
+    rank = a.shape[0]  # A is (r, in…) for every layer type, (r, V) for embeddings
+    alpha_text = scaling_text = "?"
+    if config is not None:
+        try:
+            want, alpha, source = config.spec(path)
+        except RegexRefused as err:
+            problems.append(f"{CONFIG_NAME}: the regex {err}")
+        else:
+            if want != rank:
+                problems.append(f"{path}: tensors have rank {rank} but {source} says {want}")
+            scale = alpha / (math.sqrt(rank) if config.use_rslora else rank)
+            alpha_text, scaling_text = f"{alpha:g}", f"{scale:.4g}"
+    # float8 has no isfinite: check in float32, where every float8 value is exact.
+    finite = bool(torch.isfinite(a.float()).all()) and bool(torch.isfinite(b.float()).all())
+    dtype = str(a.dtype).removeprefix("torch.")
+    if b.dtype != a.dtype:
+        dtype += "/" + str(b.dtype).removeprefix("torch.")
+    size = a.numel() * a.element_size() + b.numel() * b.element_size()
+    return ((path, str(rank), alpha_text, scaling_text, _dims(a), _dims(b), dtype, _size(size),
+             "yes" if finite else "NO"), a, b, finite)
