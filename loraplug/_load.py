@@ -100,6 +100,9 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     rank, alpha, source = config.spec(path)
     spec = LayerSpec(rank, alpha, dropout)
     blockers = injection_problems(model, path, module, paths, spec, adapter=adapter)
+    if isinstance(module, LoRALayer) and adapter in module.adapter_names:
+        # A taken name is reported once, for the whole model (_name_problems).
+        blockers = [b for b in blockers if "already has an adapter named" not in b[1]]
     problems += [message for _, message in blockers]
     tensors, found = layer_tensors(path, layer_cls, slots)
     problems += found
@@ -126,15 +129,42 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
         problems += found
         if planned is not None:
             plan[path] = planned
+    problems += _shared_problems(plan)
     if config.names_explicitly():
+        loaded = {id(item.module) for item in plan.values()}
         for path, module in everything.items():
             layer_cls = _layer_class(module)
-            if path in entries or not config.targets(path) or layer_cls is None:
+            if path in entries or id(module) in loaded or not config.targets(path) \
+                    or layer_cls is None:
                 continue
             key_a, key_b = key_names(layer_cls)
             problems.append(f"{path}: target_modules selects it, but the file lacks "
                             f"{path}.{key_a} and {path}.{key_b}.")
     return plan, problems
+
+
+def _shared_problems(plan: dict[str, _Planned]) -> list[str]:
+    """A module reachable at several paths carries one adapter: the file may give it
+    tensors under more than one of them only if they are the same. The extra paths are
+    dropped from ``plan``; differing tensors are a problem."""
+    first: dict[int, str] = {}
+    problems = []
+    for path in sorted(plan):
+        owner = first.setdefault(id(plan[path].module), path)
+        if owner == path:
+            continue
+        kept, item = plan[owner], plan.pop(path)
+        same = kept.spec == item.spec and all(
+            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
+            for x, y in ((kept.a, item.a), (kept.b, item.b)))
+        if not same:
+            problems.append(
+                f"{owner} and {path} are one module (the same object at both paths), which "
+                "carries one adapter, but the file gives it different tensors or "
+                f"hyperparameters under each path. Keep one path's keys in the file (remove "
+                f"those of {path}), or make them separate modules in the model."
+            )
+    return problems
 
 
 def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],

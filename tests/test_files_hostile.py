@@ -300,3 +300,87 @@ def test_a_base_weight_key_holding_a_meta_tensor_is_refused(tmp_path: Path) -> N
     refused(nn.Sequential(nn.Linear(4, 4)), path,
             r"'base_model\.model\.0\.weight' is a tensor on the meta device .* \(a full module "
             r"weight or bias, which a LoRA adapter does not carry\)\.")
+
+
+# --------------------------------------------------------------------------- the model (8, 10)
+class Shared(nn.Module):
+    """One Linear reachable at two paths, ``a`` and ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def shared_file(path: Path, *, same: bool, target: object = ("a", "b")) -> dict:
+    tensors = {f"{PREFIX}a.lora_A.weight": torch.randn(2, 4),
+               f"{PREFIX}a.lora_B.weight": torch.randn(4, 2)}
+    for slot in "AB":
+        value = tensors[f"{PREFIX}a.lora_{slot}.weight"]
+        other = value.clone() if same else torch.randn_like(value)
+        tensors[f"{PREFIX}b.lora_{slot}.weight"] = other
+    path.mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": target}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return tensors
+
+
+def test_one_shared_module_given_different_tensors_is_refused(tmp_path: Path) -> None:
+    shared_file(tmp_path / "s", same=False)
+    model = Shared()
+    message = refused(model, tmp_path / "s", r"nothing was changed:\n  - a and b are one module "
+                                             r"\(the same object at both paths\), which carries "
+                                             r"one adapter, but the file gives it different "
+                                             r"tensors or hyperparameters under each path\. Keep "
+                                             r"one path's keys in the file \(remove those of b\)")
+    assert message.count("\n  - ") == 1
+
+
+def test_one_shared_module_given_the_same_tensors_loads_once(tmp_path: Path) -> None:
+    tensors = shared_file(tmp_path / "s", same=True)
+    model = Shared()
+    assert lp.load_adapter(model, tmp_path / "s") == ["a"]
+    assert model.a is model.b
+    assert torch.equal(model.a.lora_A["default"], tensors[f"{PREFIX}a.lora_A.weight"])
+    assert torch.equal(model.b.lora_B["default"], tensors[f"{PREFIX}b.lora_B.weight"])
+
+
+def test_a_shared_module_saved_under_one_path_loads_with_a_regex_selecting_both(
+        tmp_path: Path) -> None:
+    model = Shared()
+    lp.inject_lora(model, target="a", rank=2)
+    randomize_adapters(model)
+    lp.save_adapter(model, tmp_path)
+    edit_config(tmp_path, target_modules="a|b")  # PEFT visits a shared module once
+    fresh = Shared()
+    assert lp.load_adapter(fresh, tmp_path) == ["a"]
+    x = torch.randn(3, 4)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_mixed_dropout_load_under_all_warnings_as_errors_changes_nothing(tmp_path: Path) -> None:
+    # Layers with different dropouts were injected group by group: with every warning an
+    # error, a warning for a later group came after the first group was in the model.
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lp.LoRAWarning)
+        lp.inject_lora(model, target="0", rank=3, dropout=0.0)
+        lp.inject_lora(model, target=["1", "2"], rank=3, dropout=0.1)
+    lp.save_adapter(model, tmp_path)
+    edit_config(tmp_path, shiny_new_option=1)  # a second warning, about the config
+    before = snapshot(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(lp.LoRAWarning, match="fields loraplug does not know"):
+            lp.load_adapter(base, tmp_path)
+    assert_unchanged(base, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lp.LoRAWarning)
+        lp.load_adapter(base, tmp_path)
+    assert [base[i].dropout["default"] for i in range(3)] == [0.0, 0.1, 0.1]
