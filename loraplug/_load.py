@@ -41,6 +41,7 @@ from ._layer import LoRALayer
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
+from ._shared_paths import shared_module_problems
 from ._targeting import candidates, module_paths
 
 _MAX_LINES = 40
@@ -129,7 +130,7 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
         problems += found
         if planned is not None:
             plan[path] = planned
-    problems += _shared_problems(plan)
+    problems += shared_module_problems(plan)
     if config.names_explicitly():
         loaded = {id(item.module) for item in plan.values()}
         for path, module in everything.items():
@@ -141,30 +142,6 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
             problems.append(f"{path}: target_modules selects it, but the file lacks "
                             f"{path}.{key_a} and {path}.{key_b}.")
     return plan, problems
-
-
-def _shared_problems(plan: dict[str, _Planned]) -> list[str]:
-    """A module reachable at several paths carries one adapter: the file may give it
-    tensors under more than one of them only if they are the same. The extra paths are
-    dropped from ``plan``; differing tensors are a problem."""
-    first: dict[int, str] = {}
-    problems = []
-    for path in sorted(plan):
-        owner = first.setdefault(id(plan[path].module), path)
-        if owner == path:
-            continue
-        kept, item = plan[owner], plan.pop(path)
-        same = kept.spec == item.spec and all(
-            x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
-            for x, y in ((kept.a, item.a), (kept.b, item.b)))
-        if not same:
-            problems.append(
-                f"{owner} and {path} are one module (the same object at both paths), which "
-                "carries one adapter, but the file gives it different tensors or "
-                f"hyperparameters under each path. Keep one path's keys in the file (remove "
-                f"those of {path}), or make them separate modules in the model."
-            )
-    return problems
 
 
 def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
 
 from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, finite_number, rank_ok
-from ._regex import RegexRefused, fullmatcher, key_finder
+from ._peft_regex import fullmatcher, key_finder
+from ._regex import RegexRefused
 
 _RANK_TEXT = f"a positive integer, at most {MAX_RANK}"
 _ALPHA_TEXT = (f"a finite number > 0, within float32's range {ALPHA_RANGE[0]:.4g} to "

@@ -90,7 +90,8 @@ def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
             "either the old or the new one, never a partial write; if only some were replaced, "
-            "load_adapter detects the mismatched pair and refuses it. Save again."
+            "load_adapter warns that the config and the weights come from different saves (and "
+            "refuses them if their shapes disagree). Save again."
         ) from err
 
 
@@ -119,7 +120,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     Raises:
         AdapterError: the model has no adapter ``name``.
         AdapterFileError: the adapter uses rsLoRA on some layers only (PEFT's config has
-            one ``use_rslora``), or the files cannot be written.
+            one ``use_rslora``), ``path`` is empty, or the files cannot be written.
 
     Example:
         >>> import tempfile
@@ -133,6 +134,12 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
         ...     lp.load_adapter(fresh, tmp)
         ['0']
     """
+    if isinstance(path, str) and not path.strip():
+        raise AdapterFileError(
+            f"save_adapter: path is {path!r}; expected the directory to write, e.g. "
+            "'adapters/style'. (An empty path would mean the current directory: pass '.' "
+            "for that.)"
+        )
     layers = _adapter_layers(model, name, "save_adapter")
     rslora = {layer.use_rslora[name] for _, layer in layers}
     if len(rslora) > 1:
@@ -165,12 +172,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
                 "path."
             ) from err
         # An adapter is small: serialise it in memory, then write it through our own file.
+        weights = _canonical(serialize(tensors, metadata=metadata))
         _write({
-            directory / WEIGHTS_NAME: bytes_writer(serialize(tensors, metadata=metadata)),
+            directory / WEIGHTS_NAME: bytes_writer(weights),
             directory / CONFIG_NAME: bytes_writer(config_bytes),
         }, "save_adapter")
 
     run_on_main(model, write)  # FSDP2: process 0 writes, the others wait for it
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted, so that saving the same
+    adapter twice gives the same bytes (the writer orders metadata by hash)."""
+    # Layout: an 8-byte little-endian header length, the JSON header padded with spaces to
+    # a multiple of 8, then the tensor data, whose offsets the reordering leaves alone.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def save_merged(model: nn.Module, path: str | Path) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -384,3 +387,101 @@ def test_mixed_dropout_load_under_all_warnings_as_errors_changes_nothing(tmp_pat
         warnings.simplefilter("ignore", lp.LoRAWarning)
         lp.load_adapter(base, tmp_path)
     assert [base[i].dropout["default"] for i in range(3)] == [0.0, 0.1, 0.1]
+
+
+# --------------------------------------------------------------------------- wording, paths (18)
+def test_an_exclude_that_removes_every_match_names_the_exclusion() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    before = snapshot(model)
+    for target, exclude, shown in (("0", "0", r"\(0\)"), (nn.Linear, ["0", "2"], r"\(0, 2\)")):
+        match = (r"exclude .* removes every layer of a supported type that target selects "
+                 + shown + r", so nothing is left to adapt\. Narrow the exclude or widen the "
+                 r"target")
+        with pytest.raises(lp.TargetError, match=match):
+            lp.inject_lora(model, target=target, exclude=exclude, rank=2)
+        with pytest.raises(lp.TargetError, match=match):
+            lp.find_targets(model, target, exclude=exclude)
+    assert_unchanged(model, before)
+
+
+def test_a_failed_second_rename_says_what_loading_then_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = two_blocks()
+    model = copy.deepcopy(base)
+    lp.inject_lora(model, target=nn.Linear, rank=2, alpha=2)
+    lp.save_adapter(model, tmp_path)
+    newer = copy.deepcopy(base)
+    lp.inject_lora(newer, target=nn.Linear, rank=2, alpha=4)
+    randomize_adapters(newer)
+    real_replace, calls = os.replace, []
+
+    def second_fails(src, dst):  # type: ignore[no-untyped-def]
+        calls.append(dst)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(lp.AdapterFileError, match=r"if only some were replaced, load_adapter "
+                                                  r"warns that the config and the weights come "
+                                                  r"from different saves \(and refuses them if "
+                                                  r"their shapes disagree\)\. Save again\."):
+        lp.save_adapter(newer, tmp_path)
+    monkeypatch.undo()
+    with pytest.warns(lp.LoRAWarning, match=r"come from different saves .* lora_alpha is 2 in "
+                                            r"the config but was 4 when the weights were written"):
+        lp.load_adapter(base, tmp_path)  # what the message promises: a warning, then loaded
+
+
+def test_saving_to_an_empty_path_is_refused(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    lp.inject_lora(model, target="0", rank=2)
+    monkeypatch.chdir(tmp_path)
+    for path in ("", "  "):
+        with pytest.raises(lp.AdapterFileError, match=r"save_adapter: path is '\s*'; expected "
+                                                      r"the directory to write, e.g\. "
+                                                      r"'adapters/style'"):
+            lp.save_adapter(model, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+SAVE_TWICE = """
+import sys, torch
+from torch import nn
+import loraplug as lp
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+lp.inject_lora(model, target="0", rank=2, dropout=0.1)
+lp.inject_lora(model, target=["1", "2"], rank=3, alpha=5, dropout=0.2)
+lp.save_adapter(model, sys.argv[1])
+"""
+
+
+def save_twice_script(out: Path) -> str:
+    return SAVE_TWICE.replace("sys.argv[1]", repr(str(out)))
+
+
+def test_saving_the_same_adapter_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    # The metadata has five keys; safetensors writes them in hash order, which changed
+    # from one call to the next.
+    files = []
+    for run in range(3):
+        out = tmp_path / f"run{run}"
+        exec(compile(save_twice_script(out), "save", "exec"), {})
+        files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert sorted(files[0]) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files[0] == files[1] == files[2]
+
+
+@pytest.mark.slow
+def test_saves_in_two_processes_give_the_same_bytes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "PYTHONWARNINGS": "ignore"}
+    files = []
+    for run, seed in enumerate(("1", "2")):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-c", save_twice_script(out)],
+                       env={**env, "PYTHONHASHSEED": seed}, check=True)
+        files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert files[0] == files[1]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from strategies import literal_regexes, module_names, regexes
 
 from loraplug import _regex
-from loraplug._regex import BoundedPattern, RegexRefused, fullmatcher, key_finder, work_limit
+from loraplug._peft_regex import fullmatcher, key_finder
+from loraplug._regex import BoundedPattern, RegexRefused, work_limit
 
 
 def peft_key(key: str) -> str:
