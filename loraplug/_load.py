@@ -38,6 +38,7 @@ from ._format import (
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
+from ._lock import locked
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
@@ -270,8 +271,9 @@ def load_adapter(
             warning leaves the model as it was.
     """
     directory, weights_file = locate(Path(path))
-    raw = read_config(directory / CONFIG_NAME)
-    state, metadata = read_adapter_weights(weights_file)
+    with locked([directory], shared=True):  # both files from one save (see _lock)
+        raw = read_config(directory / CONFIG_NAME)
+        state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
     problems = [f"{CONFIG_NAME}: {p}" for p in config_problems]
     extras, found = read_metadata(metadata)

@@ -22,6 +22,7 @@ from .._format import (
     read_config,
     read_metadata,
 )
+from .._lock import locked
 from .._peft_config import PeftLoRAConfig, parse_config
 from .._regex import RegexRefused, work_limit
 from ._common import _dims, _one_line, _size, _table
@@ -29,8 +30,9 @@ from ._common import _dims, _one_line, _size, _table
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     directory, weights_file = locate(Path(args.adapter_dir))
-    raw = read_config(directory / CONFIG_NAME)
-    state, metadata = read_adapter_weights(weights_file)
+    with locked([directory], shared=True):  # both files from one save
+        raw = read_config(directory / CONFIG_NAME)
+        state, metadata = read_adapter_weights(weights_file)
     config, problems, unknown = parse_config(raw)
     extras, found = read_metadata(metadata)
     problems += found
