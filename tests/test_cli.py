@@ -89,6 +89,47 @@ def test_python_dash_m_runs_and_fails_cleanly(tmp_path: Path) -> None:
     assert bad.stderr.startswith("loraplug inspect: error: ")
 
 
+# What the `loraplug` console script that pip writes into bin/ runs. Its sys.path starts
+# with bin/, not with the current directory as `python -m loraplug`'s does.
+CONSOLE_SCRIPT = "import sys\nfrom loraplug.__main__ import main\nsys.exit(main())\n"
+
+
+@pytest.mark.parametrize("launcher", ["console script", "python -m"])
+def test_model_builder_in_the_current_directory(tmp_path: Path, launcher: str) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "loraplug").write_text(CONSOLE_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mymodels.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Linear(4, 3))\n")
+    command = [sys.executable, str(tmp_path / "bin" / "loraplug")] \
+        if launcher == "console script" else [sys.executable, "-m", "loraplug"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([*command, "targets", "mymodels:net", "-t", "0", "-r", "1"],
+                        capture_output=True, text=True, env=env, cwd=work, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert re.search(r"^\*\s+0\s+nn\.Linear\s+3×4", ok.stdout, re.M)
+    missing = subprocess.run([*command, "targets", "othermodels:net"], capture_output=True,
+                             text=True, env=env, cwd=work, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        "loraplug targets: error: cannot import 'othermodels' for MODEL 'othermodels:net': "
+        f"no module 'othermodels' in the current directory ({work}) or the installed "
+        "packages\n")
+
+
+def test_current_directory_leaves_sys_path_as_it_was(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "here_models.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "here_models", raising=False)
+    before = list(sys.path)
+    assert run(capsys, "targets", "here_models:net")[0] == 0
+    assert sys.path == before
+
+
 # --------------------------------------------------------------------------- bad arguments
 BAD_ARGUMENTS = [
     (["bogus"], 2, r"invalid choice: 'bogus'"),

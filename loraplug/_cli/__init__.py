@@ -10,7 +10,8 @@
   loads with ``load_state_dict``.
 
 MODEL is ``torchvision:NAME`` (built without pretrained weights) or
-``package.module:callable`` (called without arguments; a module instance works too).
+``package.module:callable`` (called without arguments; a module instance works too),
+imported from the current directory first, then from the installed packages.
 Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is
 unpickled. Errors print one line and exit with status 1 (2 for bad arguments).
 """

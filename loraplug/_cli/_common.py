@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +34,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------- models
+@contextlib.contextmanager
+def _current_directory_first() -> Iterator[None]:
+    # `python -m loraplug` imports from the current directory and the console script
+    # would not (its sys.path starts with its bin/ directory): both look there first.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def build_model(spec: str, *, meta: bool = False) -> nn.Module:
     """Build the model ``spec`` names: ``torchvision:NAME`` or ``package.module:callable``.
 
-    With ``meta``, the model is first built on the meta device (shapes only: fast, no
-    memory); a builder that cannot run there is built on the CPU instead.
+    ``package.module`` is imported from the current directory first, then from the
+    installed packages. With ``meta``, the model is first built on the meta device
+    (shapes only: fast, no memory); a builder that cannot run there is built on the CPU
+    instead.
     """
+    with _current_directory_first():
+        return _build_model(spec, meta=meta)
+
+
+def _build_model(spec: str, *, meta: bool) -> nn.Module:
     source, sep, name = spec.partition(":")
     if not sep or not source or not name:
         raise CLIError(
@@ -62,7 +87,11 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
         try:
             module = importlib.import_module(source)
         except ImportError as err:
-            raise CLIError(f"cannot import {source!r} for MODEL {spec!r}: {err}") from err
+            reason = str(err)
+            if isinstance(err, ModuleNotFoundError) and err.name == source.partition(".")[0]:
+                reason = (f"no module {err.name!r} in the current directory ({os.getcwd()}) "
+                          "or the installed packages")
+            raise CLIError(f"cannot import {source!r} for MODEL {spec!r}: {reason}") from err
         obj: object = module
         for part in name.split("."):
             if not hasattr(obj, part):
