@@ -23,8 +23,14 @@ class CLIError(Exception):
 
 
 def _one_line(message: str) -> str:
+    """A message's lines as one: sentences run on, list items are joined with "; "."""
     parts = [line.strip().removeprefix("- ").strip() for line in str(message).splitlines()]
-    return "; ".join(p for p in parts if p).replace(":;", ":")
+    text = ""
+    for part in filter(None, parts):
+        if text:
+            text += " " if text.endswith((".", ":", "?", "!")) else "; "
+        text += part
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,6 +174,11 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""  # unreachable
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _dims(t: Tensor) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._common import CLIError, _size, build_model
+from ._common import CLIError, _count, _size, build_model
 
 
 # --------------------------------------------------------------------------- merge
@@ -76,8 +76,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model.load_state_dict(state)
     layers = load_adapter(model, args.adapter, name=args.name)
     save_merged(model, out)
-    print(f"merged the adapter in {args.adapter} into {len(layers)} layers of {args.model}; "
-          f"wrote {out} ({_size(out.stat().st_size)}).")
+    print(f"merged the adapter in {args.adapter} into {_count(len(layers), 'layer')} of "
+          f"{args.model}; wrote {out} ({_size(out.stat().st_size)}).")
     print("Load it without loraplug: model.load_state_dict(safetensors.torch.load_file("
           f"{str(out)!r}))")
     return 0
