@@ -6,10 +6,12 @@ The full check builds the wheel and installs it alone into a fresh environment
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.metadata as metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +118,64 @@ def test_declared_dependencies_are_enough(tmp_path: Path) -> None:
                             env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Failed to initialize NumPy" not in result.stderr
+
+
+# --------------------------------------------------------------------------- setup
+def make_dry_run(target: str, tmp_path: Path) -> str:
+    """The commands ``make TARGET`` runs on a machine without .venv, without running them."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    result = subprocess.run([make, "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def installs(commands: str) -> list[str]:
+    return [line for line in commands.splitlines() if " install " in line and "-e " in line]
+
+
+DEV_ONLY = {"pytest", "hypothesis", "ruff", "peft", "transformers", "mkdocs"}
+
+
+def test_make_example_installs_only_the_examples_extra(tmp_path: Path) -> None:
+    commands = make_dry_run("example", tmp_path)
+    assert [line.split("-e ", 1)[1] for line in installs(commands)] == ["'.[examples]'"]
+    assert "examples/vgg19_goldfish.py" in commands.splitlines()[-1]
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert not requirement_names(extras["examples"]) & DEV_ONLY
+    # The tests need the dev tools, and run the example too.
+    test_installs = installs(make_dry_run("test", tmp_path))
+    assert [line.split("-e ", 1)[1] for line in test_installs] == ["'.[dev,examples]'"]
+
+
+def test_example_imports_only_what_its_extra_declares() -> None:
+    """Every package the example's files import is declared by `examples` or the library."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = requirement_names(project["dependencies"]) \
+        | requirement_names(project["optional-dependencies"]["examples"]) | {"loraplug"}
+    owners = metadata.packages_distributions()
+    local = {path.stem for path in (ROOT / "examples").glob("*.py")}
+    imported = set()
+    for path in (ROOT / "examples").glob("*goldfish*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.partition(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - local - {"__future__"}
+    assert {"torch", "torchvision", "PIL", "tqdm", "numpy", "efficientnet_lite_pytorch"} \
+        <= third_party
+    for module in third_party:
+        dists = {normalise(d) for d in owners.get(module, [module])}
+        assert dists & declared, f"the example imports {module}, which nothing declares"
+
+
+def test_ci_runs_the_readme_tests_and_the_wheel_smoke(tmp_path: Path) -> None:
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "make test" in ci and "make smoke" in ci
+    assert "bash .ci/wheel_smoke.sh" in make_dry_run("smoke", tmp_path)
