@@ -26,7 +26,7 @@ $(DOCS_STAMP): $(STAMP)
 setup: $(STAMP)
 
 example: $(EXAMPLE_STAMP)
-	$(PY) examples/vgg19_goldfish.py
+	$(PY) examples/goldfish.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests loraplug

