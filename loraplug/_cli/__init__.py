@@ -36,8 +36,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     model_help = ("torchvision:NAME (built without weights) or package.module:callable "
                   "(returns an nn.Module)")
-    parser = _Parser(prog="loraplug", description="LoRA adapters for any PyTorch model: see "
-                     "what a target wraps, inspect adapter files, merge adapters into weights.")
+    parser = _Parser(prog="loraplug", description="LoRA adapters for PyTorch models: see what "
+                     "a target wraps, inspect adapter files, merge adapters into weights.")
     parser.add_argument("--version", action="version", version=f"loraplug {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
