@@ -331,7 +331,8 @@ def run_method(method: str, adapted: nn.Module, groups: dict[str, Tensor],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train LoRA adapters so a frozen ImageNet classifier calls five cartoon "
-        "goldfish 'goldfish': the article's input-level adapter and loraplug's inject_lora.")
+        f"goldfish 'goldfish': the input-level adapter of the article \"{ARTICLE.title}\" "
+        f"({ARTICLE.english}), and loraplug's inject_lora.")
     parser.add_argument("--backbone", choices=["auto", "vgg19", "efficientnet-lite0"],
                         default="auto", help="auto: VGG19 if its weights are on disk, else "
                         "EfficientNet-Lite0 (default: auto)")
