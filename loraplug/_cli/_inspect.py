@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -25,22 +26,14 @@ from .._format import (
 from .._lock import locked
 from .._peft_config import PeftLoRAConfig, parse_config
 from .._regex import RegexRefused, work_limit
-from ._common import _dims, _one_line, _size, _table
+from ._common import byte_size, dims, one_line, table
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    directory, weights_file = locate(Path(args.adapter_dir))
-    with locked([directory], shared=True):  # both files from one save
-        raw = read_config(directory / CONFIG_NAME)
-        state, metadata = read_adapter_weights(weights_file)
-    config, problems, unknown = parse_config(raw)
-    extras, found = read_metadata(metadata)
-    problems += found
-    entries, others, found = index_keys(state, set())
-    problems += found
-
+def _print_header(directory: Path, weights_file: Path, raw: object, extras: Mapping[str, Any],
+                  metadata: Mapping[str, str], unknown: list[str]) -> None:
+    """Where the adapter is, who wrote it, and the config fields that shape it."""
     print(f"adapter   {directory}")
-    print(f"weights   {weights_file.name} ({_size(weights_file.stat().st_size)})")
+    print(f"weights   {weights_file.name} ({byte_size(weights_file.stat().st_size)})")
     if "loraplug" in extras:
         print(f"written   by loraplug {metadata.get('loraplug.version', '?')} (file format "
               f"{metadata.get('loraplug.format')}); adapter name {extras.get('adapter', '?')!r}")
@@ -57,6 +50,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if unknown:
         print(f"config    fields loraplug ignores: {unknown}")
 
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    directory, weights_file = locate(Path(args.adapter_dir))
+    with locked([directory], shared=True):  # both files from one save
+        raw = read_config(directory / CONFIG_NAME)
+        state, metadata = read_adapter_weights(weights_file)
+    config, problems, unknown = parse_config(raw)
+    extras, found = read_metadata(metadata)
+    problems += found
+    entries, others, found = index_keys(state, set())
+    problems += found
+
+    _print_header(directory, weights_file, raw, extras, metadata, unknown)
+
     rows, params, nbytes, bad = [], 0, 0, []
     with work_limit():  # the config's regexes, matched in bounded time
         for path, slots in sorted(entries.items()):
@@ -71,15 +78,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             rows.append(cells)
     print()
     if rows:
-        print(_table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
+        print(table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
                      rows, right=(1, 2, 3, 7)))
     layers = f"{len(rows)} layer{'s' if len(rows) != 1 else ''}"
-    print(f"\n{layers}, {params:,} parameters, {_size(nbytes)} of tensors; "
+    print(f"\n{layers}, {params:,} parameters, {byte_size(nbytes)} of tensors; "
           + ("all finite." if not bad else f"NaN or inf in {bad}."))
     if others:
         problems.append(f"{len(others)} tensors are not LoRA tensors: {sorted(others)[:5]}")
     for problem in problems:
-        print(f"problem: {_one_line(problem)}")
+        print(f"problem: {one_line(problem)}")
     return 1 if problems or bad else 0
 
 
@@ -124,5 +131,5 @@ def _layer_row(path: str, slots: Slots, config: PeftLoRAConfig | None,
     if b.dtype != a.dtype:
         dtype += "/" + str(b.dtype).removeprefix("torch.")
     size = a.numel() * a.element_size() + b.numel() * b.element_size()
-    return ((path, str(rank), alpha_text, scaling_text, _dims(a), _dims(b), dtype, _size(size),
+    return ((path, str(rank), alpha_text, scaling_text, dims(a), dims(b), dtype, byte_size(size),
              "yes" if finite else "NO"), a, b, finite)
