@@ -261,7 +261,8 @@ def load_adapter(
             unexpected; a key names a module the model lacks or of an unsupported type;
             shapes disagree with ``r``/``rank_pattern`` or with the layer; a config field
             cannot be honoured (``use_dora``, ``bias``, ``modules_to_save``, ...); the name
-            is taken, or a target layer is merged. One error lists every problem.
+            is taken, or a target layer is merged; a config regex needs unbounded work; a
+            shared module gets different tensors per path. One error lists every problem.
 
     Warns:
         LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
@@ -291,8 +292,7 @@ def load_adapter(
             with work_limit():  # config regexes: bounded work in all (see _regex)
                 plan, found = _plan(model, config, entries, extras, adapter)
         except RegexRefused as err:
-            found = [f"{CONFIG_NAME}: the regex {err}; adapter files are matched in bounded "
-                     "time. Name the modules in a list instead."]
+            found = [f"{CONFIG_NAME}: the regex {err}; name the modules in a list instead."]
         problems += found
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))

@@ -206,10 +206,9 @@ def _lookaround(av: tuple, negate: bool, flags: int, depth: int) -> Assertion:
     program = _Program(sub)
     if direction == 1:
         return lambda s, i: program.run(s, i, None) != negate
-    width = sre_parse.SubPattern(sre_parse.State(), body).getwidth()
-    if width[0] != width[1]:
-        raise RegexRefused("look-behind requires fixed-width pattern")
-    return lambda s, i: (i >= width[0] and program.run(s, i - width[0], i)) != negate
+    # re.compile has checked that a look-behind has one width.
+    width = sre_parse.SubPattern(sre_parse.State(), body).getwidth()[0]
+    return lambda s, i: (i >= width and program.run(s, i - width, i)) != negate
 
 
 class _Program:

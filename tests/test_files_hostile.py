@@ -94,8 +94,8 @@ def test_regex_work_past_the_limit_is_refused(saved: tuple[Path, nn.Module],
     monkeypatch.setattr(_regex, "MAX_WORK", 50)
     edit_config(path, target_modules="(?:[0-9.]?){20}")
     refused(base, path, r"adapter_config.json: the regex '\(\?:\[0-9\.\]\?\)\{20\}': matching "
-                        r"it against the module names took more than 50 automaton steps; adapter "
-                        r"files are matched in bounded time. Name the modules in a list instead.")
+                        r"it against the module names took more than 50 automaton steps; name "
+                        r"the modules in a list instead\.")
 
 
 @pytest.mark.parametrize(("changes", "match"), [
@@ -485,3 +485,27 @@ def test_saves_in_two_processes_give_the_same_bytes(tmp_path: Path) -> None:
                        env={**env, "PYTHONHASHSEED": seed}, check=True)
         files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert files[0] == files[1]
+
+
+def test_load_adapter_state_dict_refuses_unusable_tensors() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    lp.inject_lora(model, target="0", rank=2)
+    state = {k: v.clone() for k, v in lp.adapter_state_dict(model).items()}
+    state["0.lora_A.weight"] = state["0.lora_A.weight"].to("meta")
+    before = snapshot(model)
+    with pytest.raises(lp.AdapterFileError, match=r"0: '0\.lora_A\.weight' is a tensor on the "
+                                                  r"meta device"):
+        lp.load_adapter_state_dict(model, state)
+    assert_unchanged(model, before)
+
+
+def test_inspect_reports_a_regex_past_the_work_limit(
+        saved: tuple[Path, nn.Module], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _ = saved
+    monkeypatch.setattr(_regex, "MAX_WORK", 20)
+    edit_config(path, rank_pattern={"(?:[0-9.]?){20}": 2})
+    assert main(["inspect", str(path)]) == 1
+    assert ("problem: adapter_config.json: the regex '(?:[0-9.]?){20}': matching it against the "
+            "module names took more than 20 automaton steps; name the modules in a list instead"
+            in capsys.readouterr().out.splitlines())

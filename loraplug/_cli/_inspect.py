@@ -85,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           + ("all finite." if not bad else f"NaN or inf in {bad}."))
     if others:
         problems.append(f"{len(others)} tensors are not LoRA tensors: {sorted(others)[:5]}")
-    for problem in problems:
+    for problem in dict.fromkeys(problems):  # a regex past its limit fails on every row
         print(f"problem: {one_line(problem)}")
     return 1 if problems or bad else 0
 
@@ -119,7 +119,7 @@ def _layer_row(path: str, slots: Slots, config: PeftLoRAConfig | None,
         try:
             want, alpha, source = config.spec(path)
         except RegexRefused as err:
-            problems.append(f"{CONFIG_NAME}: the regex {err}")
+            problems.append(f"{CONFIG_NAME}: the regex {err}; name the modules in a list instead")
         else:
             if want != rank:
                 problems.append(f"{path}: tensors have rank {rank} but {source} says {want}")
