@@ -180,7 +180,8 @@ def inject_lora(
         alpha: scaling numerator; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (scaling 1).
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
-        name: the adapter's name (an identifier without dots).
+        name: the adapter's name: a string without dots, not an attribute name of
+            ``nn.ParameterDict`` (such as "keys").
         exclude: patterns, as for ``target``, to leave out.
         init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).

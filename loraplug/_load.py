@@ -42,6 +42,7 @@ from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
+from ._weights import reading_weights
 
 _MAX_LINES = 40
 T = TypeVar("T")
@@ -279,7 +280,8 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        plan, found = _plan(model, config, entries, extras, adapter)
+        with reading_weights(model.modules()):  # spectral_norm: reads must not iterate
+            plan, found = _plan(model, config, entries, extras, adapter)
         problems += found
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))

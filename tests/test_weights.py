@@ -59,6 +59,16 @@ def test_a_fresh_adapter_on_a_parametrized_weight_changes_nothing(kind: str, mod
         assert torch.equal(model(X), plain(X))
 
 
+def test_loading_a_fresh_adapter_onto_spectral_norm_changes_nothing(tmp_path: Path) -> None:
+    source = parametrized("spectral_norm")
+    lp.inject_lora(source, target="0", rank=2)
+    lp.save_adapter(source, tmp_path)
+    model, plain = parametrized("spectral_norm"), parametrized("spectral_norm")
+    lp.load_adapter(model, tmp_path)  # checks read the weight: no power iteration
+    for _ in range(2):
+        assert torch.equal(model(X), plain(X))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_merge_writes_through_weight_norm_and_unload_keeps_the_adapter(
         dtype: torch.dtype) -> None:
