@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -173,11 +173,11 @@ def _extent(tensor: Tensor) -> tuple[Any, int, int] | None:
     size = tensor.element_size()
     start = tensor.storage_offset() * size
     span = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
-    return storage.data_ptr(), int(start), int(start + span * size)
+    return (tensor.device, storage.data_ptr()), int(start), int(start + span * size)
 
 
 def shared_memory(model: nn.Module, layers: list[tuple[str, LoRALayer]],
-                  name_of: Any) -> dict[str, list[str]]:
+                  name_of: Callable[[str], str]) -> dict[str, list[str]]:
     """LoRA layer name -> other modules holding tensors that overlap what its merge writes.
 
     Tied Parameters (one object in two modules) and tensors made to share memory
