@@ -34,6 +34,7 @@ from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
 from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
+from ._weights import before_loading, merge_problem, warn_training_merged, weight_home, write_weight
 
 
 class Detour(Protocol):
@@ -187,6 +188,8 @@ class LoRALayer(AdapterSet):
             names, scales = gated_adapters(self)
         else:
             names, scales = self._live, self.scaling
+        if not names and self.merged_adapters and self.training:
+            warn_training_merged(self)  # off the hot path: only a merged layer gets here
         if self.through_weight:
             return self._forward_through_weight(x, names, scales)
         out = self.base_forward(x)
@@ -299,17 +302,17 @@ class LoRALayer(AdapterSet):
         if weight is None:
             self._fold(names, 1)
         else:
-            self.weight.copy_(weight)
+            write_weight(self, weight)
         self.merged_adapters = names
         self._refresh()
 
     @torch.no_grad()
     def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self.weight
-        if compute_dtype(weight.dtype) == weight.dtype:
+        weight = self._tensor("weight")
+        if compute_dtype(weight.dtype) == weight.dtype and weight_home(self) == "stored":
             self._accumulate(weight, names, self.scaling, sign)
-        else:
-            weight.copy_(self._adapted_weight(names, self.scaling, sign))
+        else:  # through a float32 copy, or through a parametrization (_weights.py)
+            write_weight(self, self._adapted_weight(names, self.scaling, sign))
 
     def merge(self, *, safe: bool = False) -> None:
         """Fold the active adapters into ``weight`` in place; a no-op when already merged.
@@ -320,12 +323,14 @@ class LoRALayer(AdapterSet):
             safe: check that the merged weight is finite before writing it.
 
         Raises:
-            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
-                weight is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
+                cannot take it (computed by a hook, or parametrized by something that
+                cannot hold it), adapters are disabled, or ``safe`` is set and the merged
+                weight has NaN or inf; the weight is left as it was.
         """
-        if self.merge_refusal is not None:
-            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
+        why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
+        if why is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {why}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
@@ -356,6 +361,10 @@ class LoRALayer(AdapterSet):
         self.sync_base()
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sync_base(self) -> None:
         """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""
