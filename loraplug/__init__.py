@@ -19,6 +19,7 @@ from ._adapters import (
     set_adapter,
     unmerge,
 )
+from ._combine import combine_adapters
 from ._conv import LoRAConv, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from ._embedding import LoRAEmbedding
 from ._errors import (
@@ -67,6 +68,7 @@ __all__ = [
     "adapter_names",
     "adapter_per_sample",
     "adapter_state_dict",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "find_targets",

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from ._errors import ConfigError
+
+# Adapters are keys of these containers; torch refuses keys that shadow their attributes.
+_CONTAINERS = (nn.ModuleDict(), nn.ParameterDict())
+
+
+def validate_name(name: object) -> str:
+    """Check an adapter name: any non-empty string without dots that torch can use as a key.
+
+    Raises:
+        ConfigError: ``name`` is not such a string.
+    """
+    if not isinstance(name, str) or not name or "." in name \
+            or any(hasattr(c, name) for c in _CONTAINERS):
+        raise ConfigError(
+            f"adapter name must be a non-empty string without dots that is not an attribute "
+            f"of nn.ModuleDict or nn.ParameterDict (such as 'keys', 'copy' or 'training'); "
+            f"received {name!r}. Use names like 'default', 'style_b' or 'adapter-2'."
+        )
+    return name
 
 
 def validate_hyperparameters(
@@ -34,11 +55,7 @@ def validate_hyperparameters(
             f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
             "e.g. dropout=0.05."
         )
-    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
-        raise ConfigError(
-            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
-            "Use names like 'default' or 'style_b'."
-        )
+    validate_name(name)
     if init not in ("kaiming", "gaussian"):
         raise ConfigError(
             f"init must be 'kaiming' or 'gaussian'; received {init!r}."

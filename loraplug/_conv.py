@@ -117,6 +117,9 @@ class LoRAConv(LoRALayer):
             b.reshape(g, out // g, rank // g).to(target.dtype),
             a.reshape(g, rank // g, -1).to(target.dtype), alpha=sign * self.scaling[name])
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.groups, delta.shape[0] // self.groups, -1)  # (g, out/g, in/g·k…)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape
         ones = (1,) * len(kernel)

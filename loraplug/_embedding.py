@@ -107,6 +107,9 @@ class LoRAEmbedding(LoRALayer):
         target.addmm_(a.t().to(target.dtype), b.t().to(target.dtype),
                       alpha=sign * self.scaling[name])
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.t().unsqueeze(0)  # ΔWᵀ = s B A: (1, d, V)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.weight.shape
         return (rank, num_embeddings), (dim, rank)

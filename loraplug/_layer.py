@@ -170,6 +170,16 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None
 
+    def delta_blocks(self, delta: Tensor) -> Tensor | None:
+        """``delta`` (shaped like ``weight``) as a view (g, rows, cols) of g products.
+
+        Block k is ``s · B_k A_k`` with ``A_k = A.reshape(g, r/g, cols)[k]`` and
+        ``B_k = B.reshape(g, rows, r/g)[k]``: what concatenating adapters and
+        refactoring a sum of them by SVD (``combine_adapters``) rely on. None, the
+        default, when ΔW has no such form (those methods are then refused).
+        """
+        return None
+
     # ----------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # adapter state as tensors: see _compile.py

@@ -61,6 +61,9 @@ class LoRALinear(LoRALayer):
         a, b = self._adapter(name)
         target.addmm_(b.to(target.dtype), a.to(target.dtype), alpha=sign * self.scaling[name])
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.unsqueeze(0)  # (1, out, in)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight.shape
         return (rank, in_features), (out_features, rank)
