@@ -1,0 +1,212 @@
+"""Merging that can be undone bit for bit: keep only what rounding destroyed.
+
+Adding ΔW to a weight rounds: ``W' = fl(W + ΔW)`` in W's dtype (through float32 for
+float16 and bfloat16). Subtracting again, ``V = fl(W' − ΔW)``, gives W back for most
+entries but not all: the low bits of W that fell below the precision of W' are lost.
+The residual
+
+    r = bits(W) − bits(V)        (integer difference of the bit patterns, wrapped)
+
+is zero where nothing was lost and small elsewhere, so it is stored compactly: the
+non-zero entries as (index, value) pairs, or, when most entries are non-zero, one int8
+per entry plus the few values that do not fit in it. Unmerging computes V again and
+adds r to its bits, which is W exactly, after any number of cycles, in every dtype.
+
+ΔW must be computed the same way at merge and at unmerge (same tensors, device and
+thread settings): a checksum of W's bits, taken at merge, verifies the result.
+
+The weight is processed in chunks, so the temporaries stay small and in cache; each
+chunk is checked to be finite before it is written, and chunks already written are
+restored exactly when a later one is not (a merge never destroys the base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: The integer type with the bits of each float type.
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32,
+        torch.bfloat16: torch.int16, torch.float16: torch.int16}
+#: Entries per chunk: temporaries of a few hundred kilobytes.
+CHUNK = 1 << 16
+
+
+class NotFinite(ArithmeticError):
+    """``W + ΔW`` has NaN or inf entries; the weight was left as it was."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(f"non-finite entries from flat index {start}")
+        self.start = start
+
+
+@dataclass
+class Residual:
+    """What rounding destroyed when ΔW was added to one weight.
+
+    ``bits(W) = bits(fl(W' − ΔW)) + dense + small + large`` in W's integer type
+    (wrapping), where ``dense`` is one int8 per entry (absent when few entries are
+    non-zero), ``small`` puts int8 ``values`` at the flat positions ``index``, and
+    ``large`` puts full-width ``large_values`` at ``large_index``.
+    """
+
+    dtype: torch.dtype
+    numel: int
+    index: Tensor
+    values: Tensor
+    large_index: Tensor
+    large_values: Tensor
+    dense: Tensor | None = None
+    checksum: int = 0
+    version: int = field(default=-1, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the side memory of exact unmerging for this weight."""
+        tensors = [self.index, self.values, self.large_index, self.large_values]
+        if self.dense is not None:
+            tensors.append(self.dense)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def parts(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """(flat positions, values) to add, on ``device``."""
+        pairs = [(self.index, self.values), (self.large_index, self.large_values)]
+        return [(i.to(device), v.to(device)) for i, v in pairs if i.numel()]
+
+
+class _Collector:
+    """Builds a Residual chunk by chunk: sparse while that is smaller, then dense int8."""
+
+    def __init__(self, numel: int, bits: torch.dtype, device: torch.device) -> None:
+        self.numel, self.bits, self.device = numel, bits, device
+        self.small: list[tuple[Tensor, Tensor]] = []
+        self.large: list[tuple[Tensor, Tensor]] = []
+        self.count = 0
+        self.dense: Tensor | None = None
+        self.checksum = 0
+
+    def add(self, start: int, r: Tensor, original_bits: Tensor) -> None:
+        self.checksum += int(original_bits.sum(dtype=torch.int64))
+        clamped = r.clamp(-128, 127)
+        if self.dense is None:
+            where = r.nonzero().view(-1)
+            self.count += where.numel()
+            self._split(where, r[where], start)
+            if self.count * 5 > self.numel:  # sparse costs ≥ 5 bytes an entry, dense 1
+                self._to_dense()
+            return
+        self.dense[start:start + r.numel()] = clamped.to(torch.int8)
+        where = (clamped != r).nonzero().view(-1)
+        self.large.append((where + start, r[where] - clamped[where]))  # on top of dense
+
+    def _split(self, where: Tensor, values: Tensor, start: int) -> None:
+        fits = (values >= -128) & (values <= 127)
+        self.small.append((where[fits] + start, values[fits].to(torch.int8)))
+        self.large.append((where[~fits] + start, values[~fits]))
+
+    def _to_dense(self) -> None:
+        self.dense = torch.zeros(self.numel, dtype=torch.int8, device=self.device)
+        for index, values in self.small:
+            self.dense[index] = values
+        self.small = []
+
+    def finish(self, dtype: torch.dtype) -> Residual:
+        index_type = torch.int32 if self.numel < 2**31 else torch.int64
+
+        def joined(pairs: list[tuple[Tensor, Tensor]], kind: torch.dtype) -> tuple[Tensor, Tensor]:
+            if not pairs:
+                return (torch.zeros(0, dtype=index_type, device=self.device),
+                        torch.zeros(0, dtype=kind, device=self.device))
+            return (torch.cat([i for i, _ in pairs]).to(index_type),
+                    torch.cat([v for _, v in pairs]).to(kind))
+
+        index, values = joined(self.small, torch.int8)
+        large_index, large_values = joined(self.large, self.bits)
+        return Residual(dtype, self.numel, index, values, large_index, large_values,
+                        self.dense, self.checksum)
+
+
+def _finite(t: Tensor) -> bool:
+    # One summing pass; only a sum that overflows on finite entries needs the full check.
+    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else
+                            torch.float32)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _rounded(op, a: Tensor, b: Tensor, out: Tensor, wide: Tensor | None) -> None:  # type: ignore[no-untyped-def]
+    """``out = fl(op(a, b))`` in out's dtype, through ``wide`` (float32) when given."""
+    if wide is None:
+        op(a, b, out=out)
+    else:
+        out.copy_(op(a, b, out=wide[:out.numel()]))
+
+
+@torch.no_grad()
+def fold(weight: Tensor, delta: Tensor) -> Residual:
+    """``weight ← fl(weight + delta)`` in place; returns what unfolding needs to undo it.
+
+    ``delta`` is shaped like ``weight``, in the dtype the sum is computed in (float32
+    for half weights). Raises NotFinite, with ``weight`` exactly as it was, when the
+    result has NaN or inf entries.
+    """
+    w, d = weight.view(-1), delta.reshape(-1)
+    bits = BITS[weight.dtype]
+    size = min(CHUNK, w.numel())
+    new, back = (torch.empty(size, dtype=w.dtype, device=w.device) for _ in range(2))
+    # Half weights: the sums are computed in delta's float32, then rounded into W's dtype.
+    wide = None if d.dtype == w.dtype else torch.empty(size, dtype=d.dtype, device=w.device)
+    r = torch.empty(size, dtype=bits, device=w.device)
+    collect = _Collector(w.numel(), bits, weight.device)
+    for start in range(0, w.numel(), CHUNK):
+        wc, dc = w[start:start + CHUNK], d[start:start + CHUNK]
+        n = wc.numel()
+        _rounded(torch.add, wc, dc, new[:n], wide)
+        if not _finite(new[:n]):
+            _restore(weight, delta, collect.finish(weight.dtype), stop=start)
+            raise NotFinite(start)
+        _rounded(torch.sub, new[:n], dc, back[:n], wide)  # fl(W' − ΔW)
+        original = wc.view(bits)
+        collect.add(start, torch.sub(original, back[:n].view(bits), out=r[:n]), original)
+        wc.copy_(new[:n])
+    residual = collect.finish(weight.dtype)
+    residual.version = weight._version
+    return residual
+
+
+@torch.no_grad()
+def unfold(weight: Tensor, delta: Tensor, residual: Residual) -> bool:
+    """Undo :func:`fold`: ``weight`` becomes the weight before it, bit for bit.
+
+    Returns whether the checksum of the result matches the original's (False when
+    ΔW was computed differently, or the weight was changed while folded; the result is
+    then ``fl(weight − delta)`` up to the residual's few ulps).
+    """
+    if weight._version != residual.version:  # written since the fold: W is not W' any more
+        _subtract(weight, delta, weight.numel())
+        return False
+    _restore(weight, delta, residual, stop=weight.numel())
+    total = sum(int(weight.view(-1)[s:s + CHUNK].view(BITS[weight.dtype]).sum(dtype=torch.int64))
+                for s in range(0, weight.numel(), CHUNK))
+    return total == residual.checksum
+
+
+def _subtract(weight: Tensor, delta: Tensor, stop: int) -> None:
+    w, d = weight.view(-1), delta.reshape(-1)
+    for start in range(0, stop, CHUNK):
+        end = min(start + CHUNK, stop)
+        w[start:end] = torch.sub(w[start:end], d[start:end]).to(weight.dtype)
+
+
+def _restore(weight: Tensor, delta: Tensor, residual: Residual, stop: int) -> None:
+    """``weight[:stop] ← fl(weight − delta) + residual``: the flat prefix as before fold."""
+    _subtract(weight, delta, stop)
+    flat = weight.view(-1).view(BITS[weight.dtype])
+    device = weight.device
+    if residual.dense is not None:
+        flat[:stop].add_(residual.dense[:stop].to(device))
+    for index, values in residual.parts(device):
+        keep = index < stop
+        flat.index_put_((index[keep].long(),), values[keep].to(flat.dtype), accumulate=True)
