@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._adapters import _check_names, _layers_or_raise
-from ._config import validate_name
+from ._adapters import check_names, layers_or_raise
 from ._errors import ConfigError
+from ._inject import validate_name
 from ._layer import LoRALayer
 
 #: method -> (pruning, whether TIES elects a sign, whether ΔW is refactored by SVD)
@@ -330,8 +330,8 @@ def combine_adapters(
     """
     parts = _check_weights(weights)
     validate_name(name)
-    layers = _layers_or_raise(model, "combine_adapters")
-    _check_names(model, [n for n, _ in parts], "combine_adapters")
+    layers = layers_or_raise(model, "combine_adapters")
+    check_names(model, [n for n, _ in parts], "combine_adapters")
     recipe = make_recipe(
         method, n=len(parts), density=density, majority_sign=majority_sign, rank=rank,
         svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
