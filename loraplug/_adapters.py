@@ -10,11 +10,11 @@ import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
+from ._folds import push, take_out
 from ._layer import LoRALayer
 from ._targeting import clean_name
 
@@ -180,9 +180,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model alone inside the ``with`` block; adapters return after it.
 
+    Merged adapters are taken out of the weights on entry and merged again on exit:
+    exactly, when they were merged with ``exact=True`` (the default), so the weights
+    inside are the base weights and after the block they are bit for bit what they were.
+
     Raises:
-        StateError: the model has no LoRA layers, or some are merged (the base weight is
-            not available without unmerging; call ``unmerge`` first).
+        StateError: the model has no LoRA layers, or merged layers are sharded by FSDP2.
 
     Example:
         >>> import torch
@@ -193,25 +196,28 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         >>> _ = lp.inject_lora(model, target="0", rank=2)
         >>> torch.nn.init.ones_(model[0].lora_B["default"])  # doctest: +ELLIPSIS
         Parameter...
+        >>> lp.merge(model)
         >>> with lp.disable_adapters(model):
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
+        >>> model[0].merged_adapters
+        ('default',)
     """
     layers = layers_or_raise(model, "disable_adapters")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise StateError(
-            f"disable_adapters: layers {merged[:5]} are merged, so their weight holds the "
-            "adapters; call loraplug.unmerge(model) first."
-        )
+    refuse_sharded([(n, layer) for n, layer in layers if layer.merged], "disable_adapters")
+    folds = [[(f.names, f.residual is not None) for f in layer._folds] for _, layer in layers]
+    for _, layer in layers:
+        take_out(layer, layer.merged_adapters)
     before = [layer.adapters_disabled for _, layer in layers]
     for _, layer in layers:
         layer.set_disabled(True)
     try:
         yield
     finally:
-        for (_, layer), flag in zip(layers, before):
+        for (_, layer), flag, merged in zip(layers, before, folds):
             layer.set_disabled(flag)
+            for names, exact in merged:
+                push(layer, tuple(n for n in names if n in layer.rank), exact=exact)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -229,7 +235,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         AdapterError: ``name`` is not an adapter of the model.
-        StateError: some layers are merged; ``unmerge`` first.
+        StateError: the adapter is merged into some layers; ``unmerge(model, name)`` first.
 
     Example:
         >>> from torch import nn
@@ -243,11 +249,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """
     layers = layers_or_raise(model, "delete_adapter")
     check_names(model, [name], "delete_adapter")
-    merged = [n for n, layer in layers if layer.merged]
+    merged = [n for n, layer in layers if name in layer.merged_adapters]
     if merged:
         raise StateError(
-            f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
-            "adapters); call loraplug.unmerge(model) first."
+            f"delete_adapter: adapter {name!r} is merged into {merged[:5]} (their weights "
+            f"hold it); call loraplug.unmerge(model, {name!r}) first."
         )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:
@@ -257,76 +263,4 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not active and remaining:
         active = remaining[:1]
     for _, layer in layers:
-        layer.set_active(active)
-
-
-def merge(model: nn.Module, *, safe: bool = False) -> None:
-    """Fold the active adapters into the base weights, in place.
-
-    ``W ← W + Σ_a s_a ΔW_a``, with ΔW summed in float32 for float16/bfloat16 weights and
-    cast once. While merged, each LoRA layer's forward is exactly the base computation.
-    Merging an already merged model is a no-op, so ΔW is never added twice.
-
-    Args:
-        model: a model with LoRA layers.
-        safe: compute every merged weight first and check that all are finite before
-            writing any: either every layer merges or none does. Holds one extra copy of
-            the adapted weights while checking.
-
-    Raises:
-        StateError: the model has no LoRA layers, a layer type cannot merge
-            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
-            weight is not finite, a LoRA layer's weight is tied to another module's, or
-            FSDP2 has sharded the LoRA layers (nothing is changed then).
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = torch.nn.init.normal_(model[0].lora_B["default"])
-        >>> x = torch.randn(3, 4)
-        >>> before = model(x)
-        >>> lp.merge(model)
-        >>> torch.allclose(model(x), before, atol=1e-6)
-        True
-    """
-    layers = layers_or_raise(model, "merge")
-    check_mergeable(model, layers, "merge")
-    if not safe:
-        for _, layer in layers:
-            layer.merge()
-        return
-    staged = []
-    for name, layer in layers:
-        new = layer.stage_merge()
-        if new is None:
-            continue
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
-                "or inf weights; no layer was changed. Check that adapter's tensors."
-            )
-        staged.append((layer, new))
-    for layer, new in staged:
-        layer.commit_merge(new)
-
-
-def unmerge(model: nn.Module) -> None:
-    """Take merged adapters out of the base weights again, in place; a no-op if none are.
-
-    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
-    trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
-    never-merged model returns bit-identical weights.
-
-    Args:
-        model: a model with LoRA layers.
-
-    Raises:
-        StateError: the model has no LoRA layers, or FSDP2 has sharded them.
-    """
-    layers = layers_or_raise(model, "unmerge")
-    refuse_sharded(layers, "unmerge")
-    for _, layer in layers:
-        layer.unmerge()
+        layer.set_active(active, while_merged=True)  # merged adapters are not deleted

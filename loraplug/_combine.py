@@ -124,10 +124,10 @@ def groups(layer: LoRALayer) -> int | None:
 
 def _blocks(layer: LoRALayer, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """A as (g, r/g, cols) and B as (g, rows, r/g); see ``LoRALayer.delta_blocks``."""
-    g = groups(layer)
+    g = groups(layer) or 1  # checked before: not None
     a, b = layer.lora_A[name].to(dtype), layer.lora_B[name].to(dtype)
-    per = layer.rank[name] // g  # type: ignore[operator]
-    return a.reshape(g, per, -1), b.reshape(g, -1, per)  # type: ignore[arg-type]
+    per = layer.rank[name] // g
+    return a.reshape(g, per, -1), b.reshape(g, -1, per)
 
 
 def _cat(layer: LoRALayer, parts: list[tuple[str, float]]) -> tuple[Tensor, Tensor]:
@@ -143,8 +143,8 @@ def _cat(layer: LoRALayer, parts: list[tuple[str, float]]) -> tuple[Tensor, Tens
 
 def svd_rank(layer: LoRALayer, rank: int) -> int:
     """``rank`` rounded up to a multiple of the layer's groups, at most its max rank."""
-    g = groups(layer)
-    return min(g * -(-rank // g), layer.max_rank())  # type: ignore[operator]
+    g = groups(layer) or 1
+    return min(g * -(-rank // g), layer.max_rank())
 
 
 def _svd(layer: LoRALayer, parts: list[tuple[str, float]], recipe: Recipe, rank: int
@@ -153,6 +153,7 @@ def _svd(layer: LoRALayer, parts: list[tuple[str, float]], recipe: Recipe, rank:
     dtype = layer.lora_A[parts[0][0]].dtype
     delta = mix([layer.delta_weight(n) for n, _ in parts], [w for _, w in parts], recipe)
     blocks = layer.delta_blocks(delta)  # (g, rows, cols)
+    assert blocks is not None  # checked before
     k = svd_rank(layer, rank)
     per = k // blocks.shape[0]
     u, s, vh = torch.linalg.svd(blocks, full_matrices=recipe.full_matrices,
@@ -239,9 +240,9 @@ def make_recipe(method: object, *, n: int, density: object, majority_sign: objec
                           f"received {generator!r}.")
     if n == 1:  # as in PEFT: one adapter is simply scaled
         prune, elect, svd, method = None, False, False, "linear"
-    return Recipe(str(method), prune, (majority_sign or "total") if elect else None, svd,
+    return Recipe(str(method), prune, str(majority_sign or "total") if elect else None, svd,
                   float(density) if prune else 1.0, rank, svd_clamp,  # type: ignore[arg-type]
-                  svd_full_matrices, svd_driver, generator)  # type: ignore[arg-type]
+                  svd_full_matrices, svd_driver, generator)
 
 
 def _layer_problems(plan: list[tuple[str, LoRALayer, list[tuple[str, float]]]],

@@ -22,7 +22,8 @@ restored exactly when a later one is not (a merge never destroys the base).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -59,8 +60,8 @@ class Residual:
     large_index: Tensor
     large_values: Tensor
     dense: Tensor | None = None
-    checksum: int = 0
-    version: int = field(default=-1, compare=False)
+    checksum: int = 0  # of W's bits, to verify the unfold
+    merged_checksum: int = 0  # of W''s bits, to see whether W' was written since
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +137,8 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _rounded(op, a: Tensor, b: Tensor, out: Tensor, wide: Tensor | None) -> None:  # type: ignore[no-untyped-def]
+def _rounded(op: Callable[..., Tensor], a: Tensor, b: Tensor, out: Tensor,
+             wide: Tensor | None) -> None:
     """``out = fl(op(a, b))`` in out's dtype, through ``wide`` (float32) when given."""
     if wide is None:
         op(a, b, out=out)
@@ -160,6 +162,7 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
     wide = None if d.dtype == w.dtype else torch.empty(size, dtype=d.dtype, device=w.device)
     r = torch.empty(size, dtype=bits, device=w.device)
     collect = _Collector(w.numel(), bits, weight.device)
+    merged_checksum = 0
     for start in range(0, w.numel(), CHUNK):
         wc, dc = w[start:start + CHUNK], d[start:start + CHUNK]
         n = wc.numel()
@@ -170,9 +173,10 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
         _rounded(torch.sub, new[:n], dc, back[:n], wide)  # fl(W' − ΔW)
         original = wc.view(bits)
         collect.add(start, torch.sub(original, back[:n].view(bits), out=r[:n]), original)
+        merged_checksum += int(new[:n].view(bits).sum(dtype=torch.int64))
         wc.copy_(new[:n])
     residual = collect.finish(weight.dtype)
-    residual.version = weight._version
+    residual.merged_checksum = merged_checksum
     return residual
 
 
@@ -180,21 +184,29 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
 def unfold(weight: Tensor, delta: Tensor, residual: Residual) -> bool:
     """Undo :func:`fold`: ``weight`` becomes the weight before it, bit for bit.
 
-    Returns whether the checksum of the result matches the original's (False when
-    ΔW was computed differently, or the weight was changed while folded; the result is
-    then ``fl(weight − delta)`` up to the residual's few ulps).
+    Returns whether it did: False when the weight was written (or cast) since the fold,
+    which then subtracts ``delta`` plainly, or when the result's checksum is not the
+    original's (ΔW was computed differently: other A or B, device or thread settings).
     """
-    if weight._version != residual.version:  # written since the fold: W is not W' any more
-        _subtract(weight, delta, weight.numel())
+    if residual.dtype != weight.dtype or checksum(weight) != residual.merged_checksum:
+        subtract(weight, delta)
         return False
     _restore(weight, delta, residual, stop=weight.numel())
-    total = sum(int(weight.view(-1)[s:s + CHUNK].view(BITS[weight.dtype]).sum(dtype=torch.int64))
-                for s in range(0, weight.numel(), CHUNK))
-    return total == residual.checksum
+    return checksum(weight) == residual.checksum
 
 
-def _subtract(weight: Tensor, delta: Tensor, stop: int) -> None:
+def checksum(weight: Tensor) -> int:
+    """The sum of the weight's bits as integers: equal for bit-identical weights."""
+    flat = weight.reshape(-1).view(BITS[weight.dtype])
+    return sum(int(flat[s:s + CHUNK].sum(dtype=torch.int64))
+               for s in range(0, flat.numel(), CHUNK))
+
+
+@torch.no_grad()
+def subtract(weight: Tensor, delta: Tensor, stop: int | None = None) -> None:
+    """``weight ← fl(weight − delta)`` over the flat prefix ``[:stop]`` (default: all)."""
     w, d = weight.view(-1), delta.reshape(-1)
+    stop = w.numel() if stop is None else stop
     for start in range(0, stop, CHUNK):
         end = min(start + CHUNK, stop)
         w[start:end] = torch.sub(w[start:end], d[start:end]).to(weight.dtype)
@@ -202,7 +214,7 @@ def _subtract(weight: Tensor, delta: Tensor, stop: int) -> None:
 
 def _restore(weight: Tensor, delta: Tensor, residual: Residual, stop: int) -> None:
     """``weight[:stop] ← fl(weight − delta) + residual``: the flat prefix as before fold."""
-    _subtract(weight, delta, stop)
+    subtract(weight, delta, stop)
     flat = weight.view(-1).view(BITS[weight.dtype])
     device = weight.device
     if residual.dense is not None:

@@ -329,7 +329,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     paths = module_paths(model)
     for _, layer in layers:
         if merge:
-            layer.merge()
+            layer.merge(exact=False)  # the layer leaves: nothing to unmerge later
         else:
             layer.unmerge()
         layer.sync_base()

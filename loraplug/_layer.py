@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ._adapter_set import AdapterSet
 from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
+from ._folds import names_to_merge, push, take_out
 from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
 
@@ -282,51 +283,19 @@ class LoRALayer(AdapterSet):
         names = self.held_active if names is None else tuple(names)
         return self._adapted_weight(names, self.scaling, sign)
 
-    def stage_merge(self) -> Tensor | None:
-        """The weight :meth:`merge` would write, computed but not written; or ``None``.
+    def merge(self, names: Iterable[str] | None = None, *, safe: bool = False,
+              exact: bool = True) -> None:
+        """Fold adapters into ``weight`` in place: the active ones, or ``names``.
 
-        ``None`` when there is nothing to merge: merged already, or no active adapter here.
-        Pass the weight to :meth:`commit_merge`, after checking it (``merge(safe=True)``).
-        """
-        if self.merged_adapters or not self.held_active:
-            return None
-        return self.merged_weight()
-
-    @torch.no_grad()
-    def commit_merge(self, weight: Tensor | None = None) -> None:
-        """Write ``weight`` from :meth:`stage_merge`, and record :attr:`held_active` as merged.
-
-        With ``weight=None`` the adapters are folded into the weight directly, which reads
-        and writes it once (half-precision weights go through a float32 copy).
-        """
-        names = self.held_active
-        if weight is None:
-            self._fold(names, 1)
-        else:
-            self.weight.copy_(weight)
-        self.merged_adapters = names
-        self._refresh()
-
-    @torch.no_grad()
-    def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self.weight
-        if compute_dtype(weight.dtype) == weight.dtype:
-            self._accumulate(weight, names, self.scaling, sign)
-        else:
-            weight.copy_(self._adapted_weight(names, self.scaling, sign))
-
-    def merge(self, *, safe: bool = False) -> None:
-        """Fold the active adapters into ``weight`` in place; a no-op when already merged.
-
-        While merged, ``forward`` costs exactly what the base module costs.
-
-        Args:
-            safe: check that the merged weight is finite before writing it.
+        Adapters already merged are skipped, so ΔW is never added twice. While every
+        active adapter is merged, ``forward`` costs exactly what the base module costs.
+        See :func:`loraplug.merge` for ``exact``; ``safe`` is kept for compatibility
+        (every merge is checked).
 
         Raises:
             StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
-                weight is left as it was.
+                disabled, or the merged weight would have NaN or inf entries; the weight
+                is left as it was.
         """
         if self.merge_refusal is not None:
             raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
@@ -335,28 +304,16 @@ class LoRALayer(AdapterSet):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        if not safe:
-            if not self.merged_adapters and self.held_active:
-                self.commit_merge()
-            return
-        new = self.stage_merge()
-        if new is None:
-            return
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
-        self.commit_merge(new)
+        adding = names_to_merge(self, None if names is None else tuple(names))
+        if adding:
+            push(self, adding, exact=exact)
 
-    def unmerge(self) -> None:
-        """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
-        if not self.merged_adapters:
-            return
-        self._fold(self.merged_adapters, -1)
-        self.merged_adapters = ()
-        self._refresh()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Take merged adapters out of ``weight``: all, or ``names``; exactly when merged so.
+
+        See :func:`loraplug.unmerge`.
+        """
+        take_out(self, self.merged_adapters if names is None else tuple(names))
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:
