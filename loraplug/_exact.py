@@ -89,7 +89,7 @@ class _Collector:
         self.checksum = 0
 
     def add(self, start: int, r: Tensor, original_bits: Tensor) -> None:
-        self.checksum += int(original_bits.sum(dtype=torch.int64))
+        self.checksum = (self.checksum + bit_sum(original_bits)) % 2**32
         clamped = r.clamp(-128, 127)
         if self.dense is None:
             where = r.nonzero().view(-1)
@@ -173,7 +173,7 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
         _rounded(torch.sub, new[:n], dc, back[:n], wide)  # fl(W' − ΔW)
         original = wc.view(bits)
         collect.add(start, torch.sub(original, back[:n].view(bits), out=r[:n]), original)
-        merged_checksum += int(new[:n].view(bits).sum(dtype=torch.int64))
+        merged_checksum = (merged_checksum + bit_sum(new[:n].view(bits))) % 2**32
         wc.copy_(new[:n])
     residual = collect.finish(weight.dtype)
     residual.merged_checksum = merged_checksum
@@ -198,8 +198,14 @@ def unfold(weight: Tensor, delta: Tensor, residual: Residual) -> bool:
 def checksum(weight: Tensor) -> int:
     """The sum of the weight's bits as integers: equal for bit-identical weights."""
     flat = weight.reshape(-1).view(BITS[weight.dtype])
-    return sum(int(flat[s:s + CHUNK].sum(dtype=torch.int64))
-               for s in range(0, flat.numel(), CHUNK))
+    return sum(bit_sum(flat[s:s + CHUNK]) for s in range(0, flat.numel(), CHUNK)) % 2**32
+
+
+def bit_sum(bits: Tensor) -> int:
+    """The sum of integers modulo 2³²: cheap, equal for equal bits, and the same whatever
+    the chunks (a wrapping sum is exact modulo 2³²)."""
+    wide = torch.int64 if bits.dtype == torch.int64 else torch.int32
+    return int(bits.sum(dtype=wide)) % 2**32
 
 
 @torch.no_grad()
