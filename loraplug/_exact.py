@@ -62,6 +62,7 @@ class Residual:
     dense: Tensor | None = None
     checksum: int = 0  # of W's bits, to verify the unfold
     merged_checksum: int = 0  # of W''s bits, to see whether W' was written since
+    layout: tuple[int, ...] = ()  # W's strides: the order of the flat positions
 
     @property
     def nbytes(self) -> int:
@@ -129,6 +130,25 @@ class _Collector:
                         self.dense, self.checksum)
 
 
+def _order(weight: Tensor) -> list[int]:
+    # The dimensions from the outermost in memory: a channels_last weight permuted by
+    # them is contiguous, so its flat view writes through.
+    return sorted(range(weight.dim()), key=lambda i: -weight.stride(i))
+
+
+def _flat_weight(weight: Tensor) -> Tensor:
+    """``weight`` as 1-d in its memory order."""
+    return weight.view(-1) if weight.is_contiguous() else \
+        weight.permute(_order(weight)).view(-1)
+
+
+def _flat(weight: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``weight`` and ``delta`` as 1-d, both in the weight's memory order."""
+    if weight.is_contiguous():
+        return weight.view(-1), delta.reshape(-1)
+    return _flat_weight(weight), delta.permute(_order(weight)).reshape(-1)
+
+
 def _finite(t: Tensor) -> bool:
     # One summing pass; only a sum that overflows on finite entries needs the full check.
     if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else
@@ -154,7 +174,7 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
     for half weights). Raises NotFinite, with ``weight`` exactly as it was, when the
     result has NaN or inf entries.
     """
-    w, d = weight.view(-1), delta.reshape(-1)
+    w, d = _flat(weight, delta)
     bits = BITS[weight.dtype]
     size = min(CHUNK, w.numel())
     new, back = (torch.empty(size, dtype=w.dtype, device=w.device) for _ in range(2))
@@ -177,6 +197,7 @@ def fold(weight: Tensor, delta: Tensor) -> Residual:
         wc.copy_(new[:n])
     residual = collect.finish(weight.dtype)
     residual.merged_checksum = merged_checksum
+    residual.layout = weight.stride()
     return residual
 
 
@@ -188,7 +209,8 @@ def unfold(weight: Tensor, delta: Tensor, residual: Residual) -> bool:
     which then subtracts ``delta`` plainly, or when the result's checksum is not the
     original's (ΔW was computed differently: other A or B, device or thread settings).
     """
-    if residual.dtype != weight.dtype or checksum(weight) != residual.merged_checksum:
+    if residual.dtype != weight.dtype or residual.layout != weight.stride() \
+            or checksum(weight) != residual.merged_checksum:
         subtract(weight, delta)
         return False
     _restore(weight, delta, residual, stop=weight.numel())
@@ -197,7 +219,7 @@ def unfold(weight: Tensor, delta: Tensor, residual: Residual) -> bool:
 
 def checksum(weight: Tensor) -> int:
     """The sum of the weight's bits as integers: equal for bit-identical weights."""
-    flat = weight.reshape(-1).view(BITS[weight.dtype])
+    flat = _flat_weight(weight).view(BITS[weight.dtype])
     return sum(bit_sum(flat[s:s + CHUNK]) for s in range(0, flat.numel(), CHUNK)) % 2**32
 
 
@@ -211,7 +233,7 @@ def bit_sum(bits: Tensor) -> int:
 @torch.no_grad()
 def subtract(weight: Tensor, delta: Tensor, stop: int | None = None) -> None:
     """``weight ← fl(weight − delta)`` over the flat prefix ``[:stop]`` (default: all)."""
-    w, d = weight.view(-1), delta.reshape(-1)
+    w, d = _flat(weight, delta)
     stop = w.numel() if stop is None else stop
     for start in range(0, stop, CHUNK):
         end = min(start + CHUNK, stop)
@@ -221,7 +243,7 @@ def subtract(weight: Tensor, delta: Tensor, stop: int | None = None) -> None:
 def _restore(weight: Tensor, delta: Tensor, residual: Residual, stop: int) -> None:
     """``weight[:stop] ← fl(weight − delta) + residual``: the flat prefix as before fold."""
     subtract(weight, delta, stop)
-    flat = weight.view(-1).view(BITS[weight.dtype])
+    flat = _flat_weight(weight).view(BITS[weight.dtype])
     device = weight.device
     if residual.dense is not None:
         flat[:stop].add_(residual.dense[:stop].to(device))

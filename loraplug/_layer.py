@@ -37,6 +37,10 @@ from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
 
 
+def _as_tuple(names: str | Iterable[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 class Detour(Protocol):
     """A forward that replaces the layer's own while set (see ``LoRALayer._detour``)."""
 
@@ -283,7 +287,7 @@ class LoRALayer(AdapterSet):
         names = self.held_active if names is None else tuple(names)
         return self._adapted_weight(names, self.scaling, sign)
 
-    def merge(self, names: Iterable[str] | None = None, *, safe: bool = False,
+    def merge(self, names: str | Iterable[str] | None = None, *, safe: bool = False,
               exact: bool = True) -> None:
         """Fold adapters into ``weight`` in place: the active ones, or ``names``.
 
@@ -304,16 +308,16 @@ class LoRALayer(AdapterSet):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        adding = names_to_merge(self, None if names is None else tuple(names))
+        adding = names_to_merge(self, None if names is None else _as_tuple(names))
         if adding:
             push(self, adding, exact=exact)
 
-    def unmerge(self, names: Iterable[str] | None = None) -> None:
+    def unmerge(self, names: str | Iterable[str] | None = None) -> None:
         """Take merged adapters out of ``weight``: all, or ``names``; exactly when merged so.
 
         See :func:`loraplug.unmerge`.
         """
-        take_out(self, self.merged_adapters if names is None else tuple(names))
+        take_out(self, self.merged_adapters if names is None else _as_tuple(names))
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:

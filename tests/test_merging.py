@@ -154,6 +154,9 @@ def test_peft_order_of_merges_by_name_and_its_refusals() -> None:
     assert model[0].merged_adapters == ("a", "adapter-2")
     assert_close(model(x), both)
     lp.merge(model)  # nothing left to merge: a no-op
+    model[0].unmerge("adapter-2")  # a name, not its letters
+    assert model[0].merged_adapters == ("a",)
+    model[0].merge("adapter-2")
     with pytest.raises(lp.AdapterError, match=r"merge: unknown adapter name\(s\) \['z'\]"):
         lp.merge(model, "z")
     with pytest.raises(lp.AdapterError, match=r"unmerge: expected an adapter name, a list of "
@@ -205,3 +208,22 @@ def test_compiled_forward_of_a_partly_merged_layer() -> None:
     with torch.no_grad():
         assert_close(compiled(x), expected)
     assert_close(compiled(x), expected)
+
+
+def test_a_channels_last_weight_merges_and_unmerges_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3)).to(memory_format=torch.channels_last)
+    lp.inject_lora(model, target="0", rank=2)
+    randomize_adapters(model)
+    x = torch.randn(2, 4, 8, 8)
+    expected, original = model(x), model[0].weight.clone()
+    lp.merge(model)
+    assert not model[0].weight.is_contiguous()  # still channels_last, written through
+    assert_close(model(x), expected)
+    lp.unmerge(model)
+    assert torch.equal(bits(model[0].weight), bits(original))
+    lp.merge(model)
+    model[0].weight.data = model[0].weight.data.contiguous()  # another layout while merged
+    with pytest.warns(lp.LoRAWarning, match="did not give the weight back bit for bit"):
+        lp.unmerge(model)
+    torch.testing.assert_close(model[0].weight, original)
