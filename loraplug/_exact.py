@@ -133,7 +133,8 @@ class _Collector:
 def _order(weight: Tensor) -> list[int]:
     # The dimensions from the outermost in memory: a channels_last weight permuted by
     # them is contiguous, so its flat view writes through.
-    return sorted(range(weight.dim()), key=lambda i: -weight.stride(i))
+    strides = weight.stride()
+    return sorted(range(weight.dim()), key=lambda i: -strides[i])
 
 
 def _flat_weight(weight: Tensor) -> Tensor:
