@@ -31,8 +31,8 @@ from torch import Tensor
 #: The integer type with the bits of each float type.
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32,
         torch.bfloat16: torch.int16, torch.float16: torch.int16}
-#: Entries per chunk: temporaries of a few hundred kilobytes.
-CHUNK = 1 << 16
+#: Entries per chunk: temporaries of about a megabyte each, in cache.
+CHUNK = 1 << 18
 
 
 class NotFinite(ArithmeticError):

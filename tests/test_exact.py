@@ -26,6 +26,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(BITS[t.dtype]).clone()
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 4096 entries, so that weights here span several."""
+    monkeypatch.setattr(_exact, "CHUNK", 4096)
+
+
 @st.composite
 def weights(draw: st.DrawFn) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A weight with hard entries and a few ΔW of scales from tiny to dominant."""
