@@ -91,7 +91,6 @@ class _Collector:
 
     def add(self, start: int, r: Tensor, original_bits: Tensor) -> None:
         self.checksum = (self.checksum + bit_sum(original_bits)) % 2**32
-        clamped = r.clamp(-128, 127)
         if self.dense is None:
             where = r.nonzero().view(-1)
             self.count += where.numel()
@@ -99,6 +98,7 @@ class _Collector:
             if self.count * 5 > self.numel:  # sparse costs ≥ 5 bytes an entry, dense 1
                 self._to_dense()
             return
+        clamped = r.clamp(-128, 127)
         self.dense[start:start + r.numel()] = clamped.to(torch.int8)
         where = (clamped != r).nonzero().view(-1)
         self.large.append((where + start, r[where] - clamped[where]))  # on top of dense
