@@ -42,8 +42,8 @@ SIZES = {"trained": 0.02, "large": 0.5}
 def _models(quick: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module],
                                                                             list[str]], int]]:
     gpt = dict(layers=1, dim=64, heads=4, vocab=256, context=16) if quick else \
-        dict(layers=6, dim=768, heads=12, vocab=8192, context=256)
-    vocab, dim = (512, 64) if quick else (32000, 1024)
+        dict(layers=4, dim=512, heads=8, vocab=8192, context=256)
+    vocab, dim = (512, 64) if quick else (32000, 512)
     channels = 16 if quick else 256
     return [
         (f"gpt {gpt['layers']}×d{gpt['dim']}, r16 on every linear layer",
