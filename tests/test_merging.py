@@ -227,3 +227,27 @@ def test_a_channels_last_weight_merges_and_unmerges_exactly() -> None:
     with pytest.warns(lp.LoRAWarning, match="did not give the weight back bit for bit"):
         lp.unmerge(model)
     torch.testing.assert_close(model[0].weight, original)
+
+
+@given(st.sampled_from(DTYPES).flatmap(any_case),
+       st.sampled_from(["nan", "inf", "-inf", "overflow"]), st.sampled_from(["A", "B"]),
+       st.integers(0, 2**16))
+def test_a_poisoned_adapter_never_changes_w(case: Case, poison: str, side: str,
+                                            seed: int) -> None:
+    layer = three_adapters(case)
+    lp.merge(case.model, "a")  # something merged already: it must stay exactly as it is
+    before = bits(layer.weight).clone()
+    with torch.no_grad():
+        if poison == "overflow":  # finite factors whose product leaves the dtype's range
+            big = 2 * torch.finfo(layer.weight.dtype).max ** 0.5
+            layer.lora_A["c"].fill_(big)
+            layer.lora_B["c"].fill_(big)
+        else:
+            tensor = (layer.lora_A if side == "A" else layer.lora_B)["c"]
+            flat = tensor.view(-1)
+            flat[torch.randint(0, flat.numel(), (1,), generator=torch.Generator().manual_seed(
+                seed))] = float(poison)
+    with pytest.raises(lp.StateError, match=r"merging \['c'\] gives a weight with NaN or inf"):
+        lp.merge(case.model, "c")
+    assert layer.merged_adapters == ("a",)
+    assert torch.equal(bits(layer.weight), before)
