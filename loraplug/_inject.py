@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
 
@@ -312,7 +313,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, or on a model sharded by FSDP2.
+            weight is tied to another module's, on a model sharded by FSDP2, or with
+            adapters whose merged weight would hold NaN or inf (nothing is changed).
 
     Example:
         >>> from torch import nn
@@ -324,13 +326,12 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     for _, layer in layers:
-        if merge:
-            layer.merge(exact=False)  # the layer leaves: nothing to unmerge later
-        else:
+        if not merge:
             layer.unmerge()
         layer.sync_base()
         for path in paths[id(layer)]:

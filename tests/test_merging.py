@@ -251,3 +251,13 @@ def test_a_poisoned_adapter_never_changes_w(case: Case, poison: str, side: str,
         lp.merge(case.model, "c")
     assert layer.merged_adapters == ("a",)
     assert torch.equal(bits(layer.weight), before)
+
+
+def test_unload_with_merge_of_a_poisoned_adapter_changes_nothing() -> None:
+    model = poisoned_pair(torch.float32, "nan")
+    lp.set_adapter(model, ["good", "bad"])
+    before = [bits(m.weight).clone() for m in model]
+    with pytest.raises(lp.StateError, match=r"merge: '1': merging \['good', 'bad'\] gives"):
+        lp.unload(model, merge=True)
+    assert all(isinstance(m, lp.LoRALayer) and not m.merged for m in model)
+    assert all(torch.equal(bits(m.weight), w) for m, w in zip(model, before))
