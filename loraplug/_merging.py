@@ -51,7 +51,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: b
         names: an adapter name or a list of them; ``None`` merges the active adapters.
         safe: kept for compatibility; every merge is checked now.
         exact: keep what :func:`unmerge` needs to give ``W`` back bit for bit; without
-            it, unmerging subtracts ΔW (equal to ``W`` up to a few ulps).
+            it, unmerging subtracts ΔW (``W`` up to the rounding of ``W + ΔW``).
 
     Raises:
         AdapterError: a name is not an adapter of the model.
