@@ -159,7 +159,7 @@ def tables(results: dict[str, Any]) -> str:
             r["model"], r["dtype"], r["adapters"], both("exact"), both("inexact"),
             both("in_place"), both("peft"), f"{t['exact']['merge_over_in_place']:.2f}×",
             f"{100 * t['exact']['check_share']:.1f}%", f"{r['side_per_weight_byte']:.3f}",
-            " / ".join(f"{100 * r['drift'][k]:.1f}%" for k in ("exact", "inexact", "peft")
+            " / ".join(f"{100 * r['drift'][k]:.1f}%" for k in ("exact", "peft")
                        if k in r["drift"]),
         ])
     if rows:
@@ -167,7 +167,7 @@ def tables(results: dict[str, Any]) -> str:
             "Exact merge: merge / unmerge per model, medians; side bytes per weight byte; "
             f"entries changed after {results['merge_exact'][0]['cycles']} cycles",
             ["model", "dtype", "adapters", "exact", "exact=False", "in place (before)",
-             "PEFT", "exact ÷ in place", "check", "side B/B", "drift exact / False / PEFT"],
+             "PEFT", "exact ÷ in place", "check", "side B/B", "drift exact / PEFT"],
             rows))
     return "\n".join(out)
 
