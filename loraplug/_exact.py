@@ -236,9 +236,11 @@ def subtract(weight: Tensor, delta: Tensor, stop: int | None = None) -> None:
     """``weight ← fl(weight − delta)`` over the flat prefix ``[:stop]`` (default: all)."""
     w, d = _flat(weight, delta)
     stop = w.numel() if stop is None else stop
+    size = min(CHUNK, stop)
+    wide = None if d.dtype == w.dtype else torch.empty(size, dtype=d.dtype, device=w.device)
     for start in range(0, stop, CHUNK):
         end = min(start + CHUNK, stop)
-        w[start:end] = torch.sub(w[start:end], d[start:end]).to(weight.dtype)
+        _rounded(torch.sub, w[start:end], d[start:end], w[start:end], wide)  # in place
 
 
 def _restore(weight: Tensor, delta: Tensor, residual: Residual, stop: int) -> None:
