@@ -14,6 +14,7 @@ from ._bounded import short_repr as _short
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._hooks import swap_hooks
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
 from ._weights import reading_weights
@@ -344,7 +345,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
             weight is tied to another module's, computed by a hook or parametrized by
-            something that cannot hold the merged weight, or on a model sharded by FSDP2.
+            something that cannot hold the merged weight, on a model sharded by FSDP2, or
+            with adapters whose merged weight would hold NaN or inf (nothing is changed).
 
     Example:
         >>> from torch import nn
@@ -356,13 +358,12 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
+        if not merge:
             layer.unmerge()
         layer.sync_base()
         swap_hooks(layer.base_layer, layer)  # hooks go back to the module

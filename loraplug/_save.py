@@ -230,7 +230,8 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     state = model.state_dict()
     with torch.no_grad():
         for _, layer in layers:
-            weight = layer.weight.detach() if layer.merged else layer.merged_weight()
+            # The weight holds the merged adapters; the active ones not merged are added.
+            weight = layer.merged_weight(layer._live) if layer._live else layer.weight.detach()
             for real in paths[id(layer)]:
                 prefix = f"{real}." if real else ""
                 for adapter in layer.adapter_names:
