@@ -10,6 +10,7 @@
     >>> _ = lp.unload(model)
 """
 
+from . import _quantized  # noqa: F401  (registers the quantized layer types by name)
 from ._adapters import (
     active_adapters,
     adapter_names,
@@ -38,6 +39,7 @@ from ._files import (
     save_merged,
 )
 from ._inject import find_targets, inject_lora, unload
+from ._kbit import prepare_for_kbit_training
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._mixed import adapter_per_sample
@@ -75,6 +77,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
+    "prepare_for_kbit_training",
     "register_lora_layer",
     "save_adapter",
     "save_merged",

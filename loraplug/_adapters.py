@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
-from ._errors import AdapterError, StateError
+from ._errors import AdapterError, ConfigError, StateError
 from ._layer import LoRALayer
+from ._quantized import quantized_layers, refuse_quantized
 from ._targeting import clean_name
 
 
@@ -254,24 +255,37 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         layer.set_active(active)
 
 
-def merge(model: nn.Module, *, safe: bool = False) -> None:
+def merge(
+    model: nn.Module, *, safe: bool = False, requantize: bool = False
+) -> dict[str, float] | None:
     """Fold the active adapters into the base weights, in place.
 
     ``W ← W + Σ_a s_a ΔW_a``, with ΔW summed in float32 for float16/bfloat16 weights and
     cast once. While merged, each LoRA layer's forward is exactly the base computation.
     Merging an already merged model is a no-op, so ΔW is never added twice.
 
+    Layers whose weight is stored quantized (bitsandbytes, torchao) merge only with
+    ``requantize=True``: ``W ← quantize(dequantize(W) + Σ s·ΔW)``, which rounds the sum
+    back to the quantized grid and so changes the base by more than the adapter; the
+    largest change beyond ΔW is returned per layer. ``unmerge`` puts the stored weights
+    back bit for bit. For full-precision merged weights use :func:`save_merged`.
+
     Args:
         model: a model with LoRA layers.
         safe: compute every merged weight first and check that all are finite before
             writing any: either every layer merges or none does. Holds one extra copy of
             the adapted weights while checking.
+        requantize: allow merging into quantized weights (see above).
+
+    Returns:
+        With ``requantize``: layer name → ``max |W_new − (W + ΔW)|`` for each quantized
+        layer merged now (the error requantizing introduced). Otherwise ``None``.
 
     Raises:
         StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
             set and a merged weight is not finite, a LoRA layer's weight is tied to
-            another module's, or FSDP2 has sharded the LoRA layers (nothing is changed
-            then).
+            another module's, FSDP2 has sharded the LoRA layers, or a layer's weight is
+            quantized and ``requantize`` is not set (nothing is changed then).
 
     Example:
         >>> import torch
@@ -286,13 +300,23 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
+    if not isinstance(requantize, bool):
+        raise ConfigError(f"merge: requantize must be True or False; received {requantize!r}.")
     layers = _layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
+    refuse_quantized(layers, "merge", requantize=requantize)
     todo = [(n, layer) for n, layer in layers if not layer.merged]
+    quantized = set(quantized_layers(todo))
+    errors: dict[str, float] = {}
     if not safe:
-        for _, layer in todo:
-            layer.merge()
-        return
+        for name, layer in todo:
+            if name in quantized:
+                error = layer.merge(requantize=True)  # type: ignore[call-arg]
+                if error is not None:
+                    errors[name] = error
+            else:
+                layer.merge()
+        return errors if requantize else None
     staged = []
     for name, layer in todo:
         names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
@@ -304,9 +328,12 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
                 f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
                 "weights; no layer was changed. Check that adapter's tensors."
             )
-        staged.append((layer, new, names))
-    for layer, new, names in staged:
-        layer._commit(new, names)
+        staged.append((name, layer, new, names))
+    for name, layer, new, names in staged:
+        error = layer._commit(new, names)  # a quantized layer requantizes and reports
+        if name in quantized:
+            errors[name] = error  # type: ignore[assignment]
+    return errors if requantize else None
 
 
 def unmerge(model: nn.Module) -> None:

@@ -13,6 +13,7 @@ from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
+from ._quantized import refuse_quantized
 from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
 
@@ -330,7 +331,9 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, or on a model sharded by FSDP2.
+            weight is tied to another module's, on a model sharded by FSDP2, or on an
+            unmerged layer with a quantized weight (``merge(model, requantize=True)``
+            first).
 
     Example:
         >>> from torch import nn
@@ -344,6 +347,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
     all_paths = _module_paths(model)
     for _, layer in layers:
         if merge:

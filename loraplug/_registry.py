@@ -136,4 +136,4 @@ def type_name(module_type: type) -> str:
 
 def supported_types() -> list[str]:
     """Names of the registered base types, for error messages."""
-    return sorted([*(type_name(t) for t in _REGISTRY), *_BY_NAME])
+    return sorted({*(type_name(t) for t in _REGISTRY), *_BY_NAME})

@@ -7,8 +7,18 @@ import math
 
 from torch import nn
 
+from .._quantized import parameter_count
 from .._registry import lookup, supported_types, type_name
 from ._common import CLIError, _pattern, _shape, _table, build_model
+
+
+def _stored(module: nn.Module) -> tuple[bool, str]:
+    """Whether the weight is quantized, and how it is stored: ``"bnb nf4 dq 0.516"``."""
+    from .._quantized import describe_weight, weight_format
+
+    described = describe_weight(module)
+    text = f"{described[0]} {described[1]:.3g}" if described else ""
+    return weight_format(module) is not None, text
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -23,8 +33,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
         selection = select(model, [_pattern(t) for t in args.target],
                            [_pattern(t) for t in args.exclude] or None)
         chosen = selection.modules
-    total = sum(p.numel() for p in model.parameters())
-    rows, added, notes = [], 0, []
+    total = parameter_count(model)  # a quantized weight at its logical size
+    rows, added, notes, stored = [], 0, [], []
     paths = _module_paths(model)
     for name, _, module in candidates(model):
         found = lookup(type(module))
@@ -48,8 +58,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
                              f"({probe.max_rank()}); the extra parameters add nothing")
         supported = "" if found is None else "yes"
         rows.append((mark, name, type_name(type(module)), _shape(module), supported, params))
+        stored.append(_stored(module))
     header = ("", "layer", "type", "weight", "LoRA", f"+params (r={args.rank})" if chosen else "")
-    print(_table(header, rows, right=(5,)))
+    if any(quantized for quantized, _ in stored):  # how each weight is stored, bytes per weight
+        header = (*header[:4], "stored (bytes/w)", *header[4:])
+        rows = [(*row[:4], text, *row[4:]) for row, (_, text) in zip(rows, stored)]
+    print(_table(header, rows, right=(len(header) - 1,)))
     if chosen:
         print(f"\n{len(chosen)} layers selected (*); rank {args.rank} adds {added:,} parameters "
               f"to the model's {total:,} ({100 * added / total if total else 0:.3f}%).")
@@ -59,7 +73,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"! {note}")
     else:
-        able = sum(1 for row in rows if row[4])
+        able = sum(1 for row in rows if row[-2])
         print(f"\n{able} layers can take LoRA ({', '.join(supported_types())}); pass --target "
               "PATTERN to see what a pattern selects.")
     return 1 if any(row[0] == "!" for row in rows) else 0

@@ -1,0 +1,232 @@
+"""LoRA for Linear layers whose weight is stored quantized (QLoRA, Dettmers et al. 2023).
+
+    y = base(x) + s · (x Aᵀ) Bᵀ,    ΔW = s · B A
+
+``base(x)`` is the quantized layer's own forward (bitsandbytes' 4-bit or 8-bit matmul,
+torchao's tensor subclass), untouched. A (r, in) and B (out, r) are shaped from the
+logical (out, in), never from the packed storage, and live in float32: the branch is
+computed in their dtype (x is cast to it) and its result cast to the base output's
+dtype before the sum, as PEFT does. Their gradients never touch the quantized weight.
+
+Merging is opt-in: ``W + ΔW`` does not lie on the quantized grid, so a merge has to round
+it (requantize), which moves the base by more than the adapter. ``merge(requantize=True)``
+does it and returns the largest change beyond ΔW; ``unmerge`` puts the stored weight back
+bit for bit (the layer keeps it while merged). ``merged_weight`` (and so ``save_merged``)
+gives the dense ``dequantize(W) + ΔW`` without touching the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._errors import ConfigError, StateError
+from ._layer import add_scaled_product, compute_dtype
+from ._linear import LoRALinear
+from ._quantized import QuantizedWeight, weight_format
+
+#: The dtype of A and B on a quantized layer.
+ADAPTER_DTYPE = torch.float32
+
+
+class LoRAQuantizedLinear(LoRALinear):
+    """LoRA around a Linear layer with a quantized weight: ``base(x) + (alpha/r) · B A x``.
+
+    The base is called as it is (its forward is never replaced), so subclasses of a
+    quantized layer compute exactly what they computed before.
+
+    Attributes:
+        weight_format: how the weight is stored (read, rewritten, measured).
+    """
+
+    # The base module's own forward is what runs, whatever its class: never recompute it.
+    forward_methods: ClassVar[tuple[str, ...]] = ()
+
+    def configure(self, base: nn.Module) -> None:
+        fmt = weight_format(base)
+        if fmt is None:
+            raise ConfigError(
+                f"{type(base).__name__} has a weight of type {type(base.weight).__name__}, "
+                "which loraplug does not read as a quantized weight; quantize the layer first "
+                "(bitsandbytes quantizes when the layer is moved to a device)."
+            )
+        self.weight_format: QuantizedWeight = fmt
+        self._kept: object = None  # the stored weight before a requantizing merge
+
+    # ----------------------------------------------------------- shapes
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_features, in_features = self.weight_format.shape(self.base_layer)
+        return (rank, in_features), (out_features, rank)
+
+    def max_rank(self) -> int:
+        return min(self.weight_format.shape(self.base_layer))
+
+    def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
+        """Freshly initialised (A, B) in float32 (see :meth:`LoRALayer.new_adapter`)."""
+        shape_a, shape_b = self.adapter_shapes(rank)
+        device = self.weight.device
+        a = torch.empty(shape_a, device=device, dtype=ADAPTER_DTYPE)
+        b = torch.zeros(shape_b, device=device, dtype=ADAPTER_DTYPE)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(a, std=1.0 / rank)
+        return a, b
+
+    # ----------------------------------------------------------- forward
+    def base_forward(self, x: Tensor) -> Tensor:
+        return self.base_layer.forward(x)
+
+    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        """``out + scale · B A x``, the branch in A's dtype and cast to ``out``'s."""
+        h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # (..., r)
+        if out.dtype == b.dtype:
+            return add_scaled_product(out, h, b, scale)
+        return out + F.linear(h * scale, b).to(out.dtype)
+
+    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
+        a, b = self._adapter(name)
+        return self.add_lora(out, x, a, b, self.scaling[name])
+
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        a, b = self._adapter(name)
+        h = F.linear(x.to(a.dtype), a) * self.scaling[name]
+        return F.linear(h, b).to(x.dtype)
+
+    def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                    slot: Tensor | None) -> Tensor:
+        return super().routed_lora(x.to(a.dtype), a, b, scale, slot).to(x.dtype)
+
+    # ----------------------------------------------------------- ΔW and merging
+    def delta_weight(self, name: str) -> Tensor:
+        a, b = self._adapter(name)
+        dtype = compute_dtype(a.dtype)
+        return (b.to(dtype) @ a.to(dtype)).mul_(self.scaling[name])  # (out, in)
+
+    @torch.no_grad()
+    def merged_weight(self, names=None, *, sign: int = 1) -> Tensor:  # type: ignore[no-untyped-def]
+        """Dense ``dequantize(W) + sign · Σ s·ΔW`` over ``names`` (default: the active ones).
+
+        Summed in float32 (or the dequantized dtype, if wider), returned in the dtype
+        the weight dequantizes to.
+        """
+        names = self._live_or_active() if names is None else tuple(names)
+        weight = self.weight_format.dequantize(self.base_layer)
+        acc = weight.to(compute_dtype(weight.dtype))
+        for name in names:
+            self._add_delta(acc, name, sign)
+        return acc.to(weight.dtype)
+
+    def merge(self, *, safe: bool = False, requantize: bool = False) -> float | None:
+        """Fold the active adapters into the quantized weight by requantizing; opt-in.
+
+        ``W ← quantize(dequantize(W) + Σ s·ΔW)``. Rounding to the quantized grid
+        changes the weight by more than ΔW; the largest such change is returned.
+
+        Args:
+            safe: check that the merged weight is finite before writing it.
+            requantize: must be True: a plain merge is refused (see the class docstring).
+
+        Returns:
+            ``max |W_new − (W + ΔW)|`` over the weight (the error requantizing added),
+            or ``None`` when nothing was merged (already merged, or no active adapter).
+
+        Raises:
+            StateError: ``requantize`` is not set, adapters are disabled, the format
+                cannot be requantized, or ``safe`` is set and the result is not finite.
+        """
+        if self.merged_adapters:
+            return None
+        if not requantize:
+            kind = self.weight_format.kind(self.base_layer)
+            raise StateError(
+                f"this layer's weight is stored quantized ({kind}); merging would round "
+                "W + ΔW back to the quantized grid, which changes the base by more than the "
+                "adapter. Keep the adapter unmerged, pass requantize=True to accept that (the "
+                "error is returned), or write full-precision merged weights with "
+                "loraplug.save_merged."
+            )
+        if self.adapters_disabled:
+            raise StateError(
+                "adapters are disabled on this layer (inside disable_adapters); merge outside "
+                "that block."
+            )
+        names = self._live_or_active()
+        if not names:
+            return None
+        new = self.merged_weight(names)
+        if safe and not torch.isfinite(new).all():
+            raise StateError(
+                f"merging {list(names)} gives a weight with NaN or inf values; the weight was "
+                "left unmerged. Check the adapter tensors (torch.isfinite) before merging."
+            )
+        return self._commit(new, names)
+
+    @torch.no_grad()
+    def _commit(self, new_weight: Tensor, merged: tuple[str, ...]) -> float:  # type: ignore[override]
+        base = self.base_layer
+        problem = self.weight_format.requantize_problem(base)
+        if problem:
+            raise StateError(f"cannot requantize this layer's weight: {problem}")
+        kept = self.weight_format.snapshot(base)
+        self.weight_format.requantize(base, new_weight)
+        self._kept = kept
+        self._adopt()
+        self.merged_adapters = merged
+        self._refresh()
+        now = self.weight_format.dequantize(base).to(new_weight.dtype)
+        return (now - new_weight).abs().max().item() if now.numel() else 0.0
+
+    def unmerge(self) -> None:
+        """Put back the stored quantized weight from before the merge, bit for bit."""
+        if not self.merged_adapters:
+            return
+        self.weight_format.restore(self.base_layer, self._kept)
+        self._kept = None
+        self._adopt()
+        self.merged_adapters = ()
+        self._refresh()
+
+    def _fold(self, names: tuple[str, ...], sign: int) -> None:
+        raise StateError("a quantized weight is merged with merge(requantize=True) only.")
+
+    def _adopt(self) -> None:
+        # The base module's weight (and buffers) were replaced: register the new ones here.
+        base = self.base_layer
+        self._parameters.update(base._parameters)
+        self._buffers.update(base._buffers)
+
+    # ----------------------------------------------------------- nn.Module plumbing
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        if self._kept is not None:  # the stored weight follows the layer (.to(device))
+            self._kept = _apply_kept(self._kept, fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        # The base module writes its own entries (quantization statistics included), so
+        # the keys are exactly those of the model before injection.
+        self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[no-untyped-def]
+                              missing_keys, unexpected_keys, error_msgs):
+        children = tuple(f"{prefix}{name}." for name in self._modules)
+        own = {k: v for k, v in state_dict.items() if not k.startswith(children)}
+        self.base_layer._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+        self._adopt()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f" ({self.weight_format.kind(self.base_layer)})"
+
+
+def _apply_kept(kept: object, fn):  # type: ignore[no-untyped-def]
+    if isinstance(kept, Tensor):
+        return fn(kept)
+    if isinstance(kept, tuple):
+        return tuple(_apply_kept(k, fn) for k in kept)
+    return kept
