@@ -8,15 +8,6 @@ from torch import Tensor, nn
 from ._adapters import lora_layers
 from ._errors import ConfigError
 
-#: torch's normalization layers; other classes named ``...Norm...`` (LlamaRMSNorm,
-#: T5LayerNorm) are recognised by name.
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
-          nn.modules.batchnorm._NormBase)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, _NORMS) or "Norm" in type(module).__name__
-
 
 def require_grad_hook(module: nn.Module, inputs: object, output: object) -> None:
     """Forward hook: the output requires grad (a frozen embedding's output does not)."""
@@ -56,11 +47,10 @@ def prepare_for_kbit_training(
 
     1. Frozen base: every parameter that is not a LoRA parameter gets
        ``requires_grad=False`` (the quantized weights never have gradients).
-    2. Norms in float32: float16/bfloat16 parameters and buffers of normalization layers
-       (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, batch norms, and any class
-       whose name contains ``Norm``, such as ``LlamaRMSNorm``) become float32. Unlike
-       PEFT's version, other half-precision weights (embeddings, the output head) keep
-       their dtype and memory.
+    2. Norms in float32: every float16/bfloat16 parameter that is not stored quantized
+       (norms, embeddings, the output head) becomes float32, as PEFT does. The norms'
+       statistics are what loses most in half precision, and the layers after a float32
+       norm receive float32 inputs, which a half-precision ``nn.Linear`` would refuse.
     3. Input gradients: the output of the input embeddings (``model.get_input_embeddings()``,
        else the first ``nn.Embedding``) requires grad, so that blocks under reentrant
        gradient checkpointing (``use_reentrant=True``) still pass gradients to the
@@ -92,8 +82,8 @@ def prepare_for_kbit_training(
         >>> model = model.to(torch.bfloat16)
         >>> _ = lp.inject_lora(model, target="2", rank=2)
         >>> _ = lp.prepare_for_kbit_training(model, gradient_checkpointing=False)
-        >>> model[1].weight.dtype, model[0].weight.dtype
-        (torch.float32, torch.bfloat16)
+        >>> model[1].weight.dtype, model[2].lora_A["default"].requires_grad
+        (torch.float32, True)
         >>> model(torch.tensor([[1, 2]]))[0].requires_grad
         True
     """
@@ -117,12 +107,10 @@ def prepare_for_kbit_training(
         if id(p) not in lora:
             p.requires_grad_(False)
     with torch.no_grad():
-        for module in model.modules():
-            if not _is_norm(module):
-                continue
-            for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                if t.dtype in (torch.float16, torch.bfloat16):
-                    t.data = t.data.float()
+        for p in model.parameters():
+            # Quantized weights are parameter subclasses (Params4bit, torchao's tensors).
+            if type(p) is nn.Parameter and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
     embeddings = _input_embeddings(model)
     if embeddings is not None and require_grad_hook not in embeddings._forward_hooks.values():
         embeddings.register_forward_hook(require_grad_hook)

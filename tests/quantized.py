@@ -60,7 +60,7 @@ def quantize_bnb(model: nn.Module, config: BnbConfig, skip: tuple[str, ...] = ()
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in skip:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, bnb_layer(module, config))
+            setattr(parent, leaf, bnb_layer(module, config).train(module.training))
     if config.bits == 4:
         model.is_loaded_in_4bit = True  # what transformers sets; PEFT reads it
     else:
