@@ -51,10 +51,11 @@ def prepare_for_kbit_training(
        (norms, embeddings, the output head) becomes float32, as PEFT does. The norms'
        statistics are what loses most in half precision, and the layers after a float32
        norm receive float32 inputs, which a half-precision ``nn.Linear`` would refuse.
-    3. Input gradients: the output of the input embeddings (``model.get_input_embeddings()``,
-       else the first ``nn.Embedding``) requires grad, so that blocks under reentrant
-       gradient checkpointing (``use_reentrant=True``) still pass gradients to the
-       adapters inside them. Models without an embedding are left as they are.
+    3. Input gradients, with ``use_reentrant=True``: the output of the input embeddings
+       (``model.get_input_embeddings()``, else the first ``nn.Embedding``) requires grad.
+       Reentrant checkpointing differentiates a block only if its input requires grad,
+       which a frozen embedding's output does not, so the adapters inside would get no
+       gradient. Non-reentrant checkpointing (the default) needs nothing.
     4. With ``gradient_checkpointing``, transformers' activation checkpointing is switched
        on: each decoder block drops its activations in forward and recomputes them in
        backward.
@@ -65,7 +66,9 @@ def prepare_for_kbit_training(
             ``activation_checkpointing_enable`` (or ``gradient_checkpointing_enable``), as
             transformers models have. Other models checkpoint their own blocks with
             ``torch.utils.checkpoint.checkpoint`` and pass False.
-        use_reentrant: passed to ``torch.utils.checkpoint.checkpoint``.
+        use_reentrant: passed to ``torch.utils.checkpoint.checkpoint``; also set it when
+            the model checkpoints its own blocks reentrantly (with
+            ``gradient_checkpointing=False``) to get the input gradients of step 3.
 
     Returns:
         ``model`` itself.
@@ -81,7 +84,8 @@ def prepare_for_kbit_training(
         >>> model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 8))
         >>> model = model.to(torch.bfloat16)
         >>> _ = lp.inject_lora(model, target="2", rank=2)
-        >>> _ = lp.prepare_for_kbit_training(model, gradient_checkpointing=False)
+        >>> _ = lp.prepare_for_kbit_training(model, gradient_checkpointing=False,
+        ...                                  use_reentrant=True)
         >>> model[1].weight.dtype, model[2].lora_A["default"].requires_grad
         (torch.float32, True)
         >>> model(torch.tensor([[1, 2]]))[0].requires_grad
@@ -111,7 +115,7 @@ def prepare_for_kbit_training(
             # Quantized weights are parameter subclasses (Params4bit, torchao's tensors).
             if type(p) is nn.Parameter and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
-    embeddings = _input_embeddings(model)
+    embeddings = _input_embeddings(model) if use_reentrant else None
     if embeddings is not None and require_grad_hook not in embeddings._forward_hooks.values():
         embeddings.register_forward_hook(require_grad_hook)
     if gradient_checkpointing:

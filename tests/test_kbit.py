@@ -73,13 +73,15 @@ def test_the_input_gradient_hook_is_added_once_and_only_where_there_is_an_embedd
     model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 8))
     lp.inject_lora(model, target="2", rank=2)
     lp.prepare_for_kbit_training(model, gradient_checkpointing=False)
-    lp.prepare_for_kbit_training(model, gradient_checkpointing=False)
+    assert not model[0]._forward_hooks  # non-reentrant checkpointing needs none
+    lp.prepare_for_kbit_training(model, gradient_checkpointing=False, use_reentrant=True)
+    lp.prepare_for_kbit_training(model, gradient_checkpointing=False, use_reentrant=True)
     assert len(model[0]._forward_hooks) == 1
     assert model[0](torch.tensor([1, 2])).requires_grad
     with torch.no_grad():
         assert not model[0](torch.tensor([1, 2])).requires_grad
     no_embedding = nn.Sequential(nn.Linear(4, 4))
-    lp.prepare_for_kbit_training(no_embedding, gradient_checkpointing=False)
+    lp.prepare_for_kbit_training(no_embedding, gradient_checkpointing=False, use_reentrant=True)
     assert not no_embedding[0].weight.requires_grad
 
 
