@@ -168,6 +168,15 @@ class LoRALinear4bit(LoRAQuantizedLinear):
     matmul runs in its ``compute_dtype`` as before.
     """
 
+    def base_forward(self, x: Tensor) -> Tensor:
+        # bitsandbytes packs the weight for its inference kernel, which has no backward,
+        # on an eval forward without gradients; a later step that needs gradients (training
+        # after evaluating) must run on the canonical layout, or it fails in bitsandbytes.
+        if (self.training or x.requires_grad) and \
+                getattr(self.weight.quant_state, "packing_format_for_cpu", False):
+            _canonical_4bit(self.base_layer)
+        return self.base_layer.forward(x)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
         _canonical_4bit(self.base_layer)  # bitsandbytes' own inverse scrambles some scales
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -347,3 +347,25 @@ def test_reading_a_weight_bitsandbytes_repacked_for_inference_changes_nothing(co
         model.state_dict()
         assert torch.equal(model(x), first)
     torch.testing.assert_close(dense, original, rtol=1e-2, atol=1e-2)  # scales in bfloat16
+
+
+@pytest.mark.parametrize("config", [c for c in BNB_CONFIGS if c.bits == 4], ids=str)
+def test_training_after_an_inference_forward_gets_its_gradients(config) -> None:
+    # An eval forward without gradients lets bitsandbytes pack the weight for a kernel
+    # without backward; training afterwards must still differentiate through the layer.
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb_layer(nn.Linear(64, 64), config), bnb_layer(nn.Linear(64, 64),
+                                                                           config))
+    lp.inject_lora(model, target=["0", "1"], rank=2)
+    _randomize(model)
+    x = torch.randn(3, 64)
+    fresh = copy.deepcopy(model).train()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    model(x).pow(2).sum().backward()
+    fresh(x).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if p.requires_grad:  # packed scales are bfloat16: the same gradients to that precision
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2, msg=name)
