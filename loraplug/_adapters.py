@@ -16,7 +16,7 @@ from torch import nn
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, ConfigError, StateError
 from ._layer import LoRALayer
-from ._quantized import quantized_layers, refuse_quantized
+from ._quantized import refuse_quantized
 from ._targeting import clean_name
 
 
@@ -25,7 +25,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
-def _layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
+def layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
     layers = lora_layers(model)
     if not layers:
         raise StateError(
@@ -74,7 +74,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
+def check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -122,8 +122,14 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
 def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layers sharded by FSDP2, weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
+    weights tied to other modules, disabled adapters.
     """
+    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    if refusing:
+        raise StateError(
+            f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
+        )
     refuse_sharded(layers, action)
     refuse_tied(model, [(n, layer) for n, layer in layers if not layer.merged], action)
     disabled = [n for n, layer in layers if layer.adapters_disabled]
@@ -159,8 +165,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         ['default', 'b']
     """
     names = _name_list(names, "set_adapter")
-    layers = _layers_or_raise(model, "set_adapter")
-    _check_names(model, names, "set_adapter")
+    layers = layers_or_raise(model, "set_adapter")
+    check_names(model, names, "set_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -192,7 +198,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
     """
-    layers = _layers_or_raise(model, "disable_adapters")
+    layers = layers_or_raise(model, "disable_adapters")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -229,15 +235,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Example:
         >>> from torch import nn
         >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = lp.inject_lora(model, target=nn.Linear, rank=2)
+        >>> _ = lp.inject_lora(model, target="1", rank=2, name="head")
         >>> lp.delete_adapter(model, "default")
         >>> lp.adapter_names(model), lp.active_adapters(model)
-        (['b'], ['b'])
+        (['head'], ['head'])
     """
-    layers = _layers_or_raise(model, "delete_adapter")
-    _check_names(model, [name], "delete_adapter")
+    layers = layers_or_raise(model, "delete_adapter")
+    check_names(model, [name], "delete_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -282,10 +288,13 @@ def merge(
         layer merged now (the error requantizing introduced). Otherwise ``None``.
 
     Raises:
-        StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
-            set and a merged weight is not finite, a LoRA layer's weight is tied to
-            another module's, FSDP2 has sharded the LoRA layers, or a layer's weight is
-            quantized and ``requantize`` is not set (nothing is changed then).
+        StateError: the model has no LoRA layers, a layer type cannot merge
+            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
+            weight is not finite, a LoRA layer's weight is tied to another module's,
+            FSDP2 has sharded the LoRA layers, or a layer's weight is quantized and
+            ``requantize`` is not set or its format cannot be requantized (nothing is
+            changed then).
+        ConfigError: ``requantize`` is not a bool.
 
     Example:
         >>> import torch
@@ -302,37 +311,31 @@ def merge(
     """
     if not isinstance(requantize, bool):
         raise ConfigError(f"merge: requantize must be True or False; received {requantize!r}.")
-    layers = _layers_or_raise(model, "merge")
+    layers = layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
     refuse_quantized(layers, "merge", requantize=requantize)
-    todo = [(n, layer) for n, layer in layers if not layer.merged]
-    quantized = set(quantized_layers(todo))
-    errors: dict[str, float] = {}
+    errors: dict[str, float] = {}  # quantized layers: the error requantizing introduced
     if not safe:
-        for name, layer in todo:
-            if name in quantized:
-                error = layer.merge(requantize=True)  # type: ignore[call-arg]
-                if error is not None:
-                    errors[name] = error
-            else:
-                layer.merge()
+        for name, layer in layers:
+            error = layer.merge(requantize=requantize)
+            if error is not None:
+                errors[name] = error
         return errors if requantize else None
     staged = []
-    for name, layer in todo:
-        names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
-        if not names:
+    for name, layer in layers:
+        new = layer.stage_merge()
+        if new is None:
             continue
-        new = layer.merged_weight(names)
         if not torch.isfinite(new).all():
             raise StateError(
-                f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
-                "weights; no layer was changed. Check that adapter's tensors."
+                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
+                "or inf weights; no layer was changed. Check that adapter's tensors."
             )
-        staged.append((name, layer, new, names))
-    for name, layer, new, names in staged:
-        error = layer._commit(new, names)  # a quantized layer requantizes and reports
-        if name in quantized:
-            errors[name] = error  # type: ignore[assignment]
+        staged.append((name, layer, new))
+    for name, layer, new in staged:
+        error = layer.commit_merge(new)
+        if error is not None:
+            errors[name] = error
     return errors if requantize else None
 
 
@@ -349,7 +352,7 @@ def unmerge(model: nn.Module) -> None:
     Raises:
         StateError: the model has no LoRA layers, or FSDP2 has sharded them.
     """
-    layers = _layers_or_raise(model, "unmerge")
+    layers = layers_or_raise(model, "unmerge")
     refuse_sharded(layers, "unmerge")
     for _, layer in layers:
         layer.unmerge()

@@ -19,6 +19,8 @@ layer's own forward) and weight formats:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
@@ -27,14 +29,14 @@ from bitsandbytes.functional import (
     dequantize_4bit,
     int8_vectorwise_dequant,
 )
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._qlinear import LoRAQuantizedLinear
 from ._quantized import QuantizedWeight, register_weight_format
 from ._registry import register_lora_layer
 
 
-def _unpacked(weight: Tensor) -> tuple[Tensor, object]:
+def _unpacked(weight: Any) -> tuple[Tensor, Any]:
     """``(data, quant_state)`` of a 4-bit weight in the canonical layout; the weight is kept.
 
     bitsandbytes' inverse of its CPU packing leaves a non-nested absmax in the packed
@@ -51,7 +53,7 @@ def _unpacked(weight: Tensor) -> tuple[Tensor, object]:
     return data, state
 
 
-def _canonical_4bit(module: nn.Module) -> None:
+def _canonical_4bit(module: Any) -> None:
     # The canonical layout in place (bitsandbytes repacks on its next inference forward).
     weight = module.weight
     if getattr(weight.quant_state, "packing_format_for_cpu", False):
@@ -65,39 +67,39 @@ class Params4bitFormat(QuantizedWeight):
 
     state_keys = ("weight.",)
 
-    def kind(self, module: nn.Module) -> str:
+    def kind(self, module: Any) -> str:
         weight = module.weight
         double = " dq" if weight.compress_statistics else ""
         return f"bnb {weight.quant_type}{double}"
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: Any) -> Tensor:
         weight = module.weight
         if weight.quant_state is None:  # not quantized yet (before moving to a device)
             return weight.data.detach().clone()
         return dequantize_4bit(*_unpacked(weight))
 
-    def requantize(self, module: nn.Module, dense: Tensor) -> None:
+    def requantize(self, module: Any, dense: Tensor) -> None:
         _canonical_4bit(module)
         old = module.weight
         state = old.quant_state
-        new = bnb.nn.Params4bit(
+        new: Any = bnb.nn.Params4bit(
             dense.to(state.dtype).contiguous().to("cpu"), requires_grad=False,
             blocksize=state.blocksize, compress_statistics=state.nested,
             quant_type=state.quant_type, quant_storage=old.quant_storage, module=module,
         )
-        module._parameters["weight"] = new.to(old.device)  # quantizes
+        module._parameters["weight"] = new.to(device=old.device)  # quantizes
         module.quant_state = module.weight.quant_state
 
-    def requantize_problem(self, module: nn.Module) -> str | None:
+    def requantize_problem(self, module: Any) -> str | None:
         if module.weight.quant_state is None:
             return "the weight is not quantized yet (move the layer to a device first)."
         return None
 
-    def restore(self, module: nn.Module, kept: object) -> None:
-        module._parameters["weight"] = kept  # type: ignore[assignment]
-        module.quant_state = kept.quant_state  # type: ignore[attr-defined]
+    def restore(self, module: Any, kept: Any) -> None:
+        module._parameters["weight"] = kept
+        module.quant_state = kept.quant_state
 
-    def bytes_per_weight(self, module: nn.Module) -> float:
+    def bytes_per_weight(self, module: Any) -> float:
         weight = module.weight
         state = weight.quant_state
         out_features, in_features = self.shape(module)
@@ -117,42 +119,44 @@ class Int8ParamsFormat(QuantizedWeight):
 
     state_keys = ("SCB", "weight_format")
 
-    def kind(self, module: nn.Module) -> str:
+    def kind(self, module: Any) -> str:
         return "bnb int8" if module.weight.dtype == torch.int8 else "bnb int8 (not quantized)"
 
     @staticmethod
-    def _scales(module: nn.Module) -> Tensor | None:
-        scb = module.weight.SCB
+    def _scales(module: Any) -> Tensor:
+        scb = module.weight.SCB  # on the weight until the first forward, then on the state
         return module.state.SCB if scb is None else scb
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: Any) -> Tensor:
         weight = module.weight
         if weight.dtype != torch.int8:  # has_fp16_weights, or not moved to a device yet
             return weight.data.detach().clone()
         return int8_vectorwise_dequant(weight.data, self._scales(module))
 
-    def requantize(self, module: nn.Module, dense: Tensor) -> None:
+    def requantize(self, module: Any, dense: Tensor) -> None:
         device = module.weight.device
-        new = bnb.nn.Int8Params(dense.to("cpu", torch.float16), requires_grad=False,
+        new: Any = bnb.nn.Int8Params(dense.to("cpu", torch.float16), requires_grad=False,
                                 has_fp16_weights=False)
-        module._parameters["weight"] = new.to(device)  # quantizes
+        module._parameters["weight"] = new.to(device=device)  # quantizes
         module.init_8bit_state()  # scales on the layer's state, as after a forward
 
-    def requantize_problem(self, module: nn.Module) -> str | None:
+    def requantize_problem(self, module: Any) -> str | None:
         if module.weight.dtype != torch.int8:
             return ("the layer keeps float16 weights (has_fp16_weights=True) or is not "
                     "quantized yet; nothing to requantize.")
         return None
 
-    def snapshot(self, module: nn.Module) -> object:
+    def snapshot(self, module: Any) -> object:
         weight = module.weight
         return (weight, weight.CB, weight.SCB, module.state.CB, module.state.SCB)
 
-    def restore(self, module: nn.Module, kept: object) -> None:
-        weight, weight.CB, weight.SCB, module.state.CB, module.state.SCB = kept  # type: ignore[misc]
+    def restore(self, module: Any, kept: Any) -> None:
+        weight, weight_cb, weight_scb, state_cb, state_scb = kept
+        weight.CB, weight.SCB = weight_cb, weight_scb
+        module.state.CB, module.state.SCB = state_cb, state_scb
         module._parameters["weight"] = weight
 
-    def bytes_per_weight(self, module: nn.Module) -> float:
+    def bytes_per_weight(self, module: Any) -> float:
         weight = module.weight
         out_features, in_features = self.shape(module)
         if weight.dtype != torch.int8:
@@ -177,7 +181,8 @@ class LoRALinear4bit(LoRAQuantizedLinear):
             _canonical_4bit(self.base_layer)
         return self.base_layer.forward(x)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
         _canonical_4bit(self.base_layer)  # bitsandbytes' own inverse scrambles some scales
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -186,7 +191,7 @@ class LoRALinear4bit(LoRAQuantizedLinear):
 class LoRALinear8bitLt(LoRAQuantizedLinear):
     """LoRA around bitsandbytes' ``Linear8bitLt``: ``Linear8bitLt(x) + s · B A x``."""
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALinear8bitLt:
         super()._apply(fn, recurse)
         # The row scales live on the layer's state, outside parameters: move them along
         # (device only, as bitsandbytes' own .to() does).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ def require_grad_hook(module: nn.Module, inputs: object, output: object) -> None
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_input_embeddings", None)
+    getter: Any = getattr(model, "get_input_embeddings", None)
     if callable(getter):
         try:
             found = getter()
@@ -30,11 +32,11 @@ def _input_embeddings(model: nn.Module) -> nn.Module | None:
 
 def _enable_checkpointing(model: nn.Module, use_reentrant: bool) -> None:
     kwargs = {"use_reentrant": use_reentrant}
-    enable = getattr(model, "activation_checkpointing_enable", None)
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
         enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        getattr(model, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs=kwargs)  # noqa: B009
 
 
 def prepare_for_kbit_training(

@@ -17,20 +17,17 @@ gives the dense ``dequantize(W) + ΔW`` without touching the layer.
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import ConfigError, StateError
-from ._layer import add_scaled_product, compute_dtype
 from ._linear import LoRALinear
+from ._products import Scale, add_scaled_product, compute_dtype
 from ._quantized import QuantizedWeight, weight_format
-
-#: The dtype of A and B on a quantized layer.
-ADAPTER_DTYPE = torch.float32
 
 
 class LoRAQuantizedLinear(LoRALinear):
@@ -45,6 +42,7 @@ class LoRAQuantizedLinear(LoRALinear):
 
     # The base module's own forward is what runs, whatever its class: never recompute it.
     forward_methods: ClassVar[tuple[str, ...]] = ()
+    weight_format: QuantizedWeight
 
     def configure(self, base: nn.Module) -> None:
         fmt = weight_format(base)
@@ -54,10 +52,10 @@ class LoRAQuantizedLinear(LoRALinear):
                 "which loraplug does not read as a quantized weight; quantize the layer first "
                 "(bitsandbytes quantizes when the layer is moved to a device)."
             )
-        self.weight_format: QuantizedWeight = fmt
+        self.weight_format = fmt
         self._kept: object = None  # the stored weight before a requantizing merge
 
-    # ----------------------------------------------------------- shapes
+    # ----------------------------------------------------------- shapes and math
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight_format.shape(self.base_layer)
         return (rank, in_features), (out_features, rank)
@@ -65,60 +63,39 @@ class LoRAQuantizedLinear(LoRALinear):
     def max_rank(self) -> int:
         return min(self.weight_format.shape(self.base_layer))
 
-    def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
-        """Freshly initialised (A, B) in float32 (see :meth:`LoRALayer.new_adapter`)."""
-        shape_a, shape_b = self.adapter_shapes(rank)
-        device = self.weight.device
-        a = torch.empty(shape_a, device=device, dtype=ADAPTER_DTYPE)
-        b = torch.zeros(shape_b, device=device, dtype=ADAPTER_DTYPE)
-        if init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        else:
-            nn.init.normal_(a, std=1.0 / rank)
-        return a, b
-
-    # ----------------------------------------------------------- forward
     def base_forward(self, x: Tensor) -> Tensor:
         return self.base_layer.forward(x)
 
-    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
-        """``out + scale · B A x``, the branch in A's dtype and cast to ``out``'s."""
+    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Scale) -> Tensor:
+        # The branch in A's dtype, added to the output in the output's dtype.
         h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # (..., r)
         if out.dtype == b.dtype:
             return add_scaled_product(out, h, b, scale)
         return out + F.linear(h * scale, b).to(out.dtype)
 
-    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
-        return self.add_lora(out, x, a, b, self.scaling[name])
-
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
-        h = F.linear(x.to(a.dtype), a) * self.scaling[name]
-        return F.linear(h, b).to(x.dtype)
-
     def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
                     slot: Tensor | None) -> Tensor:
         return super().routed_lora(x.to(a.dtype), a, b, scale, slot).to(x.dtype)
 
-    # ----------------------------------------------------------- ΔW and merging
     def delta_weight(self, name: str) -> Tensor:
         a, b = self._adapter(name)
-        dtype = compute_dtype(a.dtype)
-        return (b.to(dtype) @ a.to(dtype)).mul_(self.scaling[name])  # (out, in)
+        delta = torch.zeros(self.weight_format.shape(self.base_layer),
+                            dtype=compute_dtype(a.dtype), device=a.device)
+        self.add_delta(delta, a, b, self.scaling[name])
+        return delta
 
+    # ----------------------------------------------------------- merging
     @torch.no_grad()
-    def merged_weight(self, names=None, *, sign: int = 1) -> Tensor:  # type: ignore[no-untyped-def]
+    def merged_weight(self, names: Iterable[str] | None = None, *, sign: int = 1) -> Tensor:
         """Dense ``dequantize(W) + sign · Σ s·ΔW`` over ``names`` (default: the active ones).
 
         Summed in float32 (or the dequantized dtype, if wider), returned in the dtype
         the weight dequantizes to.
         """
-        names = self._live_or_active() if names is None else tuple(names)
+        names = self.held_active if names is None else tuple(names)
         weight = self.weight_format.dequantize(self.base_layer)
         acc = weight.to(compute_dtype(weight.dtype))
-        for name in names:
-            self._add_delta(acc, name, sign)
+        self._accumulate(acc, names, self.scaling, sign)
         return acc.to(weight.dtype)
 
     def merge(self, *, safe: bool = False, requantize: bool = False) -> float | None:
@@ -129,7 +106,7 @@ class LoRAQuantizedLinear(LoRALinear):
 
         Args:
             safe: check that the merged weight is finite before writing it.
-            requantize: must be True: a plain merge is refused (see the class docstring).
+            requantize: must be True: a plain merge is refused (see the module docstring).
 
         Returns:
             ``max |W_new − (W + ΔW)|`` over the weight (the error requantizing added),
@@ -155,31 +132,37 @@ class LoRAQuantizedLinear(LoRALinear):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        names = self._live_or_active()
-        if not names:
+        new = self.stage_merge()
+        if new is None:
             return None
-        new = self.merged_weight(names)
         if safe and not torch.isfinite(new).all():
             raise StateError(
-                f"merging {list(names)} gives a weight with NaN or inf values; the weight was "
-                "left unmerged. Check the adapter tensors (torch.isfinite) before merging."
+                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
+                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
+                "merging."
             )
-        return self._commit(new, names)
+        return self.commit_merge(new)
 
     @torch.no_grad()
-    def _commit(self, new_weight: Tensor, merged: tuple[str, ...]) -> float:  # type: ignore[override]
+    def commit_merge(self, weight: Tensor | None = None) -> float:
+        """Requantize ``weight`` (default: :meth:`stage_merge`'s) into the stored weight.
+
+        The stored weight it replaces is kept for :meth:`unmerge`. Returns the largest
+        change beyond ΔW, ``max |dequantize(W_new) − weight|``.
+        """
         base = self.base_layer
         problem = self.weight_format.requantize_problem(base)
         if problem:
             raise StateError(f"cannot requantize this layer's weight: {problem}")
+        new = self.merged_weight() if weight is None else weight
         kept = self.weight_format.snapshot(base)
-        self.weight_format.requantize(base, new_weight)
+        self.weight_format.requantize(base, new)
         self._kept = kept
         self._adopt()
-        self.merged_adapters = merged
+        self.merged_adapters = self.held_active
         self._refresh()
-        now = self.weight_format.dequantize(base).to(new_weight.dtype)
-        return (now - new_weight).abs().max().item() if now.numel() else 0.0
+        now = self.weight_format.dequantize(base).to(new.dtype)
+        return (now - new).abs().max().item() if now.numel() else 0.0
 
     def unmerge(self) -> None:
         """Put back the stored quantized weight from before the merge, bit for bit."""
@@ -191,9 +174,6 @@ class LoRAQuantizedLinear(LoRALinear):
         self.merged_adapters = ()
         self._refresh()
 
-    def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        raise StateError("a quantized weight is merged with merge(requantize=True) only.")
-
     def _adopt(self) -> None:
         # The base module's weight (and buffers) were replaced: register the new ones here.
         base = self.base_layer
@@ -201,19 +181,22 @@ class LoRAQuantizedLinear(LoRALinear):
         self._buffers.update(base._buffers)
 
     # ----------------------------------------------------------- nn.Module plumbing
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRAQuantizedLinear:
         super()._apply(fn, recurse)
         if self._kept is not None:  # the stored weight follows the layer (.to(device))
             self._kept = _apply_kept(self._kept, fn)
         return self
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
         # The base module writes its own entries (quantization statistics included), so
         # the keys are exactly those of the model before injection.
         self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore[no-untyped-def]
-                              missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str,
+                              local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         children = tuple(f"{prefix}{name}." for name in self._modules)
         own = {k: v for k, v in state_dict.items() if not k.startswith(children)}
         self.base_layer._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys,
@@ -224,7 +207,7 @@ class LoRAQuantizedLinear(LoRALinear):
         return super().extra_repr() + f" ({self.weight_format.kind(self.base_layer)})"
 
 
-def _apply_kept(kept: object, fn):  # type: ignore[no-untyped-def]
+def _apply_kept(kept: object, fn: Callable[[Tensor], Tensor]) -> object:
     if isinstance(kept, Tensor):
         return fn(kept)
     if isinstance(kept, tuple):

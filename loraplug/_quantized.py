@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -65,35 +65,35 @@ class QuantizedWeight:
     #: prefixes ending in ``.``), dropped when a plain checkpoint is written.
     state_keys: tuple[str, ...] = ()
 
-    def kind(self, module: nn.Module) -> str:
+    def kind(self, module: Any) -> str:
         """A short name for messages and tables, e.g. ``"nf4"`` or ``"torchao Int8Tensor"``."""
         raise NotImplementedError
 
-    def shape(self, module: nn.Module) -> tuple[int, int]:
+    def shape(self, module: Any) -> tuple[int, int]:
         """The logical ``(out_features, in_features)`` of the weight."""
         return module.out_features, module.in_features
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: Any) -> Tensor:
         """A fresh dense ``(out, in)`` tensor of the weight the module computes with."""
         raise NotImplementedError
 
-    def requantize(self, module: nn.Module, dense: Tensor) -> None:
+    def requantize(self, module: Any, dense: Tensor) -> None:
         """Replace the module's stored weight by the quantized form of ``dense`` (out, in)."""
         raise NotImplementedError
 
-    def requantize_problem(self, module: nn.Module) -> str | None:
+    def requantize_problem(self, module: Any) -> str | None:
         """Why this weight cannot be requantized, or ``None`` when it can."""
         return None
 
-    def snapshot(self, module: nn.Module) -> object:
+    def snapshot(self, module: Any) -> object:
         """What ``restore`` needs to put the stored weight back exactly."""
         return module._parameters["weight"]
 
-    def restore(self, module: nn.Module, kept: object) -> None:
+    def restore(self, module: Any, kept: object) -> None:
         """Put back what ``snapshot`` returned."""
-        module._parameters["weight"] = kept  # type: ignore[assignment]
+        module._parameters["weight"] = kept
 
-    def bytes_per_weight(self, module: nn.Module) -> float:
+    def bytes_per_weight(self, module: Any) -> float:
         """Bytes of storage per logical weight element, statistics included."""
         raise NotImplementedError
 
@@ -153,7 +153,7 @@ def parameter_count(model: nn.Module) -> int:
 
     total = sum(p.numel() for p in model.parameters())
     for module in model.modules():
-        base = module.base_layer if isinstance(module, LoRALayer) else module
+        base: Any = module.base_layer if isinstance(module, LoRALayer) else module
         fmt = weight_format(base)
         if fmt is not None:
             out_features, in_features = fmt.shape(base)
@@ -194,32 +194,33 @@ def plain_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]
     return state
 
 
-def quantized_layers(layers: list[tuple[str, nn.Module]]) -> list[str]:
-    """Names of the LoRA layers among ``layers`` whose base weight is stored quantized."""
-    return [name for name, layer in layers if getattr(layer, "weight_format", None) is not None]
+def quantized_layer_class(module: nn.Module, layer_cls: type[LoRALayer]) -> type[LoRALayer]:
+    """``layer_cls``, or the subclass of it that the module's quantized weight asks for."""
+    fmt = weight_format(module)
+    if fmt is not None and fmt.layer_class is not None and issubclass(fmt.layer_class, layer_cls):
+        return fmt.layer_class
+    return layer_cls
 
 
-def refuse_quantized(layers: list[tuple[str, nn.Module]], action: str, *,
+def refuse_quantized(layers: list[tuple[str, LoRALayer]], action: str, *,
                      requantize: bool = False) -> None:
     """Raise unless the unmerged quantized layers among ``layers`` can be merged.
 
     Without ``requantize`` a quantized layer cannot merge at all; with it, its format
     must be able to requantize.
     """
-    todo = [(n, layer) for n, layer in layers
-            if getattr(layer, "weight_format", None) is not None and not layer.merged]  # type: ignore[attr-defined]
+    todo = [(n, layer.base_layer, fmt) for n, layer in layers
+            if (fmt := layer.weight_format) is not None and not layer.merged]
     if todo and not requantize:
         raise StateError(
-            f"{action}: {[n for n, _ in todo][:5]} hold quantized weights; merging would round "
-            "W + ΔW back to the quantized grid, which changes the base by more than the "
-            "adapter. Keep the adapters unmerged (QLoRA's usual way), call "
+            f"{action}: {[n for n, _, _ in todo][:5]} hold quantized weights; merging would "
+            "round W + ΔW back to the quantized grid, which changes the base by more than "
+            "the adapter. Keep the adapters unmerged (QLoRA's usual way), call "
             "loraplug.merge(model, requantize=True) to requantize and get the error it "
             "introduced per layer, or write full-precision merged weights with "
             "loraplug.save_merged."
         )
-    problems = [(n, layer.weight_format.requantize_problem(layer.base_layer))  # type: ignore[attr-defined]
-                for n, layer in todo]
-    problems = [(n, why) for n, why in problems if why]
+    problems = [(n, why) for n, base, fmt in todo if (why := fmt.requantize_problem(base))]
     if problems:
         raise StateError(f"{action}: nothing was merged; cannot requantize "
                          + "; ".join(f"{n!r}: {why}" for n, why in problems[:5]))

@@ -15,6 +15,8 @@ zero) and ``NF4Tensor``; other types are refused with the reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor, MappingType, PerBlock
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
@@ -41,7 +43,7 @@ class LoRATorchaoLinear(LoRAQuantizedLinear):
     """
 
 
-def _set_weight(module: nn.Module, tensor: Tensor) -> None:
+def _set_weight(module: Any, tensor: Tensor) -> None:
     module._parameters["weight"] = nn.Parameter(tensor, requires_grad=False)
 
 
@@ -55,19 +57,19 @@ class TorchaoFormat(QuantizedWeight):
 
     layer_class = LoRATorchaoLinear
 
-    def kind(self, module: nn.Module) -> str:
+    def kind(self, module: Any) -> str:
         weight = module.weight
         target = getattr(weight, "target_dtype", None)
         detail = f" {str(target).removeprefix('torch.')}" if target is not None else ""
         return f"torchao {type(weight).__name__}{detail}"
 
-    def shape(self, module: nn.Module) -> tuple[int, int]:
-        return tuple(module.weight.shape)  # type: ignore[return-value]
+    def shape(self, module: Any) -> tuple[int, int]:
+        return tuple(module.weight.shape)
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: Any) -> Tensor:
         return module.weight.dequantize().detach()
 
-    def requantize_problem(self, module: nn.Module) -> str | None:
+    def requantize_problem(self, module: Any) -> str | None:
         weight = module.weight
         if type(weight) is Int8Tensor and weight.act_quant_kwargs is None:
             return None
@@ -78,7 +80,7 @@ class TorchaoFormat(QuantizedWeight):
                 f"{type(weight).__name__}{' with activation quantization' * _has_act(weight)}. "
                 "Keep the adapter unmerged, or use loraplug.save_merged for full precision.")
 
-    def requantize(self, module: nn.Module, dense: Tensor) -> None:
+    def requantize(self, module: Any, dense: Tensor) -> None:
         weight = module.weight
         dense = dense.to(weight.dtype)
         if type(weight) is Int8Tensor:
@@ -93,7 +95,7 @@ class TorchaoFormat(QuantizedWeight):
                 mapping_type=MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC)
         _set_weight(module, new)
 
-    def bytes_per_weight(self, module: nn.Module) -> float:
+    def bytes_per_weight(self, module: Any) -> float:
         weight = module.weight
         names = [*weight.tensor_data_names, *getattr(weight, "optional_tensor_data_names", ())]
         return _stored_bytes([getattr(weight, n, None) for n in names]) / weight.numel()
@@ -110,21 +112,21 @@ class NF4Format(QuantizedWeight):
 
     layer_class = LoRATorchaoLinear
 
-    def kind(self, module: nn.Module) -> str:
+    def kind(self, module: Any) -> str:
         return "torchao NF4Tensor"
 
-    def shape(self, module: nn.Module) -> tuple[int, int]:
-        return tuple(module.weight.shape)  # type: ignore[return-value]
+    def shape(self, module: Any) -> tuple[int, int]:
+        return tuple(module.weight.shape)
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: Any) -> Tensor:
         return module.weight.get_original_weight().detach()
 
-    def requantize(self, module: nn.Module, dense: Tensor) -> None:
+    def requantize(self, module: Any, dense: Tensor) -> None:
         weight = module.weight
         _set_weight(module, to_nf4(dense.to(weight.dtype), weight.block_size,
                                    weight.scaler_block_size))
 
-    def bytes_per_weight(self, module: nn.Module) -> float:
+    def bytes_per_weight(self, module: Any) -> float:
         weight = module.weight
         return _stored_bytes([weight.quantized_data, weight.quantized_scalers,
                               weight.quantization_factor, weight.scaler_mean,

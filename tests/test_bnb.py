@@ -174,8 +174,6 @@ def test_merge_is_refused_without_requantize_and_nothing_changes(config: BnbConf
         lp.unload(model, merge=True)
     with pytest.raises(lp.StateError, match=r"stored quantized .* requantize=True"):
         model[0].merge()
-    with pytest.raises(lp.StateError, match=r"merge\(requantize=True\) only"):
-        model[0]._fold(("default",), 1)
     with pytest.raises(lp.ConfigError, match="requantize must be True or False"):
         lp.merge(model, requantize=1)
     assert not model[0].merged and not model[1].merged

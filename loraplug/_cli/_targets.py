@@ -8,7 +8,7 @@ import math
 from torch import nn
 
 from .._quantized import parameter_count
-from .._registry import lookup, supported_types, type_name
+from .._registry import lookup, lora_layer_for, supported_types, type_name
 from ._common import CLIError, _pattern, _shape, _table, build_model
 
 
@@ -22,8 +22,7 @@ def _stored(module: nn.Module) -> tuple[bool, str]:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .._inject import _module_paths, _owner_problems
-    from .._targeting import candidates, select
+    from .._targeting import candidates, module_paths, owner_problems, select
 
     if args.rank < 1:
         raise CLIError(f"--rank must be a positive integer; received {args.rank}", code=2)
@@ -34,18 +33,18 @@ def cmd_targets(args: argparse.Namespace) -> int:
                            [_pattern(t) for t in args.exclude] or None)
         chosen = selection.modules
     total = parameter_count(model)  # a quantized weight at its logical size
-    rows, added, notes, stored = [], 0, [], []
-    paths = _module_paths(model)
+    rows: list[tuple[str, ...]] = []
+    added, notes, stored = 0, [], []
+    paths = module_paths(model)
     for name, _, module in candidates(model):
         found = lookup(type(module))
         if not name or (found is None and next(module.parameters(recurse=False), None) is None):
             continue
         mark, params = "", ""
         if name in chosen:
-            layer_cls, registered = found  # type: ignore[misc]
-            probe = layer_cls(module, registered)
+            probe = lora_layer_for(module)
             why = probe.check_rank(args.rank) or " ".join(
-                m.split(": ", 1)[1] for m in _owner_problems(model, name, paths[id(module)]))
+                m.split(": ", 1)[1] for m in owner_problems(model, name, paths[id(module)]))
             shape_a, shape_b = probe.adapter_shapes(args.rank)
             count = math.prod(shape_a) + math.prod(shape_b)
             added += count
@@ -59,7 +58,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
         supported = "" if found is None else "yes"
         rows.append((mark, name, type_name(type(module)), _shape(module), supported, params))
         stored.append(_stored(module))
-    header = ("", "layer", "type", "weight", "LoRA", f"+params (r={args.rank})" if chosen else "")
+    header: tuple[str, ...] = ("", "layer", "type", "weight", "LoRA",
+                               f"+params (r={args.rank})" if chosen else "")
     if any(quantized for quantized, _ in stored):  # how each weight is stored, bytes per weight
         header = (*header[:4], "stored (bytes/w)", *header[4:])
         rows = [(*row[:4], text, *row[4:]) for row, (_, text) in zip(rows, stored)]
