@@ -80,3 +80,10 @@ def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128) -> nn.Module
 
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def small_bnb_model() -> nn.Module:
+    """A builder for the command line: two nf4 layers and a float one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 32))
+    return quantize_bnb(model, BnbConfig(4, "nf4", True), skip=("3",))

@@ -367,3 +367,50 @@ def test_training_after_an_inference_forward_gets_its_gradients(config) -> None:
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         if p.requires_grad:  # packed scales are bfloat16: the same gradients to that precision
             torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_layer_level_merge_refusals() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb_layer(nn.Linear(64, 64), BNB_CONFIGS[0]))
+    lp.inject_lora(model, target="0", rank=2)
+    layer = model[0]
+    with lp.disable_adapters(model), pytest.raises(lp.StateError, match="adapters are disabled"):
+        layer.merge(requantize=True)
+    with torch.no_grad():
+        layer.lora_B["default"][0, 0] = float("nan")
+    with pytest.raises(lp.StateError, match="NaN or inf"):
+        layer.merge(safe=True, requantize=True)
+    with pytest.raises(lp.StateError, match="NaN or inf"):
+        lp.merge(model, safe=True, requantize=True)
+    assert not layer.merged
+
+
+def test_copies_and_device_moves_keep_a_merged_layer_exact() -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(bnb_layer(nn.Linear(64, 64), BNB_CONFIGS[0]),
+                          bnb_layer(nn.Linear(64, 64), BNB_CONFIGS[-1]))
+    lp.inject_lora(model, target=["0", "1"], rank=2)
+    _randomize(model)
+    x = torch.randn(2, 64)
+    unmerged = model(x)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(other(x), unmerged)
+    lp.merge(model, requantize=True)
+    model.to("cpu").float()  # the kept weights follow; nothing is cast
+    lp.unmerge(model)
+    assert torch.equal(model(x), unmerged)
+
+
+def test_the_targets_command_shows_logical_shapes_and_bytes_per_weight(capsys) -> None:
+    from loraplug._cli import main
+
+    assert main(["targets", "quantized:small_bnb_model", "--target", "0", "--target", "2",
+                 "--rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "stored (bytes/w)" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("*")}
+    assert "64×128" in lines["0"] and "bnb nf4 dq 0.6" in lines["0"]
+    assert "768" in lines["0"]  # r·(in + out) = 4·(128 + 64)
+    assert "float32 4" in next(line for line in out.splitlines() if line.split()[:1] == ["3"])

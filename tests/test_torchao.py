@@ -180,3 +180,11 @@ def test_files_do_not_depend_on_the_quantization(tmp_path) -> None:
     lp.load_adapter(dense, tmp_path)
     for key, value in lp.adapter_state_dict(model).items():
         assert torch.equal(lp.adapter_state_dict(dense)[key], value)
+
+
+def test_a_layer_refuses_to_requantize_a_format_it_cannot_rebuild() -> None:
+    model = _model("float8")
+    lp.inject_lora(model, target="0", rank=2)
+    with pytest.raises(lp.StateError, match=r"cannot requantize this layer's weight: .*Float8"):
+        model[0].merge(requantize=True)
+    assert not model[0].merged
