@@ -10,12 +10,11 @@ import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, ConfigError, StateError
-from ._layer import LoRALayer
+from ._layer import LoRALayer, refuse_nonfinite
 from ._quantized import refuse_quantized
 from ._targeting import clean_name
 
@@ -324,16 +323,13 @@ def merge(
     staged = []
     for name, layer in layers:
         new = layer.stage_merge()
-        if new is None:
-            continue
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
-                "or inf weights; no layer was changed. Check that adapter's tensors."
-            )
-        staged.append((name, layer, new))
+        if new is not None:
+            refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} into "
+                             f"{name!r} gives NaN or inf weights; no layer was changed. Check "
+                             "that adapter's tensors.")
+            staged.append((name, layer, new))
     for name, layer, new in staged:
-        error = layer.commit_merge(new)
+        error = layer.commit_merge(new)  # a quantized layer requantizes and reports
         if error is not None:
             errors[name] = error
     return errors if requantize else None

@@ -45,6 +45,12 @@ class Detour(Protocol):
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
 
 
+def refuse_nonfinite(weight: Tensor, message: str) -> None:
+    """Raise :class:`StateError` with ``message`` when ``weight`` holds NaN or inf."""
+    if not torch.isfinite(weight).all():
+        raise StateError(message)
+
+
 class LoRALayer(AdapterSet):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
@@ -80,8 +86,7 @@ class LoRALayer(AdapterSet):
     #: Why this layer type cannot fold its adapters into a weight, or None when it can.
     #: merge, unload(merge=True) and save_merged raise a StateError with this reason.
     merge_refusal: ClassVar[str | None] = None
-    #: How the weight is stored when it is quantized (read, rewritten, measured through
-    #: it: see _quantized.py); None for a plain weight.
+    #: How a quantized weight is stored (see _quantized.py); None for a plain weight.
     weight_format: QuantizedWeight | None = None
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
@@ -321,8 +326,7 @@ class LoRALayer(AdapterSet):
 
         Args:
             safe: check that the merged weight is finite before writing it.
-            requantize: allow merging into a quantized weight (the error it introduced is
-                returned; see ``LoRAQuantizedLinear.merge``); a plain weight ignores it.
+            requantize: merge into a quantized weight (``LoRAQuantizedLinear.merge``).
 
         Raises:
             StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
@@ -343,12 +347,9 @@ class LoRALayer(AdapterSet):
         new = self.stage_merge()
         if new is None:
             return None
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
+        refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
+                         "inf values; the weight was left unmerged. Check the adapter "
+                         "tensors (torch.isfinite) before merging.")
         return self.commit_merge(new)
 
     def unmerge(self) -> None:

@@ -77,6 +77,22 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
     assert "Mixed adapters in one batch" in stdout
 
 
+def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None:
+    # This checkout against itself: the outputs agree, and every ratio is reported.
+    out = tmp_path / "against.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.against", str(ROOT), "--quick", "--only",
+         "linear-call", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["name"] == "linear-call" and result["difference"] == 0.0
+    for phase in ("forward", "train", "merge_unmerge"):
+        assert result[phase]["this_over_other"] > 0
+    assert "linear-call" in proc.stdout and "this ÷ other" in proc.stdout
+
+
 @pytest.mark.slow
 def test_the_qlora_scenario_runs_and_reports(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes", reason="the qlora scenario needs bitsandbytes")
