@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
@@ -16,11 +17,20 @@ from ._distributed import refuse_sharded
 from ._errors import AdapterError, ConfigError, StateError
 from ._layer import LoRALayer, refuse_nonfinite
 from ._quantized import refuse_quantized
-from ._targeting import clean_name
+from ._targeting import check_model, clean_name
+from ._weights import merge_problem, shared_memory, staging_problem, weight_home
+
+if TYPE_CHECKING:
+    from ._qlinear import LoRAQuantizedLinear
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order."""
+    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    check_model(model)
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
@@ -95,15 +105,8 @@ def _name_list(names: object, action: str) -> list[str]:
 
 
 def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dict[str, list[str]]:
-    """LoRA layer name -> other modules holding the same weight Parameter (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(clean_name(path))
-    return {name: [o for o in owners.get(id(layer.weight), []) if o != name]
-            for name, layer in layers
-            if len(owners.get(id(layer.weight), [])) > 1}
+    """LoRA layer name -> other modules whose tensors share memory with its weight (tied)."""
+    return shared_memory(model, layers, clean_name)
 
 
 def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
@@ -113,18 +116,30 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
         listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
         raise StateError(
             f"{action}: the weight of {listing} is shared (tied), so merging would change the "
-            "other modules too. Keep these adapters unmerged, or untie the weights first "
-            "(e.g. module.weight = nn.Parameter(module.weight.clone()))."
+            "other modules too (one Parameter, or tensors sharing memory). Keep these adapters "
+            "unmerged, or untie the weights first (e.g. module.weight = "
+            "nn.Parameter(module.weight.clone()))."
         )
 
 
-def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str, *,
+                    to_file: bool = False) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
-    weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), weights computed by hooks,
+    parametrizations that cannot hold the merged weight, layers sharded by FSDP2,
+    weights sharing memory with other modules, disabled adapters. ``to_file``: the
+    merged weights go to a file under the ``weight`` keys, which a parametrized layer
+    does not have.
     """
-    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    refusing = [(n, why) for n, layer in layers if (why := merge_problem(layer))]
+    if to_file:
+        refusing += [(n, _PARAMETRIZED_TO_FILE) for n, layer in layers
+                     if weight_home(layer) == "parametrized"]
+    else:
+        refusing += [(n, why) for n, layer in layers if not layer.merged and layer.held_active
+                     and weight_home(layer) == "parametrized"
+                     and (why := staging_problem(layer, layer.merged_weight()))]
     if refusing:
         raise StateError(
             f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
@@ -137,6 +152,13 @@ def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], actio
             f"{action}: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
             "call it outside that block."
         )
+
+
+_PARAMETRIZED_TO_FILE = (
+    "the weight is computed by a parametrization (torch.nn.utils.parametrize), so a file of "
+    "the original architecture holds parametrizations.weight.* and no weight key to write. "
+    "Call loraplug.merge(model) (or unload(model, merge=True)) and save model.state_dict()."
+)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -212,6 +234,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for (_, layer), flag in zip(layers, before):
             layer.set_disabled(flag)
+        # Layers that got their first adapter inside the block leave it with the others.
+        inside = {id(layer) for _, layer in layers}
+        for _, layer in lora_layers(model):
+            if id(layer) not in inside:
+                layer.set_disabled(all(before))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -248,6 +275,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise StateError(
             f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
             "adapters); call loraplug.unmerge(model) first."
+        )
+    # Inside adapter_per_sample each layer routes rows to the adapters in its route's slots.
+    routed = [n for n, layer in layers if name in getattr(layer._detour, "slots", ())]
+    if routed:
+        raise StateError(
+            f"delete_adapter: adapter {name!r} is in use inside adapter_per_sample on "
+            f"{routed[:5]}; delete it after the with block."
         )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:
@@ -289,10 +323,11 @@ def merge(
     Raises:
         StateError: the model has no LoRA layers, a layer type cannot merge
             (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
-            weight is not finite, a LoRA layer's weight is tied to another module's,
-            FSDP2 has sharded the LoRA layers, or a layer's weight is quantized and
-            ``requantize`` is not set or its format cannot be requantized (nothing is
-            changed then).
+            weight is not finite, a LoRA layer's weight is tied to another module's (or
+            shares its memory), is computed by a hook, or is parametrized by something
+            that cannot hold the merged weight, FSDP2 has sharded the LoRA layers, or a
+            layer's weight is quantized and ``requantize`` is not set or its format
+            cannot be requantized (nothing is changed then).
         ConfigError: ``requantize`` is not a bool.
 
     Example:
@@ -305,7 +340,8 @@ def merge(
         >>> x = torch.randn(3, 4)
         >>> before = model(x)
         >>> lp.merge(model)
-        >>> torch.allclose(model(x), before, atol=1e-6)
+        >>> with torch.no_grad():  # inference: merged adapters cannot train
+        ...     torch.allclose(model(x), before, atol=1e-6)
         True
     """
     if not isinstance(requantize, bool):
@@ -313,34 +349,39 @@ def merge(
     layers = layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
     refuse_quantized(layers, "merge", requantize=requantize)
-    errors: dict[str, float] = {}  # quantized layers: the error requantizing introduced
+    quantized = {n for n, layer in layers if getattr(layer, "weight_format", None) is not None
+                 and not layer.merged and layer.held_active}
     if not safe:
         for name, layer in layers:
-            error = layer.merge(requantize=requantize)
-            if error is not None:
-                errors[name] = error
-        return errors if requantize else None
-    staged = []
-    for name, layer in layers:
-        new = layer.stage_merge()
-        if new is not None:
-            refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} into "
-                             f"{name!r} gives NaN or inf weights; no layer was changed. Check "
-                             "that adapter's tensors.")
-            staged.append((name, layer, new))
-    for name, layer, new in staged:
-        error = layer.commit_merge(new)  # a quantized layer requantizes and reports
-        if error is not None:
-            errors[name] = error
-    return errors if requantize else None
+            if name in quantized:
+                cast("LoRAQuantizedLinear", layer).merge(requantize=True)
+            else:
+                layer.merge()
+    else:
+        staged = []
+        for name, layer in layers:
+            new = layer.stage_merge()
+            if new is not None:
+                refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} "
+                                 f"into {name!r} gives NaN or inf weights; no layer was changed. "
+                                 "Check that adapter's tensors.")
+                staged.append((layer, new))
+        for layer, new in staged:
+            layer.commit_merge(new)  # a quantized layer requantizes
+    if not requantize:
+        return None
+    # The error each quantized layer merged now introduced by requantizing.
+    return {n: getattr(layer, "requantization_error") for n, layer in layers if n in quantized}  # noqa: B009
 
 
 def unmerge(model: nn.Module) -> None:
     """Take merged adapters out of the base weights again, in place; a no-op if none are.
 
-    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
-    trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
-    never-merged model returns bit-identical weights.
+    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. The round trip is not
+    bit for bit: each element comes back within one ulp of the larger of ``|W|`` and
+    ``|W + ΔW|``, which for a weight near zero is many of its own ulps (see
+    docs/concepts.md). ``unload(merge=False)`` on a never-merged model returns
+    bit-identical weights.
 
     Args:
         model: a model with LoRA layers.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,7 @@ from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
 from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
-
-if TYPE_CHECKING:
-    from ._quantized import QuantizedWeight
+from ._weights import before_loading, merge_problem, warn_training_merged, weight_home, write_weight
 
 
 class Detour(Protocol):
@@ -86,8 +84,6 @@ class LoRALayer(AdapterSet):
     #: Why this layer type cannot fold its adapters into a weight, or None when it can.
     #: merge, unload(merge=True) and save_merged raise a StateError with this reason.
     merge_refusal: ClassVar[str | None] = None
-    #: How a quantized weight is stored (see _quantized.py); None for a plain weight.
-    weight_format: QuantizedWeight | None = None
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()
@@ -192,6 +188,8 @@ class LoRALayer(AdapterSet):
             names, scales = gated_adapters(self)
         else:
             names, scales = self._live, self.scaling
+        if not names and self.merged_adapters and self.training:
+            warn_training_merged(self)  # off the hot path: only a merged layer gets here
         if self.through_weight:
             return self._forward_through_weight(x, names, scales)
         out = self.base_forward(x)
@@ -251,7 +249,7 @@ class LoRALayer(AdapterSet):
             nn.init.kaiming_uniform_(other, a=math.sqrt(5))
         else:
             nn.init.normal_(other, std=1.0 / rank)
-        dtype = weight.dtype if self.weight_format is None else torch.float32  # never packed
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # packed weights
         return a.to(dtype), b.to(dtype)
 
     # ----------------------------------------------------------- merge
@@ -295,46 +293,45 @@ class LoRALayer(AdapterSet):
         return self.merged_weight()
 
     @torch.no_grad()
-    def commit_merge(self, weight: Tensor | None = None) -> float | None:
+    def commit_merge(self, weight: Tensor | None = None) -> None:
         """Write ``weight`` from :meth:`stage_merge`, and record :attr:`held_active` as merged.
 
         With ``weight=None`` the adapters are folded into the weight directly, which reads
-        and writes it once (half-precision weights go through a float32 copy). Returns
-        the error requantizing introduced for a quantized weight, else ``None``.
+        and writes it once (half-precision weights go through a float32 copy).
         """
         names = self.held_active
         if weight is None:
             self._fold(names, 1)
         else:
-            self.weight.copy_(weight)
+            write_weight(self, weight)
         self.merged_adapters = names
         self._refresh()
-        return None
 
     @torch.no_grad()
     def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self.weight
-        if compute_dtype(weight.dtype) == weight.dtype:
+        weight = self._tensor("weight")
+        if compute_dtype(weight.dtype) == weight.dtype and weight_home(self) == "stored":
             self._accumulate(weight, names, self.scaling, sign)
-        else:
-            weight.copy_(self._adapted_weight(names, self.scaling, sign))
+        else:  # through a float32 copy, or through a parametrization (_weights.py)
+            write_weight(self, self._adapted_weight(names, self.scaling, sign))
 
-    def merge(self, *, safe: bool = False, requantize: bool = False) -> float | None:
+    def merge(self, *, safe: bool = False) -> None:
         """Fold the active adapters into ``weight`` in place; a no-op when already merged.
 
         While merged, ``forward`` costs exactly what the base module costs.
 
         Args:
             safe: check that the merged weight is finite before writing it.
-            requantize: merge into a quantized weight (``LoRAQuantizedLinear.merge``).
 
         Raises:
-            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
-                weight is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
+                cannot take it (computed by a hook, or parametrized by something that
+                cannot hold it), adapters are disabled, or ``safe`` is set and the merged
+                weight has NaN or inf; the weight is left as it was.
         """
-        if self.merge_refusal is not None:
-            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
+        why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
+        if why is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {why}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
@@ -343,14 +340,13 @@ class LoRALayer(AdapterSet):
         if not safe:
             if not self.merged_adapters and self.held_active:
                 self.commit_merge()
-            return None
+            return
         new = self.stage_merge()
-        if new is None:
-            return None
-        refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
-                         "inf values; the weight was left unmerged. Check the adapter "
-                         "tensors (torch.isfinite) before merging.")
-        return self.commit_merge(new)
+        if new is not None:
+            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
+                             "inf values; the weight was left unmerged. Check the adapter "
+                             "tensors (torch.isfinite) before merging.")
+            self.commit_merge(new)
 
     def unmerge(self) -> None:
         """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
@@ -366,6 +362,10 @@ class LoRALayer(AdapterSet):
         self.sync_base()
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sync_base(self) -> None:
         """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""

@@ -38,9 +38,11 @@ from ._format import (
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
+from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
+from ._weights import reading_weights
 
 _MAX_LINES = 40
 T = TypeVar("T")
@@ -253,6 +255,7 @@ def load_adapter(
             shapes disagree with ``r``/``rank_pattern`` or with the layer; a config field
             cannot be honoured (``use_dora``, ``bias``, ``modules_to_save``, ...); the name
             is taken, or a target layer is merged. One error lists every problem.
+        ConfigError: ``path`` is not a path, or ``freeze_base`` not a bool.
 
     Warns:
         LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
@@ -261,7 +264,7 @@ def load_adapter(
             Every warning comes before any change, so that with warnings as errors a
             warning leaves the model as it was.
     """
-    directory, weights_file = locate(Path(path))
+    directory, weights_file = locate(as_path(path, "load_adapter"))
     raw = read_config(directory / CONFIG_NAME)
     state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
@@ -277,7 +280,8 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        plan, found = _plan(model, config, entries, extras, adapter)
+        with reading_weights(model.modules()):  # spectral_norm: reads must not iterate
+            plan, found = _plan(model, config, entries, extras, adapter)
         problems += found
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))

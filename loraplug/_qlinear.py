@@ -4,14 +4,16 @@
 
 ``base(x)`` is the quantized layer's own forward (bitsandbytes' 4-bit or 8-bit matmul,
 torchao's tensor subclass), untouched. A (r, in) and B (out, r) are shaped from the
-logical (out, in), never from the packed storage, and live in float32: the branch is
-computed in their dtype (x is cast to it) and its result cast to the base output's
-dtype before the sum, as PEFT does. Their gradients never touch the quantized weight.
+logical (out, in), never from the packed storage, and are never quantized: float32 for
+a packed weight (bitsandbytes, as PEFT makes them), the weight's logical dtype for a
+torchao tensor subclass. The branch is computed in their dtype (x is cast to it) and
+its result cast to the base output's dtype before the sum, as PEFT does. Their
+gradients never touch the quantized weight.
 
 Merging is opt-in: ``W + ΔW`` does not lie on the quantized grid, so a merge has to round
 it (requantize), which moves the base by more than the adapter. ``merge(requantize=True)``
-does it and returns the largest change beyond ΔW; ``unmerge`` puts the stored weight back
-bit for bit (the layer keeps it while merged). ``merged_weight`` (and so ``save_merged``)
+does it and records the largest change beyond ΔW (``requantization_error``); ``unmerge``
+puts the stored weight back bit for bit (the layer keeps it while merged). ``merged_weight`` (and so ``save_merged``)
 gives the dense ``dequantize(W) + ΔW`` without touching the layer.
 """
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import ConfigError, StateError
+from ._layer import refuse_nonfinite
 from ._linear import LoRALinear
 from ._products import Scale, add_scaled_product, compute_dtype
 from ._quantized import QuantizedWeight, weight_format
@@ -38,11 +41,11 @@ class LoRAQuantizedLinear(LoRALinear):
 
     Attributes:
         weight_format: how the weight is stored (read, rewritten, measured).
+        requantization_error: ``max |W_new − (W + ΔW)|`` of the last requantizing merge.
     """
 
     # The base module's own forward is what runs, whatever its class: never recompute it.
     forward_methods: ClassVar[tuple[str, ...]] = ()
-    weight_format: QuantizedWeight
 
     def configure(self, base: nn.Module) -> None:
         fmt = weight_format(base)
@@ -52,8 +55,9 @@ class LoRAQuantizedLinear(LoRALinear):
                 "which loraplug does not read as a quantized weight; quantize the layer first "
                 "(bitsandbytes quantizes when the layer is moved to a device)."
             )
-        self.weight_format = fmt
+        self.weight_format: QuantizedWeight = fmt
         self._kept: object = None  # the stored weight before a requantizing merge
+        self.requantization_error: float | None = None  # of the last requantizing merge
 
     # ----------------------------------------------------------- shapes and math
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -98,26 +102,25 @@ class LoRAQuantizedLinear(LoRALinear):
         self._accumulate(acc, names, self.scaling, sign)
         return acc.to(weight.dtype)
 
-    def merge(self, *, safe: bool = False, requantize: bool = False) -> float | None:
+    def merge(self, *, safe: bool = False, requantize: bool = False) -> None:
         """Fold the active adapters into the quantized weight by requantizing; opt-in.
 
         ``W ← quantize(dequantize(W) + Σ s·ΔW)``. Rounding to the quantized grid
-        changes the weight by more than ΔW; the largest such change is returned.
+        changes the weight by more than ΔW; the largest such change,
+        ``max |W_new − (W + ΔW)|``, is kept in :attr:`requantization_error`
+        (``loraplug.merge(model, requantize=True)`` returns it per layer). A no-op when
+        already merged or no adapter is active.
 
         Args:
             safe: check that the merged weight is finite before writing it.
             requantize: must be True: a plain merge is refused (see the module docstring).
-
-        Returns:
-            ``max |W_new − (W + ΔW)|`` over the weight (the error requantizing added),
-            or ``None`` when nothing was merged (already merged, or no active adapter).
 
         Raises:
             StateError: ``requantize`` is not set, adapters are disabled, the format
                 cannot be requantized, or ``safe`` is set and the result is not finite.
         """
         if self.merged_adapters:
-            return None
+            return
         if not requantize:
             kind = self.weight_format.kind(self.base_layer)
             raise StateError(
@@ -134,21 +137,20 @@ class LoRAQuantizedLinear(LoRALinear):
             )
         new = self.stage_merge()
         if new is None:
-            return None
-        if safe and not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
-        return self.commit_merge(new)
+            return
+        if safe:
+            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN "
+                             "or inf values; the weight was left unmerged. Check the adapter "
+                             "tensors (torch.isfinite) before merging.")
+        self.commit_merge(new)
 
     @torch.no_grad()
-    def commit_merge(self, weight: Tensor | None = None) -> float:
+    def commit_merge(self, weight: Tensor | None = None) -> None:
         """Requantize ``weight`` (default: :meth:`stage_merge`'s) into the stored weight.
 
-        The stored weight it replaces is kept for :meth:`unmerge`. Returns the largest
-        change beyond ΔW, ``max |dequantize(W_new) − weight|``.
+        The stored weight it replaces is kept for :meth:`unmerge`; the largest change
+        beyond ΔW, ``max |dequantize(W_new) − weight|``, goes to
+        :attr:`requantization_error`.
         """
         base = self.base_layer
         problem = self.weight_format.requantize_problem(base)
@@ -162,7 +164,7 @@ class LoRAQuantizedLinear(LoRALinear):
         self.merged_adapters = self.held_active
         self._refresh()
         now = self.weight_format.dequantize(base).to(new.dtype)
-        return (now - new).abs().max().item() if now.numel() else 0.0
+        self.requantization_error = (now - new).abs().max().item() if now.numel() else 0.0
 
     def unmerge(self) -> None:
         """Put back the stored quantized weight from before the merge, bit for bit."""

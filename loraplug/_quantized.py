@@ -210,7 +210,7 @@ def refuse_quantized(layers: list[tuple[str, LoRALayer]], action: str, *,
     must be able to requantize.
     """
     todo = [(n, layer.base_layer, fmt) for n, layer in layers
-            if (fmt := layer.weight_format) is not None and not layer.merged]
+            if (fmt := getattr(layer, "weight_format", None)) is not None and not layer.merged]
     if todo and not requantize:
         raise StateError(
             f"{action}: {[n for n, _, _ in todo][:5]} hold quantized weights; merging would "

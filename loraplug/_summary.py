@@ -116,7 +116,7 @@ def summary(model: nn.Module) -> LoRASummary:
                                 for p in s.values()),
             weight=kind,
             bytes_per_weight=size,
-            quantized=layer.weight_format is not None,
+            quantized=getattr(layer, "weight_format", None) is not None,
         ))
     params = list(model.parameters())
     return LoRASummary(

@@ -83,8 +83,8 @@ def test_forward_is_the_quantized_layer_plus_the_branch(kind: str, dtype: torch.
     assert lp.inject_lora(model, target=nn.Linear, rank=4, alpha=8) == ["0", "2"]
     layer = model[0]
     assert type(layer).__name__ == "LoRATorchaoLinear"
-    assert layer.lora_A["default"].shape == (4, 256) and layer.lora_A["default"].dtype == \
-        torch.float32
+    # A and B in the weight's logical dtype: the compute dtype
+    assert layer.lora_A["default"].shape == (4, 256) and layer.lora_A["default"].dtype == dtype
     assert torch.equal(model(x), expected)
     _randomize(model)
     h = F.gelu(F.linear(x.double(), _dense(base[0]).double() + layer.delta_weight("default")
