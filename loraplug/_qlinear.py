@@ -13,8 +13,9 @@ gradients never touch the quantized weight.
 Merging is opt-in: ``W + ΔW`` does not lie on the quantized grid, so a merge has to round
 it (requantize), which moves the base by more than the adapter. ``merge(requantize=True)``
 does it and records the largest change beyond ΔW (``requantization_error``); ``unmerge``
-puts the stored weight back bit for bit (the layer keeps it while merged). ``merged_weight`` (and so ``save_merged``)
-gives the dense ``dequantize(W) + ΔW`` without touching the layer.
+puts the stored weight back bit for bit (the layer keeps it while merged).
+``merged_weight`` (and so ``save_merged``) gives the dense ``dequantize(W) + ΔW`` without
+touching the layer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ._layer import refuse_nonfinite
 from ._linear import LoRALinear
 from ._products import Scale, add_scaled_product, compute_dtype
 from ._quantized import QuantizedWeight, weight_format
+from ._weights import before_loading
 
 
 class LoRAQuantizedLinear(LoRALinear):
@@ -199,10 +201,17 @@ class LoRAQuantizedLinear(LoRALinear):
                               local_metadata: dict[str, Any], strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        if not self.merged_adapters:
+            self._kept = None  # a loaded weight is the base weight now
+        args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for hook in self._load_state_dict_pre_hooks.values():  # the base module's, moved here
+            hook(state_dict, prefix, *args)
+        # The base module's own loader (bitsandbytes reads its statistics), without the
+        # adapters' keys, which it would take for unexpected ones.
         children = tuple(f"{prefix}{name}." for name in self._modules)
         own = {k: v for k, v in state_dict.items() if not k.startswith(children)}
-        self.base_layer._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys,
-                                              unexpected_keys, error_msgs)
+        self.base_layer._load_from_state_dict(own, prefix, *args)
         self._adopt()
 
     def extra_repr(self) -> str:
