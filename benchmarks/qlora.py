@@ -165,7 +165,7 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None],
     log("qlora: training step time")
     busy["train"] = settle()
     timed = {k: steps[k] for k in ("loraplug", "peft") if k in steps}
-    timing = interleaved(timed, rounds=2 if quick else 5)
+    timing = interleaved(timed, rounds=2 if quick else 11)
     result["train"] = {k: s.as_dict() for k, s in timing.stats.items()}
     if "peft" in timed:
         result["train_ratio"] = {"loraplug_over_peft": timing.ratio("loraplug", "peft")}
