@@ -13,6 +13,7 @@ Example:
     >>> _ = lp.unload(model)
 """
 
+from . import _quantized  # noqa: F401  (registers the quantized layer types by name)
 from ._adapters import (
     active_adapters,
     adapter_names,
@@ -33,6 +34,7 @@ from ._errors import (
     TargetError,
 )
 from ._inject import inject_lora, unload
+from ._kbit import prepare_for_kbit_training
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._load import load_adapter, load_adapter_state_dict
@@ -76,6 +78,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
+    "prepare_for_kbit_training",
     "register_lora_layer",
     "save_adapter",
     "save_merged",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -18,6 +19,9 @@ from ._folds import push, take_out
 from ._layer import LoRALayer
 from ._targeting import check_model, clean_name
 from ._weights import merge_problem, shared_memory, staging_problem, weight_home
+
+if TYPE_CHECKING:
+    pass
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:

@@ -15,6 +15,7 @@ from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetErro
 from ._hooks import swap_hooks
 from ._layer import LoRALayer
 from ._merging import merge as merge_all
+from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
 from ._weights import reading_weights
@@ -346,7 +347,9 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
             weight is tied to another module's, computed by a hook or parametrized by
             something that cannot hold the merged weight, on a model sharded by FSDP2, or
-            with adapters whose merged weight would hold NaN or inf (nothing is changed).
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -360,6 +363,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
         merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     for _, layer in layers:

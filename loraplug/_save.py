@@ -37,6 +37,7 @@ from ._format import (
 from ._layer import LoRALayer
 from ._paths import as_path
 from ._peft_config import build_config
+from ._quantized import plain_state
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
 
@@ -197,7 +198,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     float32 for half-precision weights, then cast), the ``lora_A``/``lora_B`` keys are
     left out, and ``torch.compile``'s ``_orig_mod.`` is removed from key names, so
     ``original_model.load_state_dict(safetensors.torch.load_file(path))`` works without
-    loraplug. The model itself is not changed: merged weights are computed beside it
+    loraplug. Quantized weights (bitsandbytes, torchao) are written dequantized, in full
+    precision, without their quantization statistics: ``dequantize(W) + ΔW`` for LoRA
+    layers, ``dequantize(W)`` for the others, so the architecture built with plain
+    ``nn.Linear`` layers loads the file. The model itself is not changed: merged weights
+    are computed beside it
     (one extra copy of the adapted weights is held while writing). An already merged
     layer is written as it is. The write is atomic.
 
@@ -238,6 +243,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                     state.pop(f"{prefix}lora_A.{adapter}", None)
                     state.pop(f"{prefix}lora_B.{adapter}", None)
                 state[f"{prefix}weight"] = weight
+    state = plain_state(model, state)  # quantized weights dequantized, their statistics dropped
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

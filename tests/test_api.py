@@ -36,6 +36,7 @@ PUBLIC = [
     "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
+    "prepare_for_kbit_training",
     "register_lora_layer",
     "save_adapter",
     "save_merged",
