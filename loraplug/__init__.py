@@ -40,9 +40,13 @@ from ._files import (
 from ._inject import find_targets, inject_lora, unload
 from ._layer import LoRALayer
 from ._linear import LoRALinear
+from ._mha import LoRAMultiheadAttention
 from ._mixed import adapter_per_sample
-from ._registry import lora_layer_type, register_lora_layer
+from ._registry import lora_layer_type, register_by_name, register_lora_layer
 from ._summary import LayerSummary, LoRASummary, summary
+
+# Layer types of optional packages: imported when a model holds one.
+register_by_name("transformers.pytorch_utils.Conv1D", "loraplug._conv1d")
 
 __version__ = "0.1.0"
 
@@ -59,6 +63,7 @@ __all__ = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRASummary",
     "LoRAWarning",
     "StateError",

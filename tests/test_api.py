@@ -15,6 +15,7 @@ PUBLIC = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRASummary",
     "LoRAWarning",
     "StateError",
