@@ -121,7 +121,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     specs = {path: (layer.rank[name], layer.alpha[name], layer.dropout[name])
              for path, layer in layers}
     all_names = [clean for clean, _, _ in candidates(model) if clean]
-    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names)
+    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names,
+                          fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False)
+                                             for _, layer in layers))
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in adapter_state_dict(model, name).items()}
     from . import __version__

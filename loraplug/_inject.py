@@ -6,7 +6,6 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
@@ -14,19 +13,14 @@ from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
 from ._registry import lookup, type_name
-from ._targeting import TargetSpec, select
+from ._targeting import TargetSpec, layer_parts, parts_index, select
 
 #: Owners that read a child's weight directly in their own forward instead of calling
 #: the child, so an adapter on that child would never be computed: owner type ->
 #: (child names, what to do about it).
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
-    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
-    nn.TransformerEncoderLayer: (
-        ("linear1", "linear2"),
-        "Its inference fast path reads them; disable it first with "
-        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
-    ),
-}
+#: (nn.MultiheadAttention reads out_proj.weight, but its out_proj is a part of its own
+#: LoRA layer; nn.TransformerEncoderLayer's fused path is kept off by live adapters.)
+_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {}
 
 
 def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
@@ -36,9 +30,6 @@ def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         for owner, (attrs, advice) in _OWNER_READS.items():
-            fast_path = torch.backends.mha.get_fastpath_enabled()
-            if owner is nn.TransformerEncoderLayer and not fast_path:
-                continue
             if isinstance(parent, owner) and leaf in attrs:
                 found.append(
                     f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
@@ -79,7 +70,7 @@ def find_targets(
     selection = select(model, target, exclude)
     paths = _module_paths(model)
     refused = [m for n, mod in selection.modules.items()
-               for m in _owner_problems(model, n, paths[id(mod)])]
+               for m in _owner_problems(model, n, paths.get(id(mod), []))]
     if refused:
         raise TargetError("\n".join(refused))
     return list(selection.modules)
@@ -258,7 +249,7 @@ def inject_layers(
     all_paths = _module_paths(model)
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
-        problems += _problems(model, qualname, module, all_paths[id(module)],
+        problems += _problems(model, qualname, module, all_paths.get(id(module), []),
                               rank=specs[qualname].rank, dropout=dropout, adapter=name)
     if problems:
         kind = problems[0][0]
@@ -267,10 +258,14 @@ def inject_layers(
     # Build every new layer and adapter before touching the model.
     staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
     too_large: list[str] = []
+    parts = parts_index(model)
+    owners = _Owners()
     for qualname, module in modules.items():
         spec = specs[qualname]
         if isinstance(module, LoRALayer):
             layer = module
+        elif qualname not in parts and layer_parts(module):
+            layer = owners.layer(module)  # a module with parts takes an adapter itself
         else:
             layer_cls, registered = lookup(type(module))  # type: ignore[misc]
             layer = layer_cls(module, registered)
@@ -292,13 +287,23 @@ def inject_layers(
     known = {n for _, layer in existing for n in layer.adapter_names}
     active = [n for n in active_adapters(model) if n in known] or [name]
     disabled = any(layer.adapters_disabled for _, layer in existing)
-    for module, layer, a, b, spec in staged:
+    for qualname, (module, layer, a, b, spec) in zip(modules, staged):
         layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
-        if layer is not module:
-            layer.set_active(active)
-            layer.set_disabled(disabled)
+        if layer is module:
+            continue
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        part = parts.get(qualname)
+        if part is not None:  # into the owner's LoRA layer, made if needed
+            owners.layer(part.owner_module).attach_part(part.part, layer)
+        elif not owners.made(layer):
             for path in all_paths[id(module)]:
                 _set_module(model, path, layer)
+    for module, layer in owners.new.values():  # new owner layers, in the owners' places
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        for path in all_paths[id(module)]:
+            _set_module(model, path, layer)
     if active == [name]:
         for _, layer in existing:
             layer.set_active(active)
@@ -310,6 +315,25 @@ def inject_layers(
             if id(p) not in lora:
                 p.requires_grad_(False)
     return {qualname: layer for qualname, (_, layer, *_rest) in zip(modules, staged)}
+
+
+class _Owners:
+    """The LoRA layers of modules with parts (attention), made once per module."""
+
+    def __init__(self) -> None:
+        self.new: dict[int, tuple[nn.Module, LoRALayer]] = {}
+
+    def layer(self, module: nn.Module) -> LoRALayer:
+        """``module``'s LoRA layer: itself when it is one, else a new one (kept for placing)."""
+        if isinstance(module, LoRALayer):
+            return module
+        if id(module) not in self.new:
+            layer_cls, registered = lookup(type(module))  # type: ignore[misc]
+            self.new[id(module)] = (module, layer_cls(module, registered))
+        return self.new[id(module)][1]
+
+    def made(self, layer: LoRALayer) -> bool:
+        return any(made is layer for _, made in self.new.values())
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -345,6 +369,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     if merge:
         check_mergeable(model, layers, "unload(merge=True)")
     all_paths = _module_paths(model)
+    lora_paths = {path for _, layer in layers for path in all_paths[id(layer)]}
     for _, layer in layers:
         if merge:
             layer.merge()
@@ -352,5 +377,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
             layer.unmerge()
         layer.sync_base()
         for path in all_paths[id(layer)]:
-            _set_module(model, path, layer.base_layer)
+            # A layer inside another (a part of attention) goes away with the outer one.
+            if path.rpartition(".")[0] not in lora_paths or not path:
+                _set_module(model, path, layer.base_layer)
     return model

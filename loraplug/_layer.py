@@ -47,7 +47,8 @@ def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Ten
     does not record, or does not need a view for it. Scaling is the GEMM's ``alpha``,
     so neither the product nor the scaling needs an output-sized temporary.
     """
-    if out.dtype == h.dtype == b.dtype and type(scaling) is float and out.is_contiguous():
+    if out.dtype == h.dtype == b.dtype and type(scaling) is float and out.is_contiguous() \
+            and not out.is_nested:
         flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
         h = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
         if torch.is_grad_enabled() and (out.dim() != 2 or out._is_view()):
@@ -58,6 +59,13 @@ def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Ten
         return out
     # Mixed dtypes (autocast) or an unusual layout: the plain out-of-place sum.
     return out + F.linear(h * scaling, b)
+
+
+_LIVE_HOOK = "loraplug.live"
+
+
+def live_marker(module: nn.Module, args: object) -> None:
+    """A forward pre-hook that does nothing: its presence marks a layer with live adapters."""
 
 
 class LoRALayer(CompiledForwardMixin, nn.Module):
@@ -316,6 +324,14 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             self._live = ()
         else:
             self._live = tuple(n for n in self.active_adapters if n in self.rank)
+        # nn.TransformerEncoderLayer runs a fused kernel on its children's weights unless
+        # one of its modules has a forward hook: while an adapter is live, lora_A (never
+        # called, so the hook costs nothing) carries one and keeps that kernel off.
+        hooks = self._modules["lora_A"]._forward_pre_hooks
+        if self._live:
+            hooks[_LIVE_HOOK] = live_marker
+        else:
+            hooks.pop(_LIVE_HOOK, None)
         self._sync_compiled_scales()
 
     # ----------------------------------------------------------- merge

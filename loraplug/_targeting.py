@@ -40,20 +40,58 @@ def clean_name(name: str) -> str:
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
 
 
+@dataclass(frozen=True)
+class Part:
+    """A part of a module adapted through a LoRA layer of its own (q, k, v of attention)."""
+
+    #: clean name and real path of the module that owns the part, and the module itself
+    #: (the original module, or the LoRA layer that wraps it)
+    owner: str
+    owner_path: str
+    owner_module: nn.Module
+    #: the part's name, last in its own name (``<owner>.<part>``)
+    part: str
+
+
+def layer_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """Part name -> the module its LoRA layer wraps, for modules whose layer type has parts."""
+    parts_of = getattr(_layer_class(module), "parts_of", None)
+    return {} if parts_of is None else parts_of(module)
+
+
+def _walk(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, Part | None]]:
+    # Inside a LoRA layer or a module with parts, only the parts are candidates.
+    closed: list[str] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if any(path.startswith(prefix) for prefix in closed):
+            continue
+        parts = layer_parts(module)
+        if isinstance(module, LoRALayer) or parts:
+            if path == "" and isinstance(module, LoRALayer):
+                continue
+            closed.append(path + "." if path else "")
+        name = clean_name(path)
+        yield name, path, module, None
+        for part, inner in parts.items():
+            prefix = f"{path}." if path else ""
+            yield (clean_name(prefix + part), prefix + part, inner,
+                   Part(name, path, module, part))
+
+
 def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(clean name, real path, module) for every module at every path it is reachable at.
 
     A module shared by several parents appears once per path; LoRA internals are skipped.
+    Parts of a module (q, k, v and out_proj of an attention) appear under
+    ``<module>.<part>``, whether or not a module of that name exists yet.
     """
-    inside_lora: list[str] = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        if any(path.startswith(prefix) for prefix in inside_lora):
-            continue
-        if isinstance(module, LoRALayer):
-            if path == "":
-                continue
-            inside_lora.append(path + ".")
-        yield clean_name(path), path, module
+    for name, path, module, _ in _walk(model):
+        yield name, path, module
+
+
+def parts_index(model: nn.Module) -> dict[str, Part]:
+    """Clean name of every part candidate -> where it belongs."""
+    return {name: part for name, _, _, part in _walk(model) if part is not None}
 
 
 def _as_list(spec: TargetSpec | None) -> list[Pattern]:
@@ -114,6 +152,36 @@ def _suggest(pattern: Pattern, names: list[str]) -> str:
     return f" Close module names: {close}."
 
 
+def _with_implied_parts(picked: list[tuple[str, str, nn.Module]],
+                        walked: list[tuple[str, str, nn.Module, Part | None]],
+                        excluded: set[str]) -> list[tuple[str, str, nn.Module]]:
+    # A module with parts, targeted as a whole, stands for its own adapter (when its layer
+    # type gives it one) and the parts that type implies (attention: in_proj and out_proj,
+    # as PEFT adapts it), minus the excluded ones.
+    parts = {name: (name, path, module) for name, path, module, part in walked if part}
+    found: dict[str, tuple[str, str, nn.Module]] = {}
+    for name, path, module in picked:
+        layer_cls = _layer_class(module)
+        implied = getattr(layer_cls, "implied_parts", None)
+        if implied is None or name in parts:
+            found.setdefault(name, (name, path, module))
+            continue
+        if layer_cls.takes_adapter(module):  # type: ignore[union-attr]
+            found.setdefault(name, (name, path, module))
+        for part in implied(module):
+            full = f"{name}.{part}" if name else part
+            if full not in excluded:
+                found.setdefault(full, parts[full])
+    return list(found.values())
+
+
+def _layer_class(module: nn.Module) -> type | None:
+    if isinstance(module, LoRALayer):
+        return type(module)
+    found = lookup(type(module))
+    return None if found is None else found[0]
+
+
 @dataclass
 class Selection:
     """What a target specification selects in a model."""
@@ -142,13 +210,15 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
     excludes = _as_list(exclude)
     inc = [(p, _matcher(p)) for p in includes]
     exc = [(p, _matcher(p)) for p in excludes]
-    everything = list(candidates(model))
+    walked = list(_walk(model))
+    everything = [(name, path, module) for name, path, module, _ in walked]
     names = [name for name, _, _ in everything if name]
     hit_inc = [False] * len(inc)
     hit_exc = [False] * len(exc)
     picked: list[tuple[str, str, nn.Module]] = []
-    seen: set[int] = set()
-    for name, path, module in everything:
+    excluded_names: set[str] = set()
+    seen: set[object] = set()
+    for name, path, module, part in walked:
         included = False
         for i, (_, match) in enumerate(inc):
             if match(name, module):
@@ -158,9 +228,14 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
         for i, (_, match) in enumerate(exc):
             if match(name, module):
                 hit_exc[i] = excluded = True
-        if included and not excluded and id(module) not in seen:
-            seen.add(id(module))  # a shared module is wrapped once, under its first name
+        if excluded:
+            excluded_names.add(name)
+        # A shared module is wrapped once, under its first name.
+        key = id(module) if part is None else (id(part.owner_module), part.part)
+        if included and not excluded and key not in seen:
+            seen.add(key)
             picked.append((name, path, module))
+    picked = _with_implied_parts(picked, walked, excluded_names)
 
     missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]
     missing_exc = [p for (p, _), hit in zip(exc, hit_exc) if not hit]

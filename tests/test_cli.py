@@ -209,11 +209,44 @@ def attention_model() -> nn.Module:
     return model
 
 
-def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str]) -> None:
+def test_targets_shows_the_parts_of_attention(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "type:Linear")
+    assert code == 0
+    rows = rows_of(out)
+    assert rows["attn.out_proj"][0] == "*" and rows["head"][0] == "*"
+    assert {"attn", "attn.q", "attn.k", "attn.v"} <= set(rows) and rows["attn.q"][0] == ""
+    code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "attn.q", "-t",
+                       "attn.v", "-r", "2")
+    assert code == 0
+    marked = {name for name, row in rows_of(out).items() if row[0] == "*"}
+    assert marked == {"attn.q", "attn.v"}
+
+
+class Fused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.inner.weight)
+
+
+def fused_model() -> nn.Module:
+    model = nn.Module()
+    model.fused = Fused()
+    model.head = nn.Linear(8, 2)
+    return model
+
+
+def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplug import _inject
+
+    monkeypatch.setitem(_inject._OWNER_READS, Fused, (("inner",), "Exclude it."))
+    code, out, _ = run(capsys, "targets", "test_cli:fused_model", "-t", "type:Linear")
     assert code == 1
-    assert rows_of(out)["attn.out_proj"][0] == "!" and rows_of(out)["head"][0] == "*"
-    assert re.search(r"^! attn.out_proj: its owner nn.MultiheadAttention reads", out, re.M)
+    assert rows_of(out)["fused.inner"][0] == "!" and rows_of(out)["head"][0] == "*"
+    assert re.search(r"^! fused.inner: its owner test_cli.Fused reads", out, re.M)
 
 
 def test_targets_warns_when_rank_exceeds_the_layer(capsys: pytest.CaptureFixture[str]) -> None:

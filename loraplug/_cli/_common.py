@@ -117,8 +117,8 @@ def _pattern(text: str) -> object:
 
 # --------------------------------------------------------------------------- targets
 def _shape(module: nn.Module) -> str:
-    weight = module._parameters.get("weight")
-    tensors = [weight] if weight is not None else list(module.parameters(recurse=False))
+    weight = getattr(module, "weight", None)  # a parameter, or a view (attention's q, k, v)
+    tensors = [weight] if isinstance(weight, Tensor) else list(module.parameters(recurse=False))
     return "×".join(map(str, tensors[0].shape)) if tensors else ""
 
 

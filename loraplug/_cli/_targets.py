@@ -35,7 +35,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
             layer_cls, registered = found  # type: ignore[misc]
             probe = layer_cls(module, registered)
             why = probe.check_rank(args.rank) or " ".join(
-                m.split(": ", 1)[1] for m in _owner_problems(model, name, paths[id(module)]))
+                m.split(": ", 1)[1] for m in _owner_problems(model, name,
+                                                            paths.get(id(module), [])))
             shape_a, shape_b = probe.adapter_shapes(args.rank)
             count = math.prod(shape_a) + math.prod(shape_b)
             added += count
