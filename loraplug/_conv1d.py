@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from ._layer import compute_dtype
 from ._linear import LoRALinear
+from ._products import Scale, add_matmul
 from ._registry import register_lora_layer
 
 
@@ -40,15 +40,8 @@ class LoRAConv1D(LoRALinear):
         size_out = (*x.size()[:-1], weight.shape[1])
         return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size_out)
 
-    def delta_weight(self, name: str) -> Tensor:
-        dtype = compute_dtype(self.weight.dtype)
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
-        return (a.t() @ b.t()).mul_(self.scaling[name])  # (in, r) @ (r, out) -> (in, out)
-
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        a, b = self._adapter(name)
-        target.addmm_(a.t().to(target.dtype), b.t().to(target.dtype),
-                      alpha=sign * self.scaling[name])
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
+        add_matmul(target, a.t(), b.t(), scale)  # (in, r) @ (r, out) -> (in, out)
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         in_features, out_features = self.weight.shape

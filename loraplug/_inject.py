@@ -2,100 +2,96 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
-from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
-from ._registry import lookup, type_name
-from ._targeting import TargetSpec, layer_parts, parts_index, select
-
-#: Owners that read a child's weight directly in their own forward instead of calling
-#: the child, so an adapter on that child would never be computed: owner type ->
-#: (child names, what to do about it).
-#: (nn.MultiheadAttention reads out_proj.weight, but its out_proj is a part of its own
-#: LoRA layer; nn.TransformerEncoderLayer's fused path is kept off by live adapters.)
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {}
-
-
-def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
-    """Why an owner of the module at ``paths`` would bypass its adapter, if it would."""
-    found = []
-    for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, (attrs, advice) in _OWNER_READS.items():
-            if isinstance(parent, owner) and leaf in attrs:
-                found.append(
-                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
-                    "inside its own forward instead of calling the layer, so an adapter there "
-                    f"would be silently ignored. {advice.format(leaf=leaf)}"
-                )
-    return found
+from ._parts import Part, layer_parts
+from ._registry import lora_layer_for, type_name
+from ._targeting import (
+    TargetSpec,
+    module_paths,
+    owner_problems,
+    parts_index,
+    select,
+    set_module,
+)
 
 
-def find_targets(
-    model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
-) -> list[str]:
-    """Return the sorted names ``inject_lora`` would wrap, without changing anything.
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's adapter hyperparameters (they may differ per layer when loading)."""
 
-    Raises the same errors as :func:`inject_lora` for the targets themselves, including
-    the refusal of layers whose owner reads their weight directly.
+    rank: int
+    alpha: float
+    dropout: float
 
-    Args:
-        model: any ``nn.Module``; not changed.
-        target: glob(s), compiled regex(es), module type(s) or a predicate
-            ``(name, module) -> bool``; see the targeting docs.
-        exclude: patterns, as for ``target``, to leave out.
 
-    Returns:
-        The sorted names of the layers that would receive an adapter.
+def validate_name(name: object) -> str:
+    """Check an adapter name: a non-empty identifier without dots.
 
     Raises:
-        TargetError: a pattern matches nothing, nothing supported matched, or an owner
-            reads a selected layer's weight directly.
-
-    Example:
-        >>> from torch import nn
-        >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> lp.find_targets(model, nn.Linear, exclude="2")
-        ['0']
+        ConfigError: ``name`` is not such a string.
     """
-    selection = select(model, target, exclude)
-    paths = _module_paths(model)
-    refused = [m for n, mod in selection.modules.items()
-               for m in _owner_problems(model, n, paths.get(id(mod), []))]
-    if refused:
-        raise TargetError("\n".join(refused))
-    return list(selection.modules)
+    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
+        raise ConfigError(
+            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
+            "Use names like 'default' or 'style_b'."
+        )
+    return name
 
 
-def _module_paths(model: nn.Module) -> dict[int, list[str]]:
-    # Every path a module object is reachable at (shared modules appear more than once).
-    paths: dict[int, list[str]] = defaultdict(list)
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths[id(module)].append(path)
-    return paths
+def validate_hyperparameters(
+    *, rank: object, alpha: object, dropout: object, name: object, init: object
+) -> tuple[int, float, float, str, str]:
+    """Check the hyperparameters shared by every layer; returns them normalised.
+
+    Raises:
+        ConfigError: a value is of the wrong type or out of range.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(
+            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
+            "e.g. rank=8."
+        )
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
+            or not math.isfinite(alpha):
+        raise ConfigError(
+            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
+            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ConfigError(
+            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
+            "e.g. dropout=0.05."
+        )
+    name = validate_name(name)
+    if init not in ("kaiming", "gaussian"):
+        raise ConfigError(
+            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
+        )
+    return rank, float(alpha), float(dropout), name, str(init)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
-
-
-def _problems(
-    model: nn.Module, name: str, module: nn.Module, paths: list[str], *, rank: int,
-    dropout: float, adapter: str,
+def injection_problems(
+    model: nn.Module, name: str, module: nn.Module, paths: list[str], spec: LayerSpec, *,
+    adapter: str,
 ) -> list[tuple[type[LoRAError], str]]:
+    """Why adapter ``adapter`` with ``spec`` cannot go on ``module`` (clean name ``name``).
+
+    ``paths`` are the module's real paths (see ``module_paths``). Each problem comes with
+    the error type ``inject_lora`` raises for it; an empty list means the layer is fine.
+    """
     found: list[tuple[type[LoRAError], str]] = [
-        (TargetError, m) for m in _owner_problems(model, name, paths)
+        (TargetError, m) for m in owner_problems(model, name, paths)
     ]
     if isinstance(module, LoRALayer):
         if adapter in module.adapter_names:
@@ -107,31 +103,28 @@ def _problems(
             found.append((StateError, (
                 f"{name!r} has {list(module.merged_adapters)} merged; call "
                 "loraplug.unmerge(model) before adding an adapter.")))
-        layer_cls = type(module)
-    else:
-        lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
-        if lazy and module.has_uninitialized_params():
-            found.append((StateError, (
-                f"{name!r} is an uninitialised lazy module ({type_name(type(module))}); run one "
-                "forward pass with a real input first so its shapes are known.")))
-            return found
-        layer_cls = lookup(type(module))[0]  # type: ignore[index]
+    elif isinstance(module, nn.modules.lazy.LazyModuleMixin) \
+            and module.has_uninitialized_params():
+        found.append((StateError, (
+            f"{name!r} is an uninitialised lazy module ({type_name(type(module))}); run one "
+            "forward pass with a real input first so its shapes are known.")))
+        return found
     tensors: list[Tensor] = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
     if any(t.is_meta for t in tensors):
         found.append((StateError, (
             f"{name!r} has tensors on the meta device (no data); materialise the model first, "
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
-    probe = module if isinstance(module, LoRALayer) else layer_cls(module, lookup(type(module))[1])  # type: ignore[index]
-    why = probe.check_rank(rank)
+    probe = lora_layer_for(module)
+    why = probe.check_rank(spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
-    if probe.through_weight and dropout > 0:
+    if probe.through_weight and spec.dropout > 0:
         found.append((ConfigError, (
             f"{name!r} is a {type_name(type(probe.base_layer))} whose forward differs from "
             f"{type_name(probe.registered_type)}'s, so its adapter is applied through the weight "
-            f"(W + ΔW), where input dropout has no meaning; received dropout={dropout}. Use "
-            "dropout=0.0, or register a LoRA layer for this type.")))
+            f"(W + ΔW), where input dropout has no meaning; received dropout={spec.dropout}. "
+            "Use dropout=0.0, or register a LoRA layer for this type.")))
     return found
 
 
@@ -216,18 +209,21 @@ def inject_lora(
             "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
             LoRAWarning, stacklevel=2,
         )
-    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in selection.modules}
-    inject_layers(model, selection.modules, specs, name=name, dropout=dropout, init=init,
+    specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in selection.modules}
+    inject_layers(model, selection.modules, specs, name=name, init=init,
                   use_rslora=use_rslora, freeze_base=freeze_base)
     return list(selection.modules)
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """Rank and alpha of one layer's adapter (they may differ per layer when loading)."""
+class _Staged:
+    """A layer ready to take its new adapter: built, but not yet in the model."""
 
-    rank: int
-    alpha: float
+    module: nn.Module
+    layer: LoRALayer
+    a: Tensor
+    b: Tensor
+    spec: LayerSpec
 
 
 def inject_layers(
@@ -236,100 +232,100 @@ def inject_layers(
     specs: dict[str, LayerSpec],
     *,
     name: str,
-    dropout: float,
     init: str,
     use_rslora: bool,
     freeze_base: bool,
 ) -> dict[str, LoRALayer]:
     """Add adapter ``name`` to ``modules`` (clean name -> module) with per-layer specs.
 
-    Checks every layer first and raises before changing anything; returns the LoRA
-    layers by name. Hyperparameters must already be validated.
+    Checks every layer first and raises before changing anything (warnings too are
+    given before any change, so that warnings-as-errors change nothing either); returns
+    the LoRA layers by name. Hyperparameters must already be validated.
     """
-    all_paths = _module_paths(model)
+    paths = module_paths(model)
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
-        problems += _problems(model, qualname, module, all_paths.get(id(module), []),
-                              rank=specs[qualname].rank, dropout=dropout, adapter=name)
+        problems += injection_problems(model, qualname, module, paths.get(id(module), []),
+                                       specs[qualname], adapter=name)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
 
     # Build every new layer and adapter before touching the model.
-    staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
-    too_large: list[str] = []
-    parts = parts_index(model)
-    owners = _Owners()
+    parts, owners = parts_index(model), _Owners()
+    staged: dict[str, _Staged] = {}
     for qualname, module in modules.items():
-        spec = specs[qualname]
-        if isinstance(module, LoRALayer):
-            layer = module
-        elif qualname not in parts and layer_parts(module):
-            layer = owners.layer(module)  # a module with parts takes an adapter itself
-        else:
-            layer_cls, registered = lookup(type(module))  # type: ignore[misc]
-            layer = layer_cls(module, registered)
-        if spec.rank > layer.max_rank():
-            too_large.append(f"{qualname} (rank {spec.rank}, at most {layer.max_rank()})")
-        a, b = layer.new_adapter(spec.rank, init)
-        staged.append((module, layer, a, b, spec))
-
-    if too_large:  # before any change, so that warnings-as-errors change nothing either
+        layer, spec = owners.layer_for(module, qualname in parts), specs[qualname]
+        staged[qualname] = _Staged(module, layer, *layer.new_adapter(spec.rank, init), spec)
+    too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
+                 for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
+    if too_large:
         warnings.warn(
             f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
             LoRAWarning, stacklevel=3,
         )
-
-    # New layers follow the model: its active set (the new adapter if none of the active
-    # names exists any more) and its disabled state (inside disable_adapters).
-    existing = lora_layers(model)
-    known = {n for _, layer in existing for n in layer.adapter_names}
-    active = [n for n in active_adapters(model) if n in known] or [name]
-    disabled = any(layer.adapters_disabled for _, layer in existing)
-    for qualname, (module, layer, a, b, spec) in zip(modules, staged):
-        layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
-        if layer is module:
-            continue
-        layer.set_active(active)
-        layer.set_disabled(disabled)
-        part = parts.get(qualname)
-        if part is not None:  # into the owner's LoRA layer, made if needed
-            owners.layer(part.owner_module).attach_part(part.part, layer)
-        elif not owners.made(layer):
-            for path in all_paths[id(module)]:
-                _set_module(model, path, layer)
-    for module, layer in owners.new.values():  # new owner layers, in the owners' places
-        layer.set_active(active)
-        layer.set_disabled(disabled)
-        for path in all_paths[id(module)]:
-            _set_module(model, path, layer)
-    if active == [name]:
-        for _, layer in existing:
-            layer.set_active(active)
-
+    _attach(model, staged, paths, (parts, owners), name=name, use_rslora=use_rslora)
     if freeze_base:
         lora = {id(p) for _, layer in lora_layers(model)
                 for store in (layer.lora_A, layer.lora_B) for p in store.values()}
         for p in model.parameters():
             if id(p) not in lora:
                 p.requires_grad_(False)
-    return {qualname: layer for qualname, (_, layer, *_rest) in zip(modules, staged)}
+    return {qualname: item.layer for qualname, item in staged.items()}
+
+
+def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[str]],
+            owned: tuple[dict[str, Part], _Owners], *, name: str, use_rslora: bool) -> None:
+    # New layers follow the model: its active set (the new adapter if none of the active
+    # names exists any more) and its disabled state (inside disable_adapters).
+    existing = lora_layers(model)
+    known = {n for _, layer in existing for n in layer.adapter_names}
+    active = [n for n in active_adapters(model) if n in known] or [name]
+    disabled = any(layer.adapters_disabled for _, layer in existing)
+    parts, owners = owned
+    for qualname, item in staged.items():
+        layer = item.layer
+        layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
+                          dropout=item.spec.dropout, use_rslora=use_rslora)
+        if layer is item.module or owners.made(layer):
+            continue
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        part = parts.get(qualname)
+        if part is not None:  # into its owner's LoRA layer (made below if new)
+            owners.layer(part.owner_module).attach_part(part.part, layer)
+        else:
+            for path in paths[id(item.module)]:
+                set_module(model, path, layer)
+    for module, layer in owners.new.values():  # new owners' layers, in the owners' places
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        for path in paths[id(module)]:
+            set_module(model, path, layer)
+    if active == [name]:
+        for _, layer in existing:
+            layer.set_active(active)
 
 
 class _Owners:
-    """The LoRA layers of modules with parts (attention), made once per module."""
+    """The LoRA layers of modules with parts (attention), each made once."""
 
     def __init__(self) -> None:
         self.new: dict[int, tuple[nn.Module, LoRALayer]] = {}
 
+    def layer_for(self, module: nn.Module, is_part: bool) -> LoRALayer:
+        """The layer that takes ``module``'s adapter: an owner's is shared with its parts."""
+        if is_part or isinstance(module, LoRALayer) or not layer_parts(module):
+            return lora_layer_for(module)
+        return self.layer(module)
+
     def layer(self, module: nn.Module) -> LoRALayer:
-        """``module``'s LoRA layer: itself when it is one, else a new one (kept for placing)."""
+        """``module``'s LoRA layer: itself when it is one, else one made once."""
         if isinstance(module, LoRALayer):
             return module
         if id(module) not in self.new:
-            layer_cls, registered = lookup(type(module))  # type: ignore[misc]
-            self.new[id(module)] = (module, layer_cls(module, registered))
+            self.new[id(module)] = (module, lora_layer_for(module))
         return self.new[id(module)][1]
 
     def made(self, layer: LoRALayer) -> bool:
@@ -368,16 +364,16 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge:
         check_mergeable(model, layers, "unload(merge=True)")
-    all_paths = _module_paths(model)
-    lora_paths = {path for _, layer in layers for path in all_paths[id(layer)]}
+    paths = module_paths(model)
+    lora_paths = {path for _, layer in layers for path in paths[id(layer)]}
     for _, layer in layers:
         if merge:
             layer.merge()
         else:
             layer.unmerge()
         layer.sync_base()
-        for path in all_paths[id(layer)]:
-            # A layer inside another (a part of attention) goes away with the outer one.
-            if path.rpartition(".")[0] not in lora_paths or not path:
-                _set_module(model, path, layer.base_layer)
+        for path in paths[id(layer)]:
+            # A part (inside another LoRA layer) leaves with its owner's layer.
+            if path.rpartition(".")[0] not in lora_paths:
+                set_module(model, path, layer.base_layer)
     return model

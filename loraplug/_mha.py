@@ -32,13 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _attention
-from ._layer import LoRALayer, add_scaled_product
+from ._compile import gated_adapters
+from ._layer import LoRALayer
 from ._linear import LoRALinear
+from ._products import Scale, add_scaled_product
 from ._registry import register_lora_layer
 
 #: One low-rank term of the input projection: rows [lo, hi) of the packed 3E rows, A, B,
 #: scaling, and the dropout module for its input (None when dropout is off).
-Term = tuple[int, int, Tensor, Tensor, float, "nn.Module | None"]
+Term = tuple[int, int, Tensor, Tensor, Scale, "nn.Module | None"]
 
 
 class AttentionProjection(nn.Module):
@@ -168,7 +170,7 @@ class LoRAMultiheadAttention(LoRALinear):
 
     def _quiet(self) -> bool:
         # Nothing to add anywhere: torch's own forward (and fast path) computes the rest.
-        if self._live or self._route is not None:
+        if self._live or self._detour is not None:
             return False
         children = self._modules
         for part in ("q", "k", "v", "out_proj"):
@@ -193,7 +195,7 @@ class LoRAMultiheadAttention(LoRALinear):
 
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v from (L, N, ·) inputs: torch's ``_in_projection_packed`` plus the adapters."""
-        terms = self._terms() if self._route is None else None
+        terms = self._terms() if self._detour is None else None
         e, params = self.embed_dim, self._parameters
         bias, packed = params["in_proj_bias"], params["in_proj_weight"]
         if packed is not None and key is value:
@@ -221,18 +223,21 @@ class LoRAMultiheadAttention(LoRALinear):
     def out_projection(self, attn: Tensor, tgt_len: int, bsz: int) -> Tensor:
         """``out_proj`` of the attention (L·N, E) as (L, N, E)."""
         out_proj = self._modules["out_proj"]
-        if self._route is None:
+        if self._detour is None:
             return out_proj(attn).view(tgt_len, bsz, -1)
         # adapter_per_sample: every LoRA layer sees the rows of the batch first.
         return out_proj(attn.view(tgt_len, bsz, -1).transpose(0, 1)).transpose(0, 1)
 
     def _terms(self) -> list[Term]:
         terms: list[Term] = []
+        compiling = torch.compiler.is_compiling()
         for layer, lo in self._term_layers():
-            for name in layer._live:
+            # Under torch.compile, gate tensors instead of floats (see _compile.py).
+            names, scales = gated_adapters(layer) if compiling else (layer._live, layer.scaling)
+            for name in names:
                 a, b = layer._adapter(name)
                 drop = layer.lora_dropout[name] if layer.training and layer.dropout[name] else None
-                terms.append((lo, lo + b.shape[0], a, b, layer.scaling[name], drop))
+                terms.append((lo, lo + b.shape[0], a, b, scales[name], drop))
         return terms
 
     def _adapted(self, out: Tensor, x: Tensor, terms: list[Term] | None, lo: int,
@@ -245,11 +250,11 @@ class LoRAMultiheadAttention(LoRALinear):
         # adapter_per_sample: each row of the batch (x is (L, N, ·)) through its adapter.
         rows = x.transpose(0, 1)
         for layer, t0 in self._term_layers():
-            route = layer._route
+            route = layer._detour  # a Route inside adapter_per_sample
             t1 = t0 + layer.weight.shape[0]
             if route is None or t1 <= lo or hi <= t0:
                 continue
-            branch = route.branch(layer, rows)  # (N, L, t1 - t0)
+            branch = route.branch(layer, rows)  # type: ignore[attr-defined]  # (N, L, t1 - t0)
             if branch is None:
                 continue
             r0, r1 = max(lo, t0), min(hi, t1)

@@ -11,7 +11,10 @@ A target is one of, or a list of:
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
-inside a LoRA layer (its adapters, dropouts) are never candidates.
+inside a LoRA layer (its adapters, dropouts) are never candidates; parts of a module
+(``<attention>.q``, ``.k``, ``.v``, ``.out_proj``) are (see ``_parts``). A layer whose
+owner reads its weight directly is refused: an adapter there would never be computed.
+This module also finds and replaces modules by path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -27,6 +31,7 @@ from torch import nn
 
 from ._errors import TargetError
 from ._layer import LoRALayer
+from ._parts import Part, walk, with_implied_parts
 from ._registry import lookup, supported_types, type_name
 
 Pattern = Union[str, "re.Pattern[str]", type, Callable[[str, nn.Module], bool]]
@@ -40,58 +45,35 @@ def clean_name(name: str) -> str:
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
 
 
-@dataclass(frozen=True)
-class Part:
-    """A part of a module adapted through a LoRA layer of its own (q, k, v of attention)."""
-
-    #: clean name and real path of the module that owns the part, and the module itself
-    #: (the original module, or the LoRA layer that wraps it)
-    owner: str
-    owner_path: str
-    owner_module: nn.Module
-    #: the part's name, last in its own name (``<owner>.<part>``)
-    part: str
-
-
-def layer_parts(module: nn.Module) -> dict[str, nn.Module]:
-    """Part name -> the module its LoRA layer wraps, for modules whose layer type has parts."""
-    parts_of = getattr(_layer_class(module), "parts_of", None)
-    return {} if parts_of is None else parts_of(module)
-
-
-def _walk(model: nn.Module) -> Iterator[tuple[str, str, nn.Module, Part | None]]:
-    # Inside a LoRA layer or a module with parts, only the parts are candidates.
-    closed: list[str] = []
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path each module object is reachable at, by ``id`` (shared modules have several)."""
+    paths: dict[int, list[str]] = defaultdict(list)
     for path, module in model.named_modules(remove_duplicate=False):
-        if any(path.startswith(prefix) for prefix in closed):
-            continue
-        parts = layer_parts(module)
-        if isinstance(module, LoRALayer) or parts:
-            if path == "" and isinstance(module, LoRALayer):
-                continue
-            closed.append(path + "." if path else "")
-        name = clean_name(path)
-        yield name, path, module, None
-        for part, inner in parts.items():
-            prefix = f"{path}." if path else ""
-            yield (clean_name(prefix + part), prefix + part, inner,
-                   Part(name, path, module, part))
+        paths[id(module)].append(path)
+    return paths
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the real (uncleaned) ``path`` inside ``model``."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
 
 
 def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(clean name, real path, module) for every module at every path it is reachable at.
 
     A module shared by several parents appears once per path; LoRA internals are skipped.
-    Parts of a module (q, k, v and out_proj of an attention) appear under
+    Parts of a module (q, k, v and out_proj of an attention, see ``_parts``) appear as
     ``<module>.<part>``, whether or not a module of that name exists yet.
     """
-    for name, path, module, _ in _walk(model):
+    for name, path, module, _ in walk(model, clean_name):
         yield name, path, module
 
 
 def parts_index(model: nn.Module) -> dict[str, Part]:
     """Clean name of every part candidate -> where it belongs."""
-    return {name: part for name, _, _, part in _walk(model) if part is not None}
+    return {name: part for name, _, _, part in walk(model, clean_name) if part is not None}
 
 
 def _as_list(spec: TargetSpec | None) -> list[Pattern]:
@@ -152,36 +134,6 @@ def _suggest(pattern: Pattern, names: list[str]) -> str:
     return f" Close module names: {close}."
 
 
-def _with_implied_parts(picked: list[tuple[str, str, nn.Module]],
-                        walked: list[tuple[str, str, nn.Module, Part | None]],
-                        excluded: set[str]) -> list[tuple[str, str, nn.Module]]:
-    # A module with parts, targeted as a whole, stands for its own adapter (when its layer
-    # type gives it one) and the parts that type implies (attention: in_proj and out_proj,
-    # as PEFT adapts it), minus the excluded ones.
-    parts = {name: (name, path, module) for name, path, module, part in walked if part}
-    found: dict[str, tuple[str, str, nn.Module]] = {}
-    for name, path, module in picked:
-        layer_cls = _layer_class(module)
-        implied = getattr(layer_cls, "implied_parts", None)
-        if implied is None or name in parts:
-            found.setdefault(name, (name, path, module))
-            continue
-        if layer_cls.takes_adapter(module):  # type: ignore[union-attr]
-            found.setdefault(name, (name, path, module))
-        for part in implied(module):
-            full = f"{name}.{part}" if name else part
-            if full not in excluded:
-                found.setdefault(full, parts[full])
-    return list(found.values())
-
-
-def _layer_class(module: nn.Module) -> type | None:
-    if isinstance(module, LoRALayer):
-        return type(module)
-    found = lookup(type(module))
-    return None if found is None else found[0]
-
-
 @dataclass
 class Selection:
     """What a target specification selects in a model."""
@@ -192,6 +144,26 @@ class Selection:
     paths: dict[str, str] = field(default_factory=dict)
     #: clean name -> type name, for selected modules no LoRA layer is registered for.
     unsupported: dict[str, str] = field(default_factory=dict)
+
+
+class _Patterns:
+    """Patterns with their matchers, remembering which of them ever matched."""
+
+    def __init__(self, patterns: list[Pattern]) -> None:
+        self.patterns = patterns
+        self.matchers = [_matcher(p) for p in patterns]
+        self.hit = [False] * len(patterns)
+
+    def match(self, name: str, module: nn.Module) -> bool:
+        # Every pattern is tried on every module, so that each one's hits are known.
+        found = False
+        for i, matcher in enumerate(self.matchers):
+            if matcher(name, module):
+                self.hit[i] = found = True
+        return found
+
+    def missed(self) -> list[Pattern]:
+        return [p for p, hit in zip(self.patterns, self.hit) if not hit]
 
 
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
@@ -207,52 +179,25 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
             "target=nn.Linear."
         )
-    excludes = _as_list(exclude)
-    inc = [(p, _matcher(p)) for p in includes]
-    exc = [(p, _matcher(p)) for p in excludes]
-    walked = list(_walk(model))
+    inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
+    walked = list(walk(model, clean_name))
     everything = [(name, path, module) for name, path, module, _ in walked]
-    names = [name for name, _, _ in everything if name]
-    hit_inc = [False] * len(inc)
-    hit_exc = [False] * len(exc)
     picked: list[tuple[str, str, nn.Module]] = []
     excluded_names: set[str] = set()
     seen: set[object] = set()
     for name, path, module, part in walked:
-        included = False
-        for i, (_, match) in enumerate(inc):
-            if match(name, module):
-                hit_inc[i] = included = True
+        included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
-        excluded = False
-        for i, (_, match) in enumerate(exc):
-            if match(name, module):
-                hit_exc[i] = excluded = True
-        if excluded:
+        if exc.match(name, module):
             excluded_names.add(name)
         # A shared module is wrapped once, under its first name.
         key = id(module) if part is None else (id(part.owner_module), part.part)
-        if included and not excluded and key not in seen:
+        if included and name not in excluded_names and key not in seen:
             seen.add(key)
             picked.append((name, path, module))
-    picked = _with_implied_parts(picked, walked, excluded_names)
-
-    missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]
-    missing_exc = [p for (p, _), hit in zip(exc, hit_exc) if not hit]
-    if missing or missing_exc:
-        present = sorted({type_name(type(m)) for _, _, m in everything})
-        lines = []
-        for kind, group in (("target", missing), ("exclude", missing_exc)):
-            for p in group:
-                hint = (f" Module types present: {present}." if isinstance(p, type)
-                        else _suggest(p, names))
-                lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
-        raise TargetError(
-            "\n".join(lines) + "\nPatterns are globs over full dotted names from "
-            "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
-            "target) shows what a target selects."
-        )
-
+    if inc.missed() or exc.missed():
+        raise _unmatched(everything, inc.missed(), exc.missed())
+    picked = with_implied_parts(picked, walked, excluded_names)
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):
@@ -261,6 +206,27 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "replaced in place. Wrap it in a container, e.g. model = nn.Sequential(model), "
             "or target its children."
         )
+    return _selection(picked)
+
+
+def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],
+               missing_exc: list[Pattern]) -> TargetError:
+    names = [name for name, _, _ in everything if name]
+    present = sorted({type_name(type(m)) for _, _, m in everything})
+    lines = []
+    for kind, group in (("target", missing), ("exclude", missing_exc)):
+        for p in group:
+            hint = (f" Module types present: {present}." if isinstance(p, type)
+                    else _suggest(p, names))
+            lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
+    return TargetError(
+        "\n".join(lines) + "\nPatterns are globs over full dotted names from "
+        "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
+        "target) shows what a target selects."
+    )
+
+
+def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
     selection = Selection()
     for name, path, module in sorted(picked, key=lambda item: item[0]):
         if isinstance(module, LoRALayer) or lookup(type(module)) is not None:
@@ -278,3 +244,68 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "loraplug.register_lora_layer."
         )
     return selection
+
+
+#: Owners that read a child's weight directly in their own forward instead of calling
+#: the child, so an adapter on that child would never be computed: owner type ->
+#: (child names, what to do about it). (nn.MultiheadAttention reads out_proj.weight, but
+#: out_proj is a part of its own LoRA layer; nn.TransformerEncoderLayer's fused path is
+#: kept off while an adapter is live.)
+_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {}
+
+
+def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
+    """Why an owner of the module at ``paths`` would bypass its adapter, if it would.
+
+    ``name`` is the module's clean name, for the messages; ``paths`` are its real paths
+    (see :func:`module_paths`).
+    """
+    found = []
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        for owner, (attrs, advice) in _OWNER_READS.items():
+            if isinstance(parent, owner) and leaf in attrs:
+                found.append(
+                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
+                    "inside its own forward instead of calling the layer, so an adapter there "
+                    f"would be silently ignored. {advice.format(leaf=leaf)}"
+                )
+    return found
+
+
+def find_targets(
+    model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
+) -> list[str]:
+    """Return the sorted names ``inject_lora`` would wrap, without changing anything.
+
+    Raises the same errors as :func:`inject_lora` for the targets themselves, including
+    the refusal of layers whose owner reads their weight directly.
+
+    Args:
+        model: any ``nn.Module``; not changed.
+        target: glob(s), compiled regex(es), module type(s) or a predicate
+            ``(name, module) -> bool``; see the targeting docs.
+        exclude: patterns, as for ``target``, to leave out.
+
+    Returns:
+        The sorted names of the layers that would receive an adapter.
+
+    Raises:
+        TargetError: a pattern matches nothing, nothing supported matched, or an owner
+            reads a selected layer's weight directly.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> lp.find_targets(model, nn.Linear, exclude="2")
+        ['0']
+    """
+    selection = select(model, target, exclude)
+    paths = module_paths(model)
+    refused = [m for n, mod in selection.modules.items()
+               for m in owner_problems(model, n, paths.get(id(mod), []))]
+    if refused:
+        raise TargetError("\n".join(refused))
+    return list(selection.modules)

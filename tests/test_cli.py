@@ -240,9 +240,9 @@ def fused_model() -> nn.Module:
 
 def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraplug import _inject
+    from loraplug import _targeting
 
-    monkeypatch.setitem(_inject._OWNER_READS, Fused, (("inner",), "Exclude it."))
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
     code, out, _ = run(capsys, "targets", "test_cli:fused_model", "-t", "type:Linear")
     assert code == 1
     assert rows_of(out)["fused.inner"][0] == "!" and rows_of(out)["head"][0] == "*"

@@ -162,9 +162,9 @@ def test_exclude_is_checked_against_every_module() -> None:
 def test_find_targets_refuses_what_inject_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     from test_inject import Fused
 
-    from loraplug import _inject
+    from loraplug import _targeting
 
-    monkeypatch.setitem(_inject._OWNER_READS, Fused, (("inner",), "Exclude it."))
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
     model = nn.Module()
     model.fused = Fused()
     with pytest.raises(lp.TargetError, match=r"'fused.inner': its owner .*Fused reads"):

@@ -7,13 +7,12 @@ import math
 
 from torch import nn
 
-from .._registry import lookup, supported_types, type_name
+from .._registry import lookup, lora_layer_for, supported_types, type_name
 from ._common import CLIError, _pattern, _shape, _table, build_model
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .._inject import _module_paths, _owner_problems
-    from .._targeting import candidates, select
+    from .._targeting import candidates, module_paths, owner_problems, select
 
     if args.rank < 1:
         raise CLIError(f"--rank must be a positive integer; received {args.rank}", code=2)
@@ -25,18 +24,17 @@ def cmd_targets(args: argparse.Namespace) -> int:
         chosen = selection.modules
     total = sum(p.numel() for p in model.parameters())
     rows, added, notes = [], 0, []
-    paths = _module_paths(model)
+    paths = module_paths(model)
     for name, _, module in candidates(model):
         found = lookup(type(module))
         if not name or (found is None and next(module.parameters(recurse=False), None) is None):
             continue
         mark, params = "", ""
         if name in chosen:
-            layer_cls, registered = found  # type: ignore[misc]
-            probe = layer_cls(module, registered)
+            probe = lora_layer_for(module)
             why = probe.check_rank(args.rank) or " ".join(
-                m.split(": ", 1)[1] for m in _owner_problems(model, name,
-                                                            paths.get(id(module), [])))
+                m.split(": ", 1)[1] for m in owner_problems(model, name,
+                                                           paths.get(id(module), [])))
             shape_a, shape_b = probe.adapter_shapes(args.rank)
             count = math.prod(shape_a) + math.prod(shape_b)
             added += count
