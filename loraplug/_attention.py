@@ -74,7 +74,8 @@ def _attend(layer: AttentionLayer, mha: nn.MultiheadAttention, query: Tensor, ke
             attn_mask: Tensor | None, average: bool, is_causal: bool
             ) -> tuple[Tensor, Tensor | None]:
     heads = mha.num_heads
-    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, heads)
+    is_batched = F._mha_shape_check(  # type: ignore[attr-defined]
+        query, key, value, key_padding_mask, attn_mask, heads)
     if not is_batched:  # a batch of one; separate tensors from here on, as in torch
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
@@ -108,10 +109,10 @@ def _attend(layer: AttentionLayer, mha: nn.MultiheadAttention, query: Tensor, ke
         key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
     src_len = k.size(1)
     if key_padding_mask is not None:
+        shape = tuple(key_padding_mask.shape)
         torch._check_with(
-            AssertionError, tuple(key_padding_mask.shape) == (bsz, src_len),
-            lambda: f"expected key_padding_mask of shape {(bsz, src_len)}, received "
-                    f"{tuple(key_padding_mask.shape)}")
+            AssertionError, shape == (bsz, src_len),
+            lambda: f"expected key_padding_mask of shape {(bsz, src_len)}, received {shape}")
         key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len)
                             .expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len))
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask

@@ -27,6 +27,8 @@ active), ``forward`` is torch's own ``MultiheadAttention.forward``, fast path in
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +53,10 @@ class AttentionProjection(nn.Module):
     attention's state-dict keys are unchanged and merging writes into its weights.
     """
 
+    attention: nn.MultiheadAttention
+    part: str
+    index: int
+
     def __init__(self, attention: nn.MultiheadAttention, part: str) -> None:
         super().__init__()
         self.__dict__["attention"] = attention  # not a child: it is not inside this module
@@ -58,7 +64,7 @@ class AttentionProjection(nn.Module):
         self.index = "qkv".index(part)
 
     def _rows(self, packed: Tensor) -> Tensor:
-        e = self.attention.embed_dim
+        e: int = self.attention.embed_dim
         return packed[self.index * e:(self.index + 1) * e]
 
     @property
@@ -66,7 +72,8 @@ class AttentionProjection(nn.Module):
         mha = self.attention
         if mha.in_proj_weight is not None:
             return self._rows(mha.in_proj_weight)
-        return getattr(mha, f"{self.part}_proj_weight")
+        weight: Tensor = getattr(mha, f"{self.part}_proj_weight")
+        return weight
 
     @property
     def bias(self) -> Tensor | None:
@@ -114,15 +121,19 @@ class LoRAMultiheadAttention(LoRALinear):
     (:class:`LoRALinear`).
     """
 
+    embed_dim: int
+
     def configure(self, base: nn.Module) -> None:
-        self.embed_dim = base.embed_dim
+        self.embed_dim = int(base.embed_dim)  # type: ignore[arg-type]
 
     @property
     def weight(self) -> Tensor:
         """What the layer's own adapters update: ``in_proj_weight`` (3E, E)."""
         params = self._parameters
         packed = params["in_proj_weight"]
-        return packed if packed is not None else params["q_proj_weight"]
+        weight = packed if packed is not None else params["q_proj_weight"]
+        assert weight is not None  # one of the two always exists
+        return weight
 
     def check_rank(self, rank: int) -> str | None:
         why = _forward_problem(self.base_layer)
@@ -137,9 +148,14 @@ class LoRAMultiheadAttention(LoRALinear):
     def parts_of(cls, module: nn.Module) -> dict[str, nn.Module]:
         """Part name -> the module its adapter wraps (a LoRA layer once it has one)."""
         children = module._modules
-        mha = module.base_layer if isinstance(module, LoRALayer) else module
-        found = {p: children.get(p) or AttentionProjection(mha, p) for p in "qkv"}
-        found["out_proj"] = children["out_proj"]
+        mha: nn.MultiheadAttention = module.base_layer if isinstance(module, LoRALayer) \
+            else module  # type: ignore[assignment]
+        found: dict[str, nn.Module] = {}
+        for p in "qkv":
+            found[p] = children.get(p) or AttentionProjection(mha, p)
+        out_proj = children["out_proj"]
+        assert out_proj is not None  # nn.MultiheadAttention always has one
+        found["out_proj"] = out_proj
         return found
 
     @classmethod
@@ -161,11 +177,11 @@ class LoRAMultiheadAttention(LoRALinear):
     def _term_layers(self) -> list[tuple[LoRALayer, int]]:
         # (layer, first row in the packed 3E rows) for the layer and its q, k, v children.
         e, children = self.embed_dim, self._modules
-        found = [(self, 0)]
+        found: list[tuple[LoRALayer, int]] = [(self, 0)]
         for i, part in enumerate("qkv"):
             child = children.get(part)
-            if child is not None:
-                found.append((child, i * e))  # type: ignore[arg-type]
+            if isinstance(child, LoRALayer):
+                found.append((child, i * e))
         return found
 
     def _quiet(self) -> bool:
@@ -196,7 +212,8 @@ class LoRAMultiheadAttention(LoRALinear):
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v from (L, N, ·) inputs: torch's ``_in_projection_packed`` plus the adapters."""
         terms = self._terms() if self._detour is None else None
-        e, params = self.embed_dim, self._parameters
+        e: int = self.embed_dim
+        params: dict[str, Any] = self._parameters
         bias, packed = params["in_proj_bias"], params["in_proj_weight"]
         if packed is not None and key is value:
             if query is key:  # self-attention: one GEMM for q, k and v
@@ -211,6 +228,7 @@ class LoRAMultiheadAttention(LoRALinear):
             kv = self._adapted(F.linear(key, w_kv, b_kv), key, terms, e, 3 * e)
             kv = kv.unflatten(-1, (2, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
             return q, kv[0], kv[1]
+        weights: tuple[Tensor, ...]
         if packed is not None:
             weights = packed.chunk(3)
         else:
@@ -222,7 +240,7 @@ class LoRAMultiheadAttention(LoRALinear):
 
     def out_projection(self, attn: Tensor, tgt_len: int, bsz: int) -> Tensor:
         """``out_proj`` of the attention (L·N, E) as (L, N, E)."""
-        out_proj = self._modules["out_proj"]
+        out_proj: nn.Module = self._modules["out_proj"]  # type: ignore[assignment]
         if self._detour is None:
             return out_proj(attn).view(tgt_len, bsz, -1)
         # adapter_per_sample: every LoRA layer sees the rows of the batch first.
@@ -263,7 +281,7 @@ class LoRAMultiheadAttention(LoRALinear):
         return out
 
     def _nested(self, query: Tensor, key: Tensor, value: Tensor,
-                *args: object) -> tuple[Tensor, Tensor | None]:
+                *args: Any) -> tuple[Tensor, Tensor | None]:
         # nn.TransformerEncoder hands nested tensors (one length per sequence) to its layers;
         # compute on the padded batch with the padding masked, and nest the result again.
         if not (query is key is value and self.base_layer.batch_first) \

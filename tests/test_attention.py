@@ -258,6 +258,7 @@ def test_an_attention_subclass_with_its_own_forward_is_refused() -> None:
     assert type(model[0]) is Custom
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_nested_input_needs_self_attention_without_masks() -> None:
     model = _mha()
     lp.inject_lora(model, target="0", rank=2)
@@ -290,3 +291,12 @@ def test_attention_masks_of_the_wrong_shape_are_refused(mask, message) -> None:
 def test_own_in_proj_adapter_on_separate_weights_is_refused() -> None:
     layer = lp.LoRAMultiheadAttention(nn.MultiheadAttention(8, 2, kdim=3), nn.MultiheadAttention)
     assert "no packed in_proj adapter" in layer.check_rank(2)
+
+
+def test_a_key_padding_mask_of_the_wrong_shape_is_refused() -> None:
+    model = _mha()
+    lp.inject_lora(model, target="0", rank=2)
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(AssertionError, match=r"key_padding_mask of shape \(2, 4\), received "
+                                             r"\(4, 2\)"):
+        model[0](x, x, x, key_padding_mask=torch.zeros(4, 2, dtype=torch.bool))
