@@ -32,6 +32,7 @@ from ._format import (
     locate,
     other_key_problems,
     pair_problems,
+    part_factor,
     read_adapter_weights,
     read_config,
     read_metadata,
@@ -40,7 +41,7 @@ from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
-from ._targeting import candidates, module_paths
+from ._targeting import candidates, module_paths, parts_index
 
 _MAX_LINES = 40
 T = TypeVar("T")
@@ -83,15 +84,18 @@ def _layer_class(module: nn.Module) -> type[LoRALayer] | None:
 
 
 def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.Module,
-                paths: list[str], slots: Slots, *, dropout: float,
-                adapter: str) -> tuple[_Planned | None, list[str]]:
-    """The plan for one layer of the file, or ``None``; and the problems found."""
+                paths: list[str], slots: Slots, *, dropout: float, adapter: str,
+                owner: str | None) -> tuple[_Planned | None, list[str]]:
+    """The plan for one layer of the file, or ``None``; and the problems found.
+
+    ``owner`` names the module a part belongs to (targeting it targets the part too).
+    """
     layer_cls = _layer_class(module)
     if layer_cls is None:
         return None, [f"{path} is a {type_name(type(module))}, which has no LoRA layer; "
                       f"supported: {supported_types()} and their subclasses."]
     problems = []
-    if not config.targets(path):
+    if not (config.targets(path) or (owner is not None and config.targets(owner))):
         problems.append(
             f"{path}: the file has tensors for it, but target_modules / exclude_modules in "
             f"{CONFIG_NAME} do not select it."
@@ -113,22 +117,26 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
 def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
           extras: FileExtras, adapter: str) -> tuple[dict[str, _Planned], list[str]]:
     everything = {clean: module for clean, _, module in candidates(model) if clean}
-    paths = module_paths(model)
+    paths, parts = module_paths(model), parts_index(model)
     dropouts = extras.get("dropout", {})
     problems: list[str] = []
     plan: dict[str, _Planned] = {}
     for path, slots, module in _matched(entries, everything, problems,
                                         "the model has no module of that name."):
+        part = parts.get(path)
         planned, found = _plan_layer(
-            model, config, path, module, paths[id(module)], slots,
-            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter)
+            model, config, path, module, paths.get(id(module), []), slots,
+            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter,
+            owner=None if part is None else part.owner)
         problems += found
         if planned is not None:
             plan[path] = planned
     if config.names_explicitly():
         for path, module in everything.items():
             layer_cls = _layer_class(module)
-            if path in entries or not config.targets(path) or layer_cls is None:
+            # (a part that is no module of its own, attention's q, is not PEFT's to target)
+            if path in entries or not config.targets(path) or layer_cls is None \
+                    or id(module) not in paths:
                 continue
             key_a, key_b = key_names(layer_cls)
             problems.append(f"{path}: target_modules selects it, but the file lacks "
@@ -288,10 +296,11 @@ def load_adapter(
             {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",
             use_rslora=config.use_rslora, freeze_base=freeze_base,
         )
+    every = dict(lora_layers(model))
     with torch.no_grad():
         for layer_path, layer in layers.items():
             layer.lora_A[adapter].copy_(plan[layer_path].a)
-            layer.lora_B[adapter].copy_(plan[layer_path].b)
+            layer.lora_B[adapter].copy_(plan[layer_path].b * part_factor(every, layer_path))
     return sorted(layers)
 
 
@@ -378,8 +387,9 @@ def load_adapter_state_dict(
         )
     if problems:
         raise AdapterFileError(_report(where, problems))
+    every = dict(lora_layers(model))
     with torch.no_grad():
-        for layer, a, b in loaded.values():
+        for path, (layer, a, b) in loaded.items():
             layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
+            layer.lora_B[name].copy_(b * part_factor(every, path))
     return sorted(loaded)

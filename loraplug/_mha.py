@@ -27,7 +27,7 @@ active), ``forward`` is torch's own ``MultiheadAttention.forward``, fast path in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,11 @@ class LoRAMultiheadAttention(LoRALinear):
     """
 
     embed_dim: int
+    #: PEFT (0.21) adds the out_proj adapter twice: its MultiheadAttention layer folds
+    #: ΔW_out into out_proj.weight, then has out_proj fold it again, in its forward and
+    #: when merging. PEFT's files therefore hold a B_out that acts doubled; loraplug writes
+    #: B_out / 2 and reads 2 · B_out there, so outputs agree with PEFT's both ways.
+    peft_part_factors: ClassVar[dict[str, float]] = {"out_proj": 2.0}
 
     def configure(self, base: nn.Module) -> None:
         self.embed_dim = int(base.embed_dim)  # type: ignore[arg-type]

@@ -266,7 +266,7 @@ def _overmatches(wanted: set[str], others: Iterable[str]) -> bool:
 
 def build_config(
     layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str],
-    fan_in_fan_out: bool = False,
+    fan_in_fan_out: bool = False, implied: Iterable[str] = (),
 ) -> dict[str, object]:
     """The ``adapter_config.json`` for layers ``{name: (rank, alpha, dropout)}``.
 
@@ -275,17 +275,18 @@ def build_config(
 
     ``r`` and ``lora_alpha`` are the most common values; layers that differ get an
     anchored ``rank_pattern``/``alpha_pattern`` entry (``^`` + escaped name) that matches
-    that layer alone. ``target_modules`` is the sorted list of layer names, or an
+    that layer alone. ``implied`` layers (parts adapted with their owner) are left out of
+    ``target_modules``, which is the sorted list of the other layer names, or an
     alternation regex when PEFT's suffix rule would also pick other modules of the model.
     """
     names = sorted(layers)
     rank = _most_common([layers[n][0] for n in names])
     alpha = _most_common([layers[n][1] for n in names])
     dropout = _most_common([layers[n][2] for n in names])
-    wanted = set(names)
-    targets: list[str] | str = names
-    if _overmatches(wanted, all_names):
-        targets = "|".join(re.escape(n) for n in names)
+    listed = sorted(set(names) - set(implied))
+    targets: list[str] | str = listed
+    if _overmatches(set(listed), all_names):
+        targets = "|".join(re.escape(n) for n in listed)
     return {
         "peft_type": "LORA",
         "task_type": None,
