@@ -72,7 +72,8 @@ def _inject(case: AttentionCase, **kwargs: object) -> list[str]:
 @given(attention_cases(), st.sampled_from(["eval", "train"]))
 def test_fresh_adapters_change_nothing_bit_for_bit(case: AttentionCase, mode: str) -> None:
     getattr(case.model, mode)()
-    # Frozen as injection leaves it: torch picks its matmul kernels by requires_grad.
+    # The base as injection leaves it, frozen: for small shapes torch picks its matmul
+    # kernels (and so their rounding) by whether the weight requires grad.
     case.model.requires_grad_(False)
     with composite_path():
         expected = case.base(*case.args, **case.kwargs)
@@ -159,7 +160,7 @@ def test_attention_dropout_in_training_is_torchs(case: AttentionCase) -> None:
 
 @given(attention_cases(torch.float64))
 def test_branch_dropout_touches_only_the_branch(case: AttentionCase) -> None:
-    case.model.requires_grad_(False)
+    case.model.requires_grad_(False)  # frozen, as injection leaves it
     with composite_path():
         expected = case.base(*case.args, **case.kwargs)
     _inject(case, dropout=0.5)
