@@ -23,9 +23,12 @@ def vit(quick: bool) -> nn.Module:
     from torchvision.models import VisionTransformer, vit_b_16
 
     if quick:
-        return VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
-                                 hidden_dim=64, mlp_dim=128)
-    return vit_b_16(weights=None)
+        model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                  hidden_dim=64, mlp_dim=128)
+    else:
+        model = vit_b_16(weights=None)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    return model
 
 
 def attention_names(model: nn.Module) -> list[str]:
@@ -67,10 +70,12 @@ def peft_qv_as_whole_attention(base: nn.Module, rank: int,
                                alpha: float) -> tuple[list[str], int, float, Callable]:
     """PEFT's whole-attention adapter holding loraplug's q, v adapters exactly (see above)."""
 
+    paths = attention_names(base)
+
     def copy(source: nn.Module, peft_model: Any, adapters: tuple[str, ...]) -> None:
         inner = peft_model.get_base_model()
         with torch.no_grad():
-            for path in attention_names(source):
+            for path in paths:
                 ours, theirs = source.get_submodule(path), inner.get_submodule(path)
                 e = ours.embed_dim
                 for name in adapters:
@@ -82,4 +87,4 @@ def peft_qv_as_whole_attention(base: nn.Module, rank: int,
                     b[2 * e:, rank:] = v.lora_B[name]
                     theirs.base_layer.out_proj.lora_B[name].weight.zero_()
 
-    return attention_names(base), 2 * rank, 2 * alpha, copy
+    return paths, 2 * rank, 2 * alpha, copy

@@ -76,12 +76,17 @@ def copy_adapters(source: nn.Module, peft_model: nn.Module, adapters: Sequence[s
         for path, module in inner.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
-            # PEFT keeps the children of a module it wraps under base_layer.
-            layer = source.get_submodule(path.replace(".base_layer.", "."))
+            # PEFT keeps the children of a module it wraps under base_layer, and applies
+            # some of them otherwise (an attention's out_proj twice): see peft_part_factors.
+            ours = path.replace(".base_layer.", ".")
+            layer = source.get_submodule(ours)
+            owner, _, part = ours.rpartition(".")
+            factor = getattr(type(source.get_submodule(owner)), "peft_part_factors", {}) \
+                .get(part, 1.0)
             for name in adapters:
                 if name in module.lora_A:
                     module.lora_A[name].weight.copy_(layer.lora_A[name])
-                    module.lora_B[name].weight.copy_(layer.lora_B[name])
+                    module.lora_B[name].weight.copy_(layer.lora_B[name] / factor)
                 else:
                     module.lora_embedding_A[name].copy_(layer.lora_A[name])
                     module.lora_embedding_B[name].copy_(layer.lora_B[name])
