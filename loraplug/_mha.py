@@ -119,6 +119,21 @@ class LoRAMultiheadAttention(LoRALinear):
     adapter, A (r, E) and B (3E, r), a low-rank update of ``in_proj_weight``; the parts
     are children: ``q``, ``k``, ``v`` (:class:`LoRAProjection`) and ``out_proj``
     (:class:`LoRALinear`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+        >>> lp.inject_lora(model, target=["0.q", "0.v"], rank=2)
+        ['0.q', '0.v']
+        >>> lp.inject_lora(model, target="0", rank=2, name="whole")  # PEFT's layout
+        ['0', '0.out_proj']
+        >>> model[0].lora_B["whole"].shape, model[0].q.lora_B["default"].shape
+        (torch.Size([24, 2]), torch.Size([8, 2]))
+        >>> x = torch.randn(1, 5, 8)
+        >>> model[0](x, x, x)[0].shape
+        torch.Size([1, 5, 8])
     """
 
     embed_dim: int
