@@ -206,12 +206,15 @@ class LoRAMultiheadAttention(LoRALinear):
 
     def _quiet(self) -> bool:
         # Nothing to add anywhere: torch's own forward (and fast path) computes the rest.
-        if self._live or self._detour is not None:
+        if self._detour is not None:
             return False
+        compiling = torch.compiler.is_compiling()
         children = self._modules
-        for part in ("q", "k", "v", "out_proj"):
-            child = children.get(part)
-            if isinstance(child, LoRALayer) and child._live:
+        for layer in (self, *(children.get(p) for p in ("q", "k", "v", "out_proj"))):
+            if not isinstance(layer, LoRALayer):
+                continue
+            # Compiled, the gated adapters count: switching them reuses the graph.
+            if (gated_adapters(layer)[0] if compiling else layer._live):
                 return False
         return True
 

@@ -301,3 +301,25 @@ def test_a_key_padding_mask_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(AssertionError, match=r"key_padding_mask of shape \(2, 4\), received "
                                              r"\(4, 2\)"):
         model[0](x, x, x, key_padding_mask=torch.zeros(4, 2, dtype=torch.bool))
+
+
+def test_attention_compiles_with_fullgraph_and_switches_without_recompiling() -> None:
+    from test_compile import CountingBackend
+
+    model = _mha()
+    base = copy.deepcopy(model[0])
+    lp.inject_lora(model, target=["0", "0.q", "0.v"], rank=2)
+    lp.inject_lora(model, target=["0", "0.q", "0.v"], rank=2, name="other")
+    randomize_adapters(model)
+    backend = CountingBackend()
+    compiled = torch.compile(model[0], backend=backend, fullgraph=True)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        for live in (["default"], ["other"], ["default", "other"]):
+            lp.set_adapter(model, live)
+            ref = attention_dense(base, deltas(model[0], tuple(live)), x, x, x,
+                                  need_weights=False)
+            assert_close(compiled(x, x, x, need_weights=False)[0], ref[0], torch.float32)
+    assert backend.graphs == 1
+    compiled(x, x, x, need_weights=False)[0].sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
