@@ -160,5 +160,9 @@ def type_name(module_type: type) -> str:
 
 
 def supported_types() -> list[str]:
-    """Names of the registered base types, for error messages."""
-    return sorted([*(type_name(t) for t in _REGISTRY), *_BY_NAME])
+    """Names of the registered base types, for error messages.
+
+    loraplug's own internal base types (attention's q, k, v parts) are not listed.
+    """
+    return sorted([*(type_name(t) for t in _REGISTRY if not t.__module__.startswith("loraplug.")),
+                   *_BY_NAME])
