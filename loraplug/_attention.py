@@ -96,8 +96,7 @@ def _attend(layer: AttentionLayer, mha: nn.MultiheadAttention, query: Tensor, ke
     if mha.bias_k is not None and mha.bias_v is not None:
         k = torch.cat([k, mha.bias_k.repeat(1, bsz, 1)])
         v = torch.cat([v, mha.bias_v.repeat(1, bsz, 1)])
-        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        attn_mask, key_padding_mask = _one_more_key(attn_mask, key_padding_mask)
     # (L, N, E) -> (N·heads, L, head_dim)
     q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
     k = k.view(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
@@ -105,17 +104,10 @@ def _attend(layer: AttentionLayer, mha: nn.MultiheadAttention, query: Tensor, ke
     if mha.add_zero_attn:
         zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
         k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
-        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        attn_mask, key_padding_mask = _one_more_key(attn_mask, key_padding_mask)
     src_len = k.size(1)
     if key_padding_mask is not None:
-        shape = tuple(key_padding_mask.shape)
-        torch._check_with(
-            AssertionError, shape == (bsz, src_len),
-            lambda: f"expected key_padding_mask of shape {(bsz, src_len)}, received {shape}")
-        key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len)
-                            .expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len))
-        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        attn_mask = _with_padding(attn_mask, key_padding_mask, bsz, heads, src_len)
     dropout_p = mha.dropout if layer.training else 0.0
     if need_weights:
         # (is_causal needs attn_mask here, and the mask carries it)
@@ -133,6 +125,25 @@ def _attend(layer: AttentionLayer, mha: nn.MultiheadAttention, query: Tensor, ke
     attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)  # rows in (L, N) order
     out = layer.out_projection(attn, tgt_len, bsz)
     return (out if is_batched else out.squeeze(1)), None
+
+
+def _one_more_key(attn_mask: Tensor | None, key_padding_mask: Tensor | None
+                  ) -> tuple[Tensor | None, Tensor | None]:
+    # A key was appended (bias_k, or the zero attention): the masks let it through.
+    return (None if attn_mask is None else F.pad(attn_mask, (0, 1)),
+            None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1)))
+
+
+def _with_padding(attn_mask: Tensor | None, key_padding_mask: Tensor, bsz: int, heads: int,
+                  src_len: int) -> Tensor:
+    """The attention mask with the key padding mask (N, S) added, as (N·heads, 1 or L, S)."""
+    shape = tuple(key_padding_mask.shape)
+    torch._check_with(
+        AssertionError, shape == (bsz, src_len),
+        lambda: f"expected key_padding_mask of shape {(bsz, src_len)}, received {shape}")
+    padding = (key_padding_mask.view(bsz, 1, 1, src_len)
+               .expand(-1, heads, -1, -1).reshape(bsz * heads, 1, src_len))
+    return padding if attn_mask is None else attn_mask + padding
 
 
 def _mask_3d(attn_mask: Tensor | None, tgt_len: int, src_len: int,
