@@ -10,12 +10,11 @@ import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
-from ._layer import LoRALayer
+from ._layer import LoRALayer, refuse_nonfinite
 from ._targeting import clean_name
 
 
@@ -301,14 +300,11 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
     staged = []
     for name, layer in layers:
         new = layer.stage_merge()
-        if new is None:
-            continue
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
-                "or inf weights; no layer was changed. Check that adapter's tensors."
-            )
-        staged.append((layer, new))
+        if new is not None:
+            refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} into "
+                             f"{name!r} gives NaN or inf weights; no layer was changed. Check "
+                             "that adapter's tensors.")
+            staged.append((layer, new))
     for layer, new in staged:
         layer.commit_merge(new)
 

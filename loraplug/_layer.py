@@ -42,6 +42,12 @@ class Detour(Protocol):
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
 
 
+def refuse_nonfinite(weight: Tensor, message: str) -> None:
+    """Raise :class:`StateError` with ``message`` when ``weight`` holds NaN or inf."""
+    if not torch.isfinite(weight).all():
+        raise StateError(message)
+
+
 class LoRALayer(AdapterSet):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
@@ -330,15 +336,11 @@ class LoRALayer(AdapterSet):
                 self.commit_merge()
             return
         new = self.stage_merge()
-        if new is None:
-            return
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
-        self.commit_merge(new)
+        if new is not None:
+            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
+                             "inf values; the weight was left unmerged. Check the adapter "
+                             "tensors (torch.isfinite) before merging.")
+            self.commit_merge(new)
 
     def unmerge(self) -> None:
         """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
