@@ -153,9 +153,14 @@ def lora_layer_type(module_type: type[nn.Module]) -> type[LoRALayer] | None:
 
 
 def type_name(module_type: type) -> str:
-    """``nn.Linear`` for torch's own modules, ``package.module.Class`` for others."""
+    """``nn.Linear`` for torch's own modules, ``package.module.Class`` for others.
+
+    loraplug's own types are named by class alone (``AttentionProjection``).
+    """
     if module_type.__module__.startswith("torch.nn"):
         return f"nn.{module_type.__name__}"
+    if module_type.__module__.startswith("loraplug."):
+        return module_type.__name__
     return f"{module_type.__module__}.{module_type.__qualname__}"
 
 
