@@ -240,15 +240,15 @@ class LoRAMultiheadAttention(LoRALinear):
         bias, packed = params["in_proj_bias"], params["in_proj_weight"]
         if packed is not None and key is value:
             if query is key:  # self-attention: one GEMM for q, k and v
-                proj = self._adapted(F.linear(query, packed, bias), query, terms, 0, 3 * e)
+                proj = self._adapted(_base(query, packed, bias), query, terms, 0, 3 * e)
                 # (..., 3E) -> (3, ..., E), as torch splits it
                 proj = proj.unflatten(-1, (3, e)).unsqueeze(0).transpose(0, -2).squeeze(-2)
                 proj = proj.contiguous()
                 return proj[0], proj[1], proj[2]
             w_q, w_kv = packed.split([e, 2 * e])
             b_q, b_kv = (None, None) if bias is None else bias.split([e, 2 * e])
-            q = self._adapted(F.linear(query, w_q, b_q), query, terms, 0, e)
-            kv = self._adapted(F.linear(key, w_kv, b_kv), key, terms, e, 3 * e)
+            q = self._adapted(_base(query, w_q, b_q), query, terms, 0, e)
+            kv = self._adapted(_base(key, w_kv, b_kv), key, terms, e, 3 * e)
             kv = kv.unflatten(-1, (2, e)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
             return q, kv[0], kv[1]
         weights: tuple[Tensor, ...]
@@ -257,7 +257,7 @@ class LoRAMultiheadAttention(LoRALinear):
         else:
             weights = (params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"])
         biases = (None, None, None) if bias is None else bias.chunk(3)
-        q, k, v = (self._adapted(F.linear(x, w, b), x, terms, i * e, (i + 1) * e)
+        q, k, v = (self._adapted(_base(x, w, b), x, terms, i * e, (i + 1) * e)
                    for i, (x, w, b) in enumerate(zip((query, key, value), weights, biases)))
         return q, k, v
 
@@ -320,6 +320,17 @@ class LoRAMultiheadAttention(LoRALinear):
         out, weights = _attention.forward(self, padded, padded, padded, padding, *args[1:])
         rows = [out[i, :n] for i, n in enumerate(lengths)]
         return torch.nested.as_nested_tensor(rows, layout=query.layout), weights
+
+
+def _base(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x Wᵀ + b`` on a contiguous copy of a sequence-first view, as one GEMM.
+
+    For such a strided input torch's ``F.linear`` copies it and runs one GEMM when the
+    weight requires grad, but for a frozen weight (as injection leaves it) a batched
+    matmul per position, twice as slow on CPU. Copying first keeps the GEMM, and gives
+    the result torch computes for the trainable weight, before injection.
+    """
+    return F.linear(x.contiguous(), weight, bias)
 
 
 def _down(x: Tensor, a: Tensor) -> Tensor:

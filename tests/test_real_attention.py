@@ -128,9 +128,9 @@ def _cases() -> list:
 def test_fresh_merge_unload_and_peft(tmp_path: Path, case: str) -> None:
     base, x, targets = _build(case)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = copy.deepcopy(base).requires_grad_(False)  # frozen, as injection leaves it
+    model = copy.deepcopy(base)  # as it is before injection: trainable, autograd on
     if case == "transformer-encoder":
-        # Frozen and in eval mode, its layers take torch's fused kernel, which live
+        # In eval mode with frozen weights its layers take torch's fused kernel, which live
         # adapters switch off (see test_encoder_fast_path...): compare on torch's
         # composite path, in train mode (no dropout).
         model.train()
