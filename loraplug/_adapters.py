@@ -228,7 +228,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = layers_or_raise(model, "disable_adapters")
     refuse_sharded([(n, layer) for n, layer in layers if layer.merged], "disable_adapters")
     folds = [[(f.names, f.residual is not None) for f in layer._folds] for _, layer in layers]
-    for _, layer in layers:
+    for _, layer in reversed(layers):  # last merged, first out (see unmerge)
         take_out(layer, layer.merged_adapters)
     before = [layer.adapters_disabled for _, layer in layers]
     for _, layer in layers:

@@ -15,9 +15,17 @@ from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetErro
 from ._hooks import swap_hooks
 from ._layer import LoRALayer
 from ._merging import merge as merge_all
+from ._parts import Part, layer_parts
 from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
-from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
+from ._targeting import (
+    TargetSpec,
+    module_paths,
+    owner_problems,
+    parts_index,
+    select,
+    set_module,
+)
 from ._weights import reading_weights
 
 
@@ -268,8 +276,8 @@ def inject_layers(
     check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     paths = module_paths(model)
     with reading_weights(modules.values()):
-        staged = _stage(model, modules, specs, paths, name=name, init=init)
-    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
+        staged, owned = _stage(model, modules, specs, paths, name=name, init=init)
+    _attach(model, staged, paths, owned, name=name, use_rslora=use_rslora)
     if freeze_base:
         lora = {id(p) for _, layer in lora_layers(model)
                 for store in (layer.lora_A, layer.lora_B) for p in store.values()}
@@ -280,18 +288,20 @@ def inject_layers(
 
 
 def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
-           paths: dict[int, list[str]], *, name: str, init: str) -> dict[str, _Staged]:
+           paths: dict[int, list[str]], *, name: str, init: str
+           ) -> tuple[dict[str, _Staged], tuple[dict[str, Part], _Owners]]:
     # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
-        problems += injection_problems(model, qualname, module, paths[id(module)],
+        problems += injection_problems(model, qualname, module, paths.get(id(module), []),
                                        specs[qualname], adapter=name)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
+    parts, owners = parts_index(model), _Owners()
     staged: dict[str, _Staged] = {}
     for qualname, module in modules.items():
-        layer, spec = lora_layer_for(module), specs[qualname]
+        layer, spec = owners.layer_for(module, qualname in parts), specs[qualname]
         staged[qualname] = _Staged(module, layer, *layer.new_adapter(spec.rank, init), spec)
     too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
                  for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
@@ -301,30 +311,66 @@ def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, Lay
             "parameters add cost without capacity. Consider a smaller rank.",
             LoRAWarning, stacklevel=4,
         )
-    return staged
+    return staged, (parts, owners)
 
 
-def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
-            name: str, use_rslora: bool) -> None:
+def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[str]],
+            owned: tuple[dict[str, Part], _Owners], *, name: str, use_rslora: bool) -> None:
     # New layers follow the model: its active set (the new adapter if none of the active
     # names exists any more) and its disabled state (inside disable_adapters).
     existing = lora_layers(model)
     known = {n for _, layer in existing for n in layer.adapter_names}
     active = [n for n in active_adapters(model) if n in known] or [name]
     disabled = any(layer.adapters_disabled for _, layer in existing)
-    for item in staged:
+    parts, owners = owned
+    for qualname, item in staged.items():
         layer = item.layer
         layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
                           dropout=item.spec.dropout, use_rslora=use_rslora)
-        if layer is not item.module:
-            layer.set_active(active)
-            layer.set_disabled(disabled)
+        if layer is item.module or owners.made(layer):
+            continue
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        part = parts.get(qualname)
+        if part is not None:  # into its owner's LoRA layer (made below if new)
+            owners.layer(part.owner_module).attach_part(part.part, layer)
+        else:
             swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
+    for module, layer in owners.new.values():  # new owners' layers, in the owners' places
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        swap_hooks(module, layer)
+        for path in paths[id(module)]:
+            set_module(model, path, layer)
     if active == [name]:
         for _, layer in existing:
             layer.set_active(active)
+
+
+class _Owners:
+    """The LoRA layers of modules with parts (attention), each made once."""
+
+    def __init__(self) -> None:
+        self.new: dict[int, tuple[nn.Module, LoRALayer]] = {}
+
+    def layer_for(self, module: nn.Module, is_part: bool) -> LoRALayer:
+        """The layer that takes ``module``'s adapter: an owner's is shared with its parts."""
+        if is_part or isinstance(module, LoRALayer) or not layer_parts(module):
+            return lora_layer_for(module)
+        return self.layer(module)
+
+    def layer(self, module: nn.Module) -> LoRALayer:
+        """``module``'s LoRA layer: itself when it is one, else one made once."""
+        if isinstance(module, LoRALayer):
+            return module
+        if id(module) not in self.new:
+            self.new[id(module)] = (module, lora_layer_for(module))
+        return self.new[id(module)][1]
+
+    def made(self, layer: LoRALayer) -> bool:
+        return any(made is layer for _, made in self.new.values())
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -366,11 +412,15 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         refuse_quantized(layers, "unload(merge=True)")
         merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
-    for _, layer in layers:
-        if not merge:
+    lora_paths = {path for _, layer in layers for path in paths[id(layer)]}
+    if not merge:
+        for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
+    for _, layer in layers:
         layer.sync_base()
         swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(layer)]:
-            set_module(model, path, layer.base_layer)
+            # A part (inside another LoRA layer) leaves with its owner's layer.
+            if path.rpartition(".")[0] not in lora_paths:
+                set_module(model, path, layer.base_layer)
     return model

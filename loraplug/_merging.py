@@ -148,7 +148,9 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     if listed is not None:
         check_names(model, listed, "unmerge")
     refuse_sharded(layers, "unmerge")
-    for path, layer in layers:
+    # Last merged, first out: a layer type's parts (attention's q, k, v) fold into
+    # memory their owner folds into too, and each fold is undone on what came after it.
+    for path, layer in reversed(layers):
         if is_quantized(layer):  # a requantized weight holds its adapters all at once
             if listed is None or set(listed) & set(layer.merged_adapters):
                 layer.unmerge()

@@ -19,6 +19,7 @@ PUBLIC = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRASummary",
     "LoRAWarning",
     "StateError",

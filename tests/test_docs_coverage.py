@@ -89,7 +89,7 @@ README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
     "nn.Embedding": lambda: (nn.Sequential(nn.Embedding(5, 3)), ["0"]),
     "register_lora_layer": lambda: (nn.Sequential(Dense(3, 4)), ["0"]),
     "Linear4bit": lambda: (quantized(), ["0", "1", "2"]),
-    "nn.MultiheadAttention": lambda: (attention(), ["attn", "attn.out_proj"]),
+    "nn.MultiheadAttention": lambda: (attention(), ["attn.q", "attn.v", "attn.out_proj"]),
     "nn.TransformerEncoderLayer": lambda: (nn.TransformerEncoderLayer(8, 2, 16),
                                            ["linear1", "linear2"]),
     "Conv1D": lambda: (gpt2_conv1d(), ["0"]),

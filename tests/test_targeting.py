@@ -159,8 +159,13 @@ def test_exclude_is_checked_against_every_module() -> None:
     assert lp.find_targets(model, "head", exclude="layers.*") == ["head"]
 
 
-def test_find_targets_refuses_what_inject_refuses() -> None:
+def test_find_targets_refuses_what_inject_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_inject import Fused
+
+    from loraplug import _targeting
+
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
     model = nn.Module()
-    model.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention"):
+    model.fused = Fused()
+    with pytest.raises(lp.TargetError, match=r"'fused.inner': its owner .*Fused reads"):
         lp.find_targets(model, nn.Linear)

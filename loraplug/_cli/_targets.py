@@ -86,7 +86,7 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
         lora = "" if found is None else found[0].__name__
         if found is not None and (name in chosen or not chosen):
             why = " ".join(_reason(m.split(": ", 1)[1])
-                           for m in owner_problems(model, name, paths[id(module)]))
+                           for m in owner_problems(model, name, paths.get(id(module), [])))
         if name in chosen:
             probe = lora_layer_for(module)
             survey.probes.append(probe)
