@@ -36,7 +36,8 @@ from ._format import (
     read_config,
     read_metadata,
 )
-from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
+from ._hyperparameters import validate_name
+from ._inject import LayerSpec, inject_layers, injection_problems
 from ._layer import LoRALayer
 from ._lock import locked
 from ._paths import as_path
