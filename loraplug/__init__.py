@@ -19,10 +19,9 @@ from ._adapters import (
     adapter_names,
     delete_adapter,
     disable_adapters,
-    merge,
     set_adapter,
-    unmerge,
 )
+from ._combine import combine_adapters
 from ._conv import LoRAConv, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from ._embedding import LoRAEmbedding
 from ._errors import (
@@ -39,6 +38,7 @@ from ._kbit import prepare_for_kbit_training
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._load import load_adapter, load_adapter_state_dict
+from ._merging import merge, unmerge
 from ._mixed import adapter_per_sample
 from ._registry import lora_layer_type, register_lora_layer
 from ._save import adapter_state_dict, save_adapter, save_merged
@@ -69,6 +69,7 @@ __all__ = [
     "adapter_names",
     "adapter_per_sample",
     "adapter_state_dict",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "find_targets",

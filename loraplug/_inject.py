@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -10,9 +9,12 @@ from torch import Tensor, nn
 
 from ._adapter_set import usable_name
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, memory_problem, rank_ok
+from ._bounded import short_repr as _short
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._hooks import swap_hooks
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
@@ -51,24 +53,25 @@ def validate_hyperparameters(
     Raises:
         ConfigError: a value is of the wrong type or out of range.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not rank_ok(rank):
         raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
+            f"rank must be a positive int; received {_short(rank)}. Typical ranks are 4 to "
+            f"64, e.g. rank=8 (at most {MAX_RANK})."
         )
     if alpha is None:
         alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
+    if not alpha_ok(alpha):
         raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+            f"alpha must be a finite number > 0; received {_short(alpha)}. The scaling is "
+            "alpha / rank, computed in the weights' dtype, so alpha must fit a float32 "
+            f"({ALPHA_RANGE[0]:.4g} to {ALPHA_RANGE[1]:.4g}); alpha=None means alpha = rank "
+            "(scaling 1)."
         )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
+            f"dropout must be a number in [0, 1); received {_short(dropout)}. Use 0.0 for "
+            "none, e.g. dropout=0.05."
         )
     name = validate_name(name)
     if init not in ("kaiming", "gaussian"):
@@ -137,7 +140,7 @@ def injection_problems(
             f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
             "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
             f"leave the layer out (exclude=[{name!r}]).")))
-    why = probe.check_rank(spec.rank)
+    why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and spec.dropout > 0:
@@ -344,8 +347,9 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
             weight is tied to another module's, computed by a hook or parametrized by
             something that cannot hold the merged weight, on a model sharded by FSDP2, or
-            on an unmerged layer with a quantized weight (``merge(model, requantize=True)``
-            first).
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -357,14 +361,13 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
         refuse_quantized(layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
+        if not merge:
             layer.unmerge()
         layer.sync_base()
         swap_hooks(layer.base_layer, layer)  # hooks go back to the module

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import ConfigError, StateError
-from ._layer import refuse_nonfinite
 from ._linear import LoRALinear
 from ._products import Scale, add_scaled_product, compute_dtype
 from ._quantized import QuantizedWeight, weight_format
@@ -104,7 +103,8 @@ class LoRAQuantizedLinear(LoRALinear):
         self._accumulate(acc, names, self.scaling, sign)
         return acc.to(weight.dtype)
 
-    def merge(self, *, safe: bool = False, requantize: bool = False) -> None:
+    def merge(self, names: str | Iterable[str] | None = None, *, safe: bool = False,
+              exact: bool = True, requantize: bool = False) -> None:
         """Fold the active adapters into the quantized weight by requantizing; opt-in.
 
         ``W ← quantize(dequantize(W) + Σ s·ΔW)``. Rounding to the quantized grid
@@ -114,7 +114,10 @@ class LoRAQuantizedLinear(LoRALinear):
         already merged or no adapter is active.
 
         Args:
-            safe: check that the merged weight is finite before writing it.
+            names: ignored beyond the active adapters: a requantized weight holds every
+                active adapter or none.
+            safe: kept for compatibility: the merged weight is always checked.
+            exact: ignored: ``unmerge`` always restores the stored weight bit for bit.
             requantize: must be True: a plain merge is refused (see the module docstring).
 
         Raises:
@@ -137,18 +140,18 @@ class LoRAQuantizedLinear(LoRALinear):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        new = self.stage_merge()
-        if new is None:
+        if not self.held_active:
             return
-        if safe:
-            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN "
-                             "or inf values; the weight was left unmerged. Check the adapter "
-                             "tensors (torch.isfinite) before merging.")
+        new = self.merged_weight()
+        if not torch.isfinite(new).all():
+            raise StateError(f"merging {list(self.held_active)} gives a weight with NaN or inf "
+                             "values; the weight was left unmerged. Check the adapter tensors "
+                             "(torch.isfinite) before merging.")
         self.commit_merge(new)
 
     @torch.no_grad()
     def commit_merge(self, weight: Tensor | None = None) -> None:
-        """Requantize ``weight`` (default: :meth:`stage_merge`'s) into the stored weight.
+        """Requantize ``weight`` (default: :meth:`merged_weight`) into the stored weight.
 
         The stored weight it replaces is kept for :meth:`unmerge`; the largest change
         beyond ΔW, ``max |dequantize(W_new) − weight|``, goes to
@@ -168,8 +171,12 @@ class LoRAQuantizedLinear(LoRALinear):
         now = self.weight_format.dequantize(base).to(new.dtype)
         self.requantization_error = (now - new).abs().max().item() if now.numel() else 0.0
 
-    def unmerge(self) -> None:
-        """Put back the stored quantized weight from before the merge, bit for bit."""
+    def unmerge(self, names: str | Iterable[str] | None = None) -> None:
+        """Put back the stored quantized weight from before the merge, bit for bit.
+
+        A requantized weight holds all its merged adapters at once, so any ``names``
+        unmerge them all.
+        """
         if not self.merged_adapters:
             return
         self.weight_format.restore(self.base_layer, self._kept)

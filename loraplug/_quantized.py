@@ -209,8 +209,8 @@ def refuse_quantized(layers: list[tuple[str, LoRALayer]], action: str, *,
     Without ``requantize`` a quantized layer cannot merge at all; with it, its format
     must be able to requantize.
     """
-    todo = [(n, layer.base_layer, fmt) for n, layer in layers
-            if (fmt := getattr(layer, "weight_format", None)) is not None and not layer.merged]
+    todo = [(n, layer.base_layer, layer.weight_format) for n, layer in layers
+            if is_quantized(layer) and not layer.merged]
     if todo and not requantize:
         raise StateError(
             f"{action}: {[n for n, _, _ in todo][:5]} hold quantized weights; merging would "
@@ -224,3 +224,8 @@ def refuse_quantized(layers: list[tuple[str, LoRALayer]], action: str, *,
     if problems:
         raise StateError(f"{action}: nothing was merged; cannot requantize "
                          + "; ".join(f"{n!r}: {why}" for n, why in problems[:5]))
+
+
+def is_quantized(layer: LoRALayer) -> bool:
+    """Whether ``layer`` wraps a weight stored quantized (it merges only by requantizing)."""
+    return getattr(layer, "weight_format", None) is not None

@@ -92,7 +92,8 @@ def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
             "either the old or the new one, never a partial write; if only some were replaced, "
-            "load_adapter detects the mismatched pair and refuses it. Save again."
+            "load_adapter warns that the config and the weights come from different saves (and "
+            "refuses them if their shapes disagree). Save again."
         ) from err
 
 
@@ -168,12 +169,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
                 "path."
             ) from err
         # An adapter is small: serialise it in memory, then write it through our own file.
+        weights = _canonical(serialize(tensors, metadata=metadata))
         _write({
-            directory / WEIGHTS_NAME: bytes_writer(serialize(tensors, metadata=metadata)),
+            directory / WEIGHTS_NAME: bytes_writer(weights),
             directory / CONFIG_NAME: bytes_writer(config_bytes),
         }, "save_adapter")
 
     run_on_main(model, write)  # FSDP2: process 0 writes, the others wait for it
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted, so that saving the same
+    adapter twice gives the same bytes (the writer orders metadata by hash)."""
+    # Layout: an 8-byte little-endian header length, the JSON header padded with spaces to
+    # a multiple of 8, then the tensor data, whose offsets the reordering leaves alone.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def save_merged(model: nn.Module, path: str | Path) -> None:
@@ -221,7 +235,8 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     state = model.state_dict()
     with torch.no_grad():
         for _, layer in layers:
-            weight = layer.weight.detach() if layer.merged else layer.merged_weight()
+            # The weight holds the merged adapters; the active ones not merged are added.
+            weight = layer.merged_weight(layer._live) if layer._live else layer.weight.detach()
             for real in paths[id(layer)]:
                 prefix = f"{real}." if real else ""
                 for adapter in layer.adapter_names:

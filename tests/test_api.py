@@ -27,6 +27,7 @@ PUBLIC = [
     "adapter_names",
     "adapter_per_sample",
     "adapter_state_dict",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "find_targets",

@@ -75,6 +75,12 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
         for stats in mixed["forward"].values():
             _check_stats(stats)
     assert "Mixed adapters in one batch" in stdout
+    assert {(r["dtype"], r["adapters"]) for r in results["merge_exact"]} == {
+        (d, a) for d in ("float32", "bfloat16", "float16") for a in ("trained", "large")}
+    for row in results["merge_exact"]:
+        assert row["drift"]["exact"] == 0.0 and 0 < row["side_per_weight_byte"] < 1.2
+        assert row["time"]["exact"]["merge"] > 0
+    assert "Exact merge" in stdout
 
 
 def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None:
