@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ["linear-call", "gpt-qv", "gpt-all", "vgg19-classifier", "vgg19-all", "conv2d",
-             "embedding"]
+             "embedding", "vit-qv", "vit-attn", "gpt2-conv1d"]
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
