@@ -298,7 +298,13 @@ def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
 #: (child names, what to do about it). (nn.MultiheadAttention reads out_proj.weight, but
 #: out_proj is a part of its own LoRA layer; nn.TransformerEncoderLayer's fused path is
 #: kept off while an adapter is live.)
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {}
+#: Keyed by class, or by qualified class name so that no optional package is imported.
+_OWNER_READS: dict[type[nn.Module] | str, tuple[tuple[str, ...], str]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
+        ("qkv", "proj"),
+        "Leave it out, e.g. exclude=['*attn.{leaf}'], and adapt the MLP layers instead.",
+    ),
+}
 
 
 def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
@@ -311,8 +317,11 @@ def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, (attrs, advice) in _OWNER_READS.items():
-            if isinstance(parent, owner) and leaf in attrs:
+        mro = {f"{c.__module__}.{c.__qualname__}": c for c in type(parent).__mro__}
+        for key, (attrs, advice) in _OWNER_READS.items():
+            owner = mro.get(key) if isinstance(key, str) else (
+                key if isinstance(parent, key) else None)
+            if owner is not None and leaf in attrs:
                 found.append(
                     f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
                     "inside its own forward instead of calling the layer, so an adapter there "

@@ -81,6 +81,13 @@ def attention() -> nn.Module:
     return model
 
 
+def swin_attention() -> nn.Module:
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    model = nn.Module()
+    model.attn = swin.ShiftedWindowAttention(8, [2, 2], [0, 0], num_heads=2)
+    return model
+
+
 # The first code span of each row -> (a model, its targets: each one on its own).
 README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
     "nn.Linear": lambda: (nn.Sequential(nn.Linear(3, 4)), ["0"]),
@@ -93,6 +100,7 @@ README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
     "nn.TransformerEncoderLayer": lambda: (nn.TransformerEncoderLayer(8, 2, 16),
                                            ["linear1", "linear2"]),
     "Conv1D": lambda: (gpt2_conv1d(), ["0"]),
+    "qkv": lambda: (swin_attention(), ["attn.qkv", "attn.proj"]),
     "nn.ConvTranspose1d/2d/3d": lambda: (
         nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.ConvTranspose2d(2, 2, 3),
                       nn.ConvTranspose3d(2, 2, 3), nn.LSTM(3, 3), nn.GRU(3, 3),
