@@ -107,6 +107,9 @@ class LoRAConv(LoRALayer):
         add_matmul(target.view(g, out // g, -1), b.reshape(g, out // g, rank // g),
                    a.reshape(g, rank // g, -1), scale)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.groups, delta.shape[0] // self.groups, -1)  # (g, out/g, in/g·k…)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape
         ones = (1,) * len(kernel)

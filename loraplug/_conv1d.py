@@ -43,6 +43,9 @@ class LoRAConv1D(LoRALinear):
     def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
         add_matmul(target, a.t(), b.t(), scale)  # (in, r) @ (r, out) -> (in, out)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.t().unsqueeze(0)  # ΔWᵀ = s B A: (1, out, in)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         in_features, out_features = self.weight.shape
         return (rank, in_features), (out_features, rank)

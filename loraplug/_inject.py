@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import memory_problem
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
+from ._hooks import swap_hooks
+from ._hyperparameters import check_flags, validate_hyperparameters
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._parts import Part, layer_parts
+from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
 from ._targeting import (
     TargetSpec,
@@ -21,6 +25,7 @@ from ._targeting import (
     select,
     set_module,
 )
+from ._weights import reading_weights
 
 
 @dataclass(frozen=True)
@@ -32,53 +37,8 @@ class LayerSpec:
     dropout: float
 
 
-def validate_name(name: object) -> str:
-    """Check an adapter name: a non-empty identifier without dots.
-
-    Raises:
-        ConfigError: ``name`` is not such a string.
-    """
-    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
-        raise ConfigError(
-            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
-            "Use names like 'default' or 'style_b'."
-        )
-    return name
-
-
-def validate_hyperparameters(
-    *, rank: object, alpha: object, dropout: object, name: object, init: object
-) -> tuple[int, float, float, str, str]:
-    """Check the hyperparameters shared by every layer; returns them normalised.
-
-    Raises:
-        ConfigError: a value is of the wrong type or out of range.
-    """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
-        )
-    if alpha is None:
-        alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
-        raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
-        )
-    name = validate_name(name)
-    if init not in ("kaiming", "gaussian"):
-        raise ConfigError(
-            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
-        )
-    return rank, float(alpha), float(dropout), name, str(init)
+#: What a LoRA layer registers itself beside the wrapped module's tensors.
+_LAYER_REGISTRIES = ("lora_A", "lora_B", "lora_dropout", "_lora_scales")
 
 
 def injection_problems(
@@ -116,7 +76,16 @@ def injection_problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = lora_layer_for(module)
-    why = probe.check_rank(spec.rank)
+    taken = [] if probe is module else [
+        n for n in (*module._parameters, *module._buffers, *module._modules)
+        if n in vars(probe) or n in _LAYER_REGISTRIES]
+    if taken:
+        found.append((TargetError, (
+            f"{name!r} ({type_name(type(module))}) has parameters, buffers or children named "
+            f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
+            "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
+            f"leave the layer out (exclude=[{name!r}]).")))
+    why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and spec.dropout > 0:
@@ -160,7 +129,8 @@ def inject_lora(
         alpha: scaling numerator; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (scaling 1).
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
-        name: the adapter's name (an identifier without dots).
+        name: the adapter's name: a string without dots, not an attribute name of
+            ``nn.ParameterDict`` (such as "keys").
         exclude: patterns, as for ``target``, to leave out.
         init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
@@ -198,9 +168,7 @@ def inject_lora(
     rank, alpha_value, dropout, name, init = validate_hyperparameters(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
-    for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     selection = select(model, target, exclude)
     if selection.unsupported:
         skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
@@ -242,7 +210,24 @@ def inject_layers(
     given before any change, so that warnings-as-errors change nothing either); returns
     the LoRA layers by name. Hyperparameters must already be validated.
     """
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     paths = module_paths(model)
+    with reading_weights(modules.values()):
+        staged, owned = _stage(model, modules, specs, paths, name=name, init=init)
+    _attach(model, staged, paths, owned, name=name, use_rslora=use_rslora)
+    if freeze_base:
+        lora = {id(p) for _, layer in lora_layers(model)
+                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
+        for p in model.parameters():
+            if id(p) not in lora:
+                p.requires_grad_(False)
+    return {qualname: item.layer for qualname, item in staged.items()}
+
+
+def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
+           paths: dict[int, list[str]], *, name: str, init: str
+           ) -> tuple[dict[str, _Staged], tuple[dict[str, Part], _Owners]]:
+    # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
         problems += injection_problems(model, qualname, module, paths.get(id(module), []),
@@ -250,8 +235,6 @@ def inject_layers(
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
-
-    # Build every new layer and adapter before touching the model.
     parts, owners = parts_index(model), _Owners()
     staged: dict[str, _Staged] = {}
     for qualname, module in modules.items():
@@ -263,16 +246,9 @@ def inject_layers(
         warnings.warn(
             f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=3,
+            LoRAWarning, stacklevel=4,
         )
-    _attach(model, staged, paths, (parts, owners), name=name, use_rslora=use_rslora)
-    if freeze_base:
-        lora = {id(p) for _, layer in lora_layers(model)
-                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
-        for p in model.parameters():
-            if id(p) not in lora:
-                p.requires_grad_(False)
-    return {qualname: item.layer for qualname, item in staged.items()}
+    return staged, (parts, owners)
 
 
 def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[str]],
@@ -296,11 +272,13 @@ def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[
         if part is not None:  # into its owner's LoRA layer (made below if new)
             owners.layer(part.owner_module).attach_part(part.part, layer)
         else:
+            swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
     for module, layer in owners.new.values():  # new owners' layers, in the owners' places
         layer.set_active(active)
         layer.set_disabled(disabled)
+        swap_hooks(module, layer)
         for path in paths[id(module)]:
             set_module(model, path, layer)
     if active == [name]:
@@ -350,7 +328,11 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, or on a model sharded by FSDP2.
+            weight is tied to another module's, computed by a hook or parametrized by
+            something that cannot hold the merged weight, on a model sharded by FSDP2, or
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -362,16 +344,18 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     lora_paths = {path for _, layer in layers for path in paths[id(layer)]}
-    for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
+    if not merge:
+        for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
+    for _, layer in layers:
         layer.sync_base()
+        swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(layer)]:
             # A part (inside another LoRA layer) leaves with its owner's layer.
             if path.rpartition(".")[0] not in lora_paths:
