@@ -10,13 +10,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
 from . import _variants
 from ._compile import sync_gates
-from ._errors import StateError
+from ._errors import ConfigError, StateError
+
+#: Adapters are keys of these containers; torch refuses keys that shadow their attributes.
+_CONTAINERS = (nn.ParameterDict(), nn.ModuleDict())
+
+
+def usable_name(name: object) -> bool:
+    """Whether ``name`` can name an adapter, that is, key its parameters and modules.
+
+    Any non-empty string without dots that is not an attribute of ``nn.ParameterDict``
+    or ``nn.ModuleDict`` (``keys``, ``copy``, ``training``, ``__init__``, ...).
+    """
+    return isinstance(name, str) and bool(name) and "." not in name \
+        and not any(hasattr(c, name) for c in _CONTAINERS)
+
+if TYPE_CHECKING:
+    from ._folds import Fold
+
+_LIVE_HOOK = "loraplug.live"
+
+
+def live_marker(module: nn.Module, args: object) -> None:
+    """A forward pre-hook that does nothing: its presence marks a layer with live adapters."""
 
 
 class AdapterSet(nn.Module):
@@ -40,7 +62,8 @@ class AdapterSet(nn.Module):
         self.init: dict[str, str] = {}
         self.initial_values: dict[str, tuple[Tensor, Tensor]] = {}
         self.active_adapters: tuple[str, ...] = ()
-        self.merged_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()  # in the weight, in merge order
+        self._folds: list[Fold] = []  # how they were merged: see _folds.py
         self.adapters_disabled = False
         self._live: tuple[str, ...] = ()  # what the forward computes
 
@@ -51,7 +74,12 @@ class AdapterSet(nn.Module):
         """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated).
 
         The scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+
+        Raises:
+            ConfigError: ``name`` cannot name an adapter (see :func:`usable_name`).
         """
+        if not usable_name(name):  # checked first: a refused key leaves nothing behind
+            raise ConfigError(f"{name!r} cannot name an adapter; see loraplug.inject_lora.")
         rank = a.shape[0]
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
@@ -79,7 +107,15 @@ class AdapterSet(nn.Module):
         self._refresh()
 
     def set_scale(self, name: str, alpha: float) -> None:
-        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``)."""
+        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``).
+
+        Raises:
+            ConfigError: ``alpha`` is not a finite number > 0 (as ``inject_lora`` asks).
+            StateError: the adapter is merged.
+        """
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not 0 < alpha < math.inf:
+            raise ConfigError(f"alpha must be a finite number > 0; received {alpha!r}.")
         if name in self.merged_adapters:
             raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
         self.alpha[name] = float(alpha)
@@ -87,9 +123,13 @@ class AdapterSet(nn.Module):
         self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
         sync_gates(self)
 
-    def set_active(self, names: Iterable[str]) -> None:
-        """Ask for ``names`` to be computed; names this layer lacks are ignored."""
-        if self.merged_adapters:
+    def set_active(self, names: Iterable[str], *, while_merged: bool = False) -> None:
+        """Ask for ``names`` to be computed; names this layer lacks are ignored.
+
+        Refused while adapters are merged (they act through the weight whatever is
+        active), unless ``while_merged``: ``delete_adapter`` drops an unmerged name.
+        """
+        if self.merged_adapters and not while_merged:
             raise StateError(
                 f"this layer has {list(self.merged_adapters)} merged; unmerge before "
                 "switching adapters."
@@ -131,6 +171,17 @@ class AdapterSet(nn.Module):
         return tuple(n for n in self.active_adapters if n in self.rank)
 
     def _refresh(self) -> None:
-        # The adapters the forward computes, resolved once here instead of every call.
-        self._live = () if self.merged_adapters or self.adapters_disabled else self.held_active
+        # The adapters the forward computes, resolved once here instead of every call:
+        # the active ones not merged into the weight (merged ones act through it).
+        merged = self.merged_adapters
+        self._live = () if self.adapters_disabled else tuple(
+            n for n in self.held_active if n not in merged)
+        # nn.TransformerEncoderLayer runs a fused kernel on its children's weights unless
+        # one of its modules has a forward hook: while an adapter is live, lora_A (never
+        # called, so the hook costs nothing) carries one and keeps that kernel off.
+        hooks = self.lora_A._forward_pre_hooks
+        if self._live:
+            hooks[_LIVE_HOOK] = live_marker  # type: ignore[index]
+        else:
+            hooks.pop(_LIVE_HOOK, None)  # type: ignore[call-overload]
         sync_gates(self)

@@ -9,26 +9,37 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
 from ._extras import AdapterModule, adapter_modules
+from ._folds import push, take_out
 from ._layer import LoRALayer
-from ._targeting import clean_name
+from ._targeting import check_model, clean_name
 from ._variants import bias_refusal
+from ._weights import merge_problem, shared_memory, staging_problem, weight_home
+
+if TYPE_CHECKING:
+    pass
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order."""
+    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    check_model(model)
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
 def _holders(model: nn.Module) -> list[tuple[str, LoRALayer | AdapterModule]]:
     """LoRA layers and the wrappers of trained modules and token rows: every module that
     keeps adapter state (active, disabled, merged)."""
+    check_model(model)
     return [(clean_name(n), m) for n, m in model.named_modules()
             if isinstance(m, (LoRALayer, AdapterModule))]
 
@@ -104,15 +115,8 @@ def _name_list(names: object, action: str) -> list[str]:
 
 
 def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dict[str, list[str]]:
-    """LoRA layer name -> other modules holding the same weight Parameter (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(clean_name(path))
-    return {name: [o for o in owners.get(id(layer.weight), []) if o != name]
-            for name, layer in layers
-            if len(owners.get(id(layer.weight), [])) > 1}
+    """LoRA layer name -> other modules whose tensors share memory with its weight (tied)."""
+    return shared_memory(model, layers, clean_name)
 
 
 def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
@@ -122,18 +126,30 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
         listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
         raise StateError(
             f"{action}: the weight of {listing} is shared (tied), so merging would change the "
-            "other modules too. Keep these adapters unmerged, or untie the weights first "
-            "(e.g. module.weight = nn.Parameter(module.weight.clone()))."
+            "other modules too (one Parameter, or tensors sharing memory). Keep these adapters "
+            "unmerged, or untie the weights first (e.g. module.weight = "
+            "nn.Parameter(module.weight.clone()))."
         )
 
 
-def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str, *,
+                    to_file: bool = False) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
-    weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), weights computed by hooks,
+    parametrizations that cannot hold the merged weight, layers sharded by FSDP2,
+    weights sharing memory with other modules, disabled adapters. ``to_file``: the
+    merged weights go to a file under the ``weight`` keys, which a parametrized layer
+    does not have.
     """
-    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    refusing = [(n, why) for n, layer in layers if (why := merge_problem(layer))]
+    if to_file:
+        refusing += [(n, _PARAMETRIZED_TO_FILE) for n, layer in layers
+                     if weight_home(layer) == "parametrized"]
+    else:
+        refusing += [(n, why) for n, layer in layers if not layer.merged and layer.held_active
+                     and weight_home(layer) == "parametrized"
+                     and (why := staging_problem(layer, layer.merged_weight()))]
     if refusing:
         raise StateError(
             f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
@@ -150,6 +166,13 @@ def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], actio
             f"{action}: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
             "call it outside that block."
         )
+
+
+_PARAMETRIZED_TO_FILE = (
+    "the weight is computed by a parametrization (torch.nn.utils.parametrize), so a file of "
+    "the original architecture holds parametrizations.weight.* and no weight key to write. "
+    "Call loraplug.merge(model) (or unload(model, merge=True)) and save model.state_dict()."
+)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -198,9 +221,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model alone inside the ``with`` block; adapters return after it.
 
+    Merged adapters are taken out of the weights on entry and merged again on exit:
+    exactly, when they were merged with ``exact=True`` (the default), so the weights
+    inside are the base weights and after the block they are bit for bit what they were.
+
     Raises:
-        StateError: the model has no LoRA layers, or some are merged (the base weight is
-            not available without unmerging; call ``unmerge`` first).
+        StateError: the model has no LoRA layers, or merged layers are sharded by FSDP2.
 
     Example:
         >>> import torch
@@ -211,26 +237,43 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         >>> _ = lp.inject_lora(model, target="0", rank=2)
         >>> torch.nn.init.ones_(model[0].lora_B["default"])  # doctest: +ELLIPSIS
         Parameter...
+        >>> lp.merge(model)
         >>> with lp.disable_adapters(model):
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
+        >>> model[0].merged_adapters
+        ('default',)
     """
     layers_or_raise(model, "disable_adapters")
-    layers = _holders(model)
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise StateError(
-            f"disable_adapters: layers {merged[:5]} are merged, so their weight holds the "
-            "adapters; call loraplug.unmerge(model) first."
-        )
+    layers = lora_layers(model)
+    modules = [m for _, m in adapter_modules(model)]
+    refuse_sharded([(n, layer) for n, layer in layers if layer.merged], "disable_adapters")
+    folds = [[(f.names, f.residual is not None) for f in layer._folds] for _, layer in layers]
+    for _, layer in reversed(layers):  # last merged, first out (see unmerge)
+        take_out(layer, layer.merged_adapters)
     before = [layer.adapters_disabled for _, layer in layers]
+    extras = [(m, m.adapters_disabled, m.merged) for m in modules]
     for _, layer in layers:
         layer.set_disabled(True)
+    for module in modules:  # trained copies and rows give way to the originals
+        module.unmerge()
+        module.set_disabled(True)
     try:
         yield
     finally:
-        for (_, layer), flag in zip(layers, before):
+        for module, flag, was_merged in extras:
+            module.set_disabled(flag)
+            if was_merged:
+                module.merge()
+        for (_, layer), flag, merged in zip(layers, before, folds):
             layer.set_disabled(flag)
+            for names, exact in merged:
+                push(layer, tuple(n for n in names if n in layer.rank), exact=exact)
+        # Layers that got their first adapter inside the block leave it with the others.
+        inside = {id(layer) for _, layer in layers}
+        for _, layer in lora_layers(model):
+            if id(layer) not in inside:
+                layer.set_disabled(all(before))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -248,7 +291,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         AdapterError: ``name`` is not an adapter of the model.
-        StateError: some layers are merged; ``unmerge`` first.
+        StateError: the adapter is merged into some layers; ``unmerge(model, name)`` first.
 
     Example:
         >>> from torch import nn
@@ -263,11 +306,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers_or_raise(model, "delete_adapter")
     layers = _holders(model)
     check_names(model, [name], "delete_adapter")
-    merged = [n for n, layer in layers if layer.merged]
+    merged = [n for n, layer in layers if name in layer.merged_adapters]
     if merged:
         raise StateError(
-            f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
-            "adapters); call loraplug.unmerge(model) first."
+            f"delete_adapter: adapter {name!r} is merged into {merged[:5]} (their weights "
+            f"hold it); call loraplug.unmerge(model, {name!r}) first."
+        )
+    # Inside adapter_per_sample each layer routes rows to the adapters in its route's slots.
+    routed = [n for n, layer in layers
+              if name in getattr(getattr(layer, "_detour", None), "slots", ())]
+    if routed:
+        raise StateError(
+            f"delete_adapter: adapter {name!r} is in use inside adapter_per_sample on "
+            f"{routed[:5]}; delete it after the with block."
         )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:
@@ -277,82 +328,4 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not active and remaining:
         active = remaining[:1]
     for _, layer in layers:
-        layer.set_active(active)
-
-
-def merge(model: nn.Module, *, safe: bool = False) -> None:
-    """Fold the active adapters into the base weights, in place.
-
-    ``W ← W + Σ_a s_a ΔW_a``, with ΔW summed in float32 for float16/bfloat16 weights and
-    cast once. While merged, each LoRA layer's forward is exactly the base computation.
-    Merging an already merged model is a no-op, so ΔW is never added twice.
-
-    Args:
-        model: a model with LoRA layers.
-        safe: compute every merged weight first and check that all are finite before
-            writing any: either every layer merges or none does. Holds one extra copy of
-            the adapted weights while checking.
-
-    Raises:
-        StateError: the model has no LoRA layers, a layer type cannot merge
-            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
-            weight is not finite, a LoRA layer's weight is tied to another module's, or
-            FSDP2 has sharded the LoRA layers (nothing is changed then).
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = torch.nn.init.normal_(model[0].lora_B["default"])
-        >>> x = torch.randn(3, 4)
-        >>> before = model(x)
-        >>> lp.merge(model)
-        >>> torch.allclose(model(x), before, atol=1e-6)
-        True
-    """
-    layers = layers_or_raise(model, "merge")
-    check_mergeable(model, layers, "merge")
-    if not safe:
-        for _, layer in layers:
-            layer.merge()
-        for _, module in adapter_modules(model):
-            module.merge()
-        return
-    staged = []
-    for name, layer in layers:
-        new = layer.stage_merge()
-        if new is None:
-            continue
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
-                "or inf weights; no layer was changed. Check that adapter's tensors."
-            )
-        staged.append((layer, new))
-    for layer, new in staged:
-        layer.commit_merge(new)
-    for _, module in adapter_modules(model):
-        module.merge()
-
-
-def unmerge(model: nn.Module) -> None:
-    """Take merged adapters out of the base weights again, in place; a no-op if none are.
-
-    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
-    trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
-    never-merged model returns bit-identical weights.
-
-    Args:
-        model: a model with LoRA layers.
-
-    Raises:
-        StateError: the model has no LoRA layers, or FSDP2 has sharded them.
-    """
-    layers = layers_or_raise(model, "unmerge")
-    refuse_sharded(layers, "unmerge")
-    for _, layer in layers:
-        layer.unmerge()
-    for _, module in adapter_modules(model):
-        module.unmerge()
+        layer.set_active(active, while_merged=True)  # merged adapters are not deleted

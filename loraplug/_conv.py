@@ -111,6 +111,9 @@ class LoRAConv(LoRALayer):
         # outputs (N, out, *S): a channel vector as (1, out, 1…), PEFT's magnitude shape
         return (1, channels, *([1] * (self.weight.dim() - 2)))
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.groups, delta.shape[0] // self.groups, -1)  # (g, out/g, in/g·k…)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape
         ones = (1,) * len(kernel)

@@ -75,6 +75,9 @@ def _store(layer: LoRALayer, key: str) -> dict[str, Tensor]:
 
 def dora_problem(layer: LoRALayer, rank: int) -> str | None:
     """Why DoRA cannot work on ``layer`` with rank ``rank``, or ``None``."""
+    if getattr(layer, "weight_format", None) is not None:
+        return ("DoRA needs the weight's per-channel norms, and this layer's weight is stored "
+                "quantized; inject this layer without dora=True.")
     g, m, _ = matrix_shape(layer)
     if not form_problem(layer, rank) and layer.channel_shape(g * m) is not None:
         return None
@@ -151,30 +154,37 @@ def weight_view(layer: LoRALayer, f: Tensor) -> Tensor:
 
 def fold(layer: LoRALayer, target: Tensor, names: Iterable[str],
          scales: Mapping[str, float | Tensor], sign: int) -> None:
-    """``target`` (weight-shaped, compute dtype) ← merged (sign 1) or unmerged (−1).
+    """``target`` (weight-shaped, compute dtype) += sign · D, the change merging ``names``
+    makes to the weight.
 
-    Merging reads the norms from the layer's unmerged weight and leaves them in
-    ``layer.lora_dora_norm`` for :meth:`store_norms`; unmerging reads them from there.
+    With f_d = m_d / ‖W + s_d·ΔW_d‖ and k = Σ_d (f_d − 1) over the DoRA adapters d, merging
+    turns W into W' = (1 + k) ⊙ W + F, F = Σ_d f_d ⊙ s_d ΔW_d + Σ_l s_l ΔW_l, so
+    D = k ⊙ W + F. While ``names`` are merged the layer holds W', W is gone, and the norms
+    come from ``lora_dora_norm``: D = (k ⊙ W' + F) / (1 + k).
     """
     names = tuple(names)
     mags = _store(layer, "lora_magnitude_vector")
     stored = _store(layer, "lora_dora_norm")
+    merged = all(n in layer.merged_adapters for n in names if n in mags)
     factors: dict[str, Tensor] = {}
     for name in names:
         if name in mags:
             a, b = layer._adapter(name)
-            norm = channel_norm(layer, a, b, scales[name]) if sign > 0 else stored[name]
+            norm = stored[name] if merged else channel_norm(layer, a, b, scales[name])
             factors[name] = mags[name].reshape(-1).to(target.dtype) / norm.to(target.dtype)
-    total = 1 + torch.stack(list(factors.values())).sum(0) - len(factors) if factors else None
-    if sign > 0 and total is not None:
-        target.mul_(weight_view(layer, total))
+    change = torch.zeros_like(target)
     for name in names:
         a, b = layer._adapter(name)
         if name in factors:
             b = scaled_b(layer, b, factors[name], target.dtype)
-        layer.add_delta(target, a, b, scales[name] if sign > 0 else -scales[name])
-    if sign < 0 and total is not None:
-        target.div_(weight_view(layer, total))
+        layer.add_delta(change, a, b, scales[name])
+    if factors:
+        k = torch.stack(list(factors.values())).sum(0) - len(factors)
+        weight = layer._tensor("weight").detach().to(target.dtype)
+        change.add_(weight * weight_view(layer, k))
+        if merged:
+            change.div_(weight_view(layer, 1 + k))
+    target.add_(change, alpha=sign)
 
 
 @torch.no_grad()

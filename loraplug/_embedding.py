@@ -29,9 +29,7 @@ class LoRAEmbedding(LoRALayer):
     never changes ``W`` outside ``merge``). Dropout is not applied: inputs are indices.
 
     Example:
-        >>> from typing import cast
-
-import torch
+        >>> import torch
         >>> from torch import nn
         >>> import loraplug as lp
         >>> model = nn.Sequential(nn.Embedding(10, 4))
@@ -103,6 +101,9 @@ import torch
 
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (channels,)  # outputs (..., d): the columns of W
+
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.t().unsqueeze(0)  # ΔWᵀ = s B A: (1, d, V)
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.weight.shape

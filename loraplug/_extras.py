@@ -60,7 +60,7 @@ class AdapterModule(nn.Module):
         """Why ``names`` cannot be active together here, or ``None``."""
         return None
 
-    def set_active(self, names: Iterable[str]) -> None:
+    def set_active(self, names: Iterable[str], *, while_merged: bool = False) -> None:
         self.active_adapters = tuple(names)
 
     def set_disabled(self, disabled: bool) -> None:

@@ -7,7 +7,8 @@ An adapter directory holds two files, exactly as PEFT writes them:
 - ``adapter_model.safetensors`` (or a legacy ``adapter_model.bin``): for a layer at
   module path ``<path>``, the tensors ``<path>.lora_A.weight`` (r, in…) and
   ``<path>.lora_B.weight`` (out, r…), or ``<path>.lora_embedding_A`` (r, V) and
-  ``<path>.lora_embedding_B`` (d, r) for embeddings. Files written by PEFT's
+  ``<path>.lora_embedding_B`` (d, r) for embeddings; a part of another layer (the
+  ``out_proj`` of an attention) is ``<owner>.base_layer.<part>``. Files written by PEFT's
   ``save_pretrained`` (and by ``save_adapter``) put ``base_model.model.`` before every
   key. What PEFT has no field for (the adapter's name, per-layer dropout, the loraplug
   version) is kept in the safetensors metadata under ``loraplug.*``.
@@ -17,7 +18,6 @@ Nothing is ever unpickled: ``.bin`` files go through ``torch.load(weights_only=T
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections import defaultdict
 from collections.abc import Mapping
@@ -28,6 +28,7 @@ import safetensors
 import torch
 from torch import Tensor, nn
 
+from ._bounded import JSONTooDeep, load_json, tensor_problem
 from ._errors import AdapterFileError
 from ._layer import LoRALayer
 from ._targeting import clean_name
@@ -59,8 +60,7 @@ _SUFFIXES = {
     ".lora_magnitude_vector.weight": ("M", "any"),
     ".lora_B.bias": ("bias", "weight"),
 }
-#: Where a trainable-token layer's rows are, under the embedding's path (PEFT's name).
-TOKENS_KEY = "token_adapter.trainable_tokens_delta"
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  #: token rows, under the embedding's path
 
 Slots = dict[str, tuple[str, object, str]]  # slot -> (original key, value, key style)
 
@@ -72,6 +72,27 @@ def key_names(layer_cls: type[LoRALayer]) -> tuple[str, str]:
     if layer_cls.peft_key_style == "embedding":
         return "lora_embedding_A", "lora_embedding_B"
     return "lora_A.weight", "lora_B.weight"
+
+
+def key_path(path: str, lora_paths: set[str]) -> str:
+    """The module path a layer's keys carry: a part of another LoRA layer (attention's
+    ``out_proj``) is ``<owner>.base_layer.<part>``, as PEFT names the children of the
+    modules it wraps."""
+    owner, _, part = path.rpartition(".")
+    return f"{owner}.base_layer.{part}" if owner in lora_paths else path
+
+
+def part_factor(layers: Mapping[str, LoRALayer], path: str) -> float:
+    """What the file's B of the layer at ``path`` is multiplied by to give the layer's B.
+
+    1 except for a part whose owner's layer type says PEFT applies it otherwise (see
+    ``LoRAMultiheadAttention.peft_part_factors``).
+    """
+    owner, _, part = path.rpartition(".")
+    if owner not in layers:
+        return 1.0
+    factors: dict[str, float] = getattr(type(layers[owner]), "peft_part_factors", {})
+    return factors.get(part, 1.0)
 
 
 def index_keys(state: Mapping, names: set[str]) -> tuple[
@@ -94,6 +115,8 @@ def index_keys(state: Mapping, names: set[str]) -> tuple[
         for suffix, (slot, style) in _SUFFIXES.items():
             if short.endswith(suffix) and len(short) > len(suffix):
                 path = short[:-len(suffix)]
+                if path not in names and ".base_layer." in path:  # see key_path
+                    path = path.replace(".base_layer.", ".")
                 if slot in entries[path]:
                     problems.append(
                         f"{path}: both {entries[path][slot][0]!r} and {key!r} give its lora_{slot}."
@@ -144,7 +167,12 @@ def read_config(path: Path) -> object:
         AdapterFileError: the file is not valid JSON.
     """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path.read_text(encoding="utf-8"))
+    except JSONTooDeep as err:
+        raise AdapterFileError(
+            f"{path}: {err}; PEFT's LoRA config is a flat object. Save the adapter again, or "
+            "repair the file."
+        ) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise AdapterFileError(
             f"{path} is not valid JSON ({err}); it should hold PEFT's LoRA config. Save the "
@@ -188,8 +216,8 @@ def read_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
         # line the bytes are not a pickle at all.
         detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
         raise UnreadableWeights(path, "refused", detail) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UnreadableWeights(path, "torch", str(err)) from err
+    except Exception as err:  # any failure to parse untrusted bytes means "unreadable"
+        raise UnreadableWeights(path, "torch", f"{type(err).__name__}: {err}") from err
     if not isinstance(state, Mapping):
         raise UnreadableWeights(path, "mapping", type(state).__name__)
     return state, {}
@@ -245,7 +273,7 @@ def read_metadata(metadata: dict[str, str]) -> tuple[FileExtras, list[str]]:
         extras["adapter"] = metadata[META_ADAPTER]
     if META_DROPOUT in metadata:
         try:
-            dropout = json.loads(metadata[META_DROPOUT])
+            dropout = load_json(metadata[META_DROPOUT])
             ok = isinstance(dropout, dict) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
                 for v in dropout.values())
@@ -270,9 +298,9 @@ def pair_problems(raw: object, metadata: dict[str, str]) -> list[str]:
     if META_CONFIG not in metadata or not isinstance(raw, dict):
         return []
     try:
-        saved = json.loads(metadata[META_CONFIG])
-    except ValueError:
-        return [f"metadata {META_CONFIG} is not JSON; save the adapter again."]
+        saved = load_json(metadata[META_CONFIG])
+    except ValueError as err:
+        return [f"metadata {META_CONFIG} is not usable JSON ({err}); save the adapter again."]
     differ = [k for k in PAIRED_FIELDS if isinstance(saved, dict) and saved.get(k) != raw.get(k)]
     if not differ:
         return []
@@ -304,12 +332,10 @@ def layer_tensors(path: str, layer_cls: type[LoRALayer], slots: Slots) -> tuple[
                 f"{path}: key {key!r} is the wrong kind for a {layer_cls.__name__}, whose "
                 f"tensors are named {path}.{names['A']} and {path}.{names['B']} (PEFT's names)."
             )
-        elif not isinstance(value, Tensor):
-            problems.append(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor.")
-        elif not value.is_floating_point():
-            problems.append(f"{path}: {key!r} has dtype {value.dtype}; expected a float tensor.")
+        elif why := tensor_problem(key, value):
+            problems.append(f"{path}: {why}")
         else:
-            found[slot] = value
+            found[slot] = value  # type: ignore[assignment]
     if problems:
         return None, problems
     return (found["A"], found["B"]), []
@@ -361,6 +387,8 @@ def other_key_problems(model: nn.Module, state: Mapping, others: dict[str, str])
         mine, theirs = model_tensors.get(own), state[key]
         if mine is None or not isinstance(theirs, Tensor):
             problems.append(f"unexpected key {key!r}: {_hint(short)}.")
+        elif why := tensor_problem(key, theirs):
+            problems.append(f"{why.rstrip('.')} ({_hint(short)}).")
         elif theirs.shape != mine.shape or not torch.equal(theirs.to(mine.dtype), mine.cpu()):
             problems.append(
                 f"{key!r} holds a base weight for {own} (PEFT saves embedding layers that are "

@@ -32,11 +32,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._adapters import shared_weights
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAWarning, StateError
 from ._layer import LoRALayer
 from ._matrix import form_problem, matrix_shape, transposed, weight_matrices
+from ._targeting import clean_name
 
 #: Initialisations that rewrite the base weight when the adapter is created.
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
@@ -104,7 +104,7 @@ def _factors(w: Tensor, init: str, rank: int, scaling: float) -> tuple[Tensor, T
     return u * root, root[:, None] * vh
 
 
-def _zero_start(layer: LoRALayer, rank: int, init: str) -> tuple[Tensor, Tensor]:
+def zero_start(layer: LoRALayer, rank: int, init: str) -> tuple[Tensor, Tensor]:
     # kaiming: the non-zero side Kaiming-uniform with a = √5 (PEFT's and loralib's
     # default); gaussian: N(0, 1/r). Embeddings start with A = 0 and B ~ N(0, 1), as PEFT.
     weight = layer.weight
@@ -119,7 +119,8 @@ def _zero_start(layer: LoRALayer, rank: int, init: str) -> tuple[Tensor, Tensor]
         nn.init.kaiming_uniform_(other, a=math.sqrt(5))
     else:
         nn.init.normal_(other, std=1.0 / rank)
-    return a.to(weight.dtype), b.to(weight.dtype)
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32  # packed weights
+    return a.to(dtype), b.to(dtype)
 
 
 def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> tuple[
@@ -131,7 +132,7 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
     computed in :func:`compute_dtype` and cast once.
     """
     if init in ("kaiming", "gaussian"):
-        a, b = _zero_start(layer, rank, init)
+        a, b = zero_start(layer, rank, init)
         return a, b, None
     weight = layer.weight
     mats = weight_matrices(layer, weight)
@@ -153,11 +154,23 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
     return a, b, residual.reshape(weight.shape).to(weight.dtype).contiguous()
 
 
+def _tied(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    # Module name -> the other modules holding the same weight Parameter.
+    found = {}
+    for name, module in modules.items():
+        weight = module._parameters.get("weight")
+        others = [clean_name(n) for n, m in model.named_modules() if m is not module and any(
+            p is weight for p in m._parameters.values())] if weight is not None else []
+        if others:
+            found[name] = others
+    return found
+
+
 def refuse_rewrite(model: nn.Module, modules: dict[str, nn.Module], init: str) -> None:
     """Raise unless the base weights of ``modules`` can be rewritten by ``init``."""
     action = f"inject_lora(init={init!r})"
     refuse_sharded(list(modules.items()), action)
-    tied = shared_weights(model, list(modules.items()))  # type: ignore[arg-type]
+    tied = _tied(model, modules)
     if tied:
         listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
         raise StateError(

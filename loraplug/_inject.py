@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,14 +9,28 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import memory_problem
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._extras import AdapterModule, adapter_modules, unwrap_modules
 from ._extras_plan import apply_extras, plan_extras
-from ._inits import check_init, refuse_rewrite, rewrites_base
+from ._hooks import swap_hooks
+from ._hyperparameters import check_flags, validate_hyperparameters
+from ._inits import refuse_rewrite, rewrites_base
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._options import PLAIN, AdapterOptions, Staged, commit, option_problems, scaling, stage
+from ._parts import Part, layer_parts
+from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
-from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
+from ._targeting import (
+    TargetSpec,
+    module_paths,
+    owner_problems,
+    parts_index,
+    select,
+    set_module,
+)
+from ._weights import reading_weights
 
 
 @dataclass(frozen=True)
@@ -29,48 +42,9 @@ class LayerSpec:
     dropout: float
 
 
-def validate_name(name: object) -> str:
-    """Check an adapter name: a non-empty identifier without dots.
-
-    Raises:
-        ConfigError: ``name`` is not such a string.
-    """
-    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
-        raise ConfigError(
-            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
-            "Use names like 'default' or 'style_b'."
-        )
-    return name
-
-
-def validate_hyperparameters(
-    *, rank: object, alpha: object, dropout: object, name: object, init: object
-) -> tuple[int, float, float, str, str]:
-    """Check the hyperparameters shared by every layer; returns them normalised.
-
-    Raises:
-        ConfigError: a value is of the wrong type or out of range.
-    """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
-        )
-    if alpha is None:
-        alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
-        raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
-        )
-    return rank, float(alpha), float(dropout), validate_name(name), check_init(init)
+#: What a LoRA layer registers itself beside the wrapped module's tensors.
+_LAYER_REGISTRIES = ("lora_A", "lora_B", "lora_dropout", "_lora_scales",
+                     "lora_magnitude_vector", "lora_dora_norm", "lora_B_bias")
 
 
 def injection_problems(
@@ -108,7 +82,17 @@ def injection_problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = lora_layer_for(module)
-    for why in (probe.check_rank(spec.rank), *option_problems(probe, spec.rank, options)):
+    taken = [] if probe is module else [
+        n for n in (*module._parameters, *module._buffers, *module._modules)
+        if n in vars(probe) or n in _LAYER_REGISTRIES]
+    if taken:
+        found.append((TargetError, (
+            f"{name!r} ({type_name(type(module))}) has parameters, buffers or children named "
+            f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
+            "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
+            f"leave the layer out (exclude=[{name!r}]).")))
+    rank_why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
+    for why in (rank_why, *option_problems(probe, spec.rank, options)):
         if why:
             found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and spec.dropout > 0:
@@ -156,24 +140,19 @@ def inject_lora(
         alpha: scaling numerator; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (scaling 1).
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
-        name: the adapter's name (an identifier without dots).
+        name: the adapter's name: a string without dots, not an attribute name of
+            ``nn.ParameterDict`` (such as "keys").
         exclude: patterns, as for ``target``, to leave out.
-        init: how A and B start (see docs/peft_features.md): ``"kaiming"``
-            (Kaiming-uniform A, zero B), ``"gaussian"`` (N(0, 1/r) A, zero B),
-            ``"orthogonal"`` (both non-zero, B A = 0 up to rounding; even rank), or
-            ``"olora"``, ``"pissa"``, ``"pissa_niter_<k>"``, which take A and B from a QR
-            or SVD of W and **rewrite the base weight** to ``W − s·B A``.
+        init: ``"kaiming"`` (default), ``"gaussian"``, ``"orthogonal"`` (even rank),
+            or ``"olora"``, ``"pissa"``, ``"pissa_niter_<k>"``, which **rewrite the base
+            weight** to ``W − s·B A`` (see docs/peft_features.md).
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
-        dora: make it a DoRA adapter (PEFT's ``use_dora``): a trained magnitude per output
-            channel, ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖``, in ``lora_magnitude_vector``.
-        lora_bias: give B a trained bias (PEFT's ``lora_bias``), ``s·(B A x + b_B)``,
-            merged into the base bias; not with ``dora``.
-        modules_to_save: names (or globs) of modules the adapter trains in full, PEFT's
-            ``modules_to_save`` (a new classification head): each adapter gets its own
-            copy, the original stays for ``disable_adapters`` and the other adapters.
-        trainable_token_indices: ``{embedding name: token ids}``, PEFT's option of the same
-            name: the adapter trains those rows of the embedding (and of an output layer
-            tied to it) and nothing else of it.
+        dora: a DoRA adapter (PEFT's ``use_dora``): a trained magnitude per output channel.
+        lora_bias: a trained bias on B (PEFT's ``lora_bias``); not with ``dora``.
+        modules_to_save: names or globs of modules trained in full, one copy per adapter
+            (PEFT's ``modules_to_save``: a new classification head).
+        trainable_token_indices: ``{embedding name: token ids}``: those rows train (and
+            those of an output layer tied to the embedding), PEFT's option of that name.
         freeze_base: set ``requires_grad=False`` on every parameter that is not an
             adapter's, so only adapters (and their trained modules and rows) train.
 
@@ -209,13 +188,8 @@ def inject_lora(
     rank, alpha_value, dropout, name, init = validate_hyperparameters(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
-    for flag, value in (("use_rslora", use_rslora), ("dora", dora), ("lora_bias", lora_bias),
-                        ("freeze_base", freeze_base)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
-    if dora and lora_bias:
-        raise ConfigError("dora=True and lora_bias=True cannot be combined (nor can they in "
-                          "PEFT): DoRA rescales the whole output channel. Choose one.")
+    check_flags(use_rslora=use_rslora, dora=dora, lora_bias=lora_bias, freeze_base=freeze_base)
+    options = AdapterOptions.checked(init, dora, lora_bias)
     selection = select(model, target, exclude)
     if selection.unsupported:
         skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
@@ -230,7 +204,7 @@ def inject_lora(
     specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in selection.modules}
     inject_layers(model, selection.modules, specs, name=name, init=init,
                   use_rslora=use_rslora, freeze_base=freeze_base,
-                  options=AdapterOptions(init, dora, lora_bias))
+                  options=options)
     if extras.trained or extras.tokens:
         apply_extras(model, extras, name, active=active_adapters(model),
                      disabled=any(layer.adapters_disabled for _, layer in lora_layers(model)))
@@ -264,34 +238,13 @@ def inject_layers(
     given before any change, so that warnings-as-errors change nothing either); returns
     the LoRA layers by name. Hyperparameters must already be validated.
     """
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     options = options or AdapterOptions(init)
     paths = module_paths(model)
-    problems: list[tuple[type[LoRAError], str]] = []
-    for qualname, module in modules.items():
-        problems += injection_problems(model, qualname, module, paths[id(module)],
-                                       specs[qualname], adapter=name, options=options)
-    if problems:
-        kind = problems[0][0]
-        raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
-
-    if rewrites_base(options.init):
-        refuse_rewrite(model, modules, options.init)
-    # Build every new layer and adapter before touching the model.
-    staged: dict[str, _Staged] = {}
-    for qualname, module in modules.items():
-        layer, spec = lora_layer_for(module), specs[qualname]
-        new = stage(layer, spec.rank, scaling(spec.rank, spec.alpha, use_rslora), options)
-        staged[qualname] = _Staged(module, layer, new, spec)
-    too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
-                 for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
-    if too_large:
-        warnings.warn(
-            f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
-            "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=3,
-        )
-    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora,
-            init=options.init)
+    with reading_weights(modules.values()):
+        staged, owned = _stage(model, modules, specs, paths, name=name, options=options,
+                               use_rslora=use_rslora)
+    _attach(model, staged, paths, owned, name=name, use_rslora=use_rslora, init=options.init)
     if freeze_base:
         holders: list[LoRALayer | AdapterModule] = [
             *(layer for _, layer in lora_layers(model)), *(m for _, m in adapter_modules(model))]
@@ -302,27 +255,95 @@ def inject_layers(
     return {qualname: item.layer for qualname, item in staged.items()}
 
 
-def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
-            name: str, use_rslora: bool, init: str) -> None:
+def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
+           paths: dict[int, list[str]], *, name: str, options: AdapterOptions,
+           use_rslora: bool) -> tuple[dict[str, _Staged], tuple[dict[str, Part], _Owners]]:
+    # Check every layer, then build every new layer and adapter, before touching the model.
+    problems: list[tuple[type[LoRAError], str]] = []
+    for qualname, module in modules.items():
+        problems += injection_problems(model, qualname, module, paths.get(id(module), []),
+                                       specs[qualname], adapter=name, options=options)
+    if problems:
+        kind = problems[0][0]
+        raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
+    if rewrites_base(options.init):
+        refuse_rewrite(model, modules, options.init)
+    parts, owners = parts_index(model), _Owners()
+    staged: dict[str, _Staged] = {}
+    for qualname, module in modules.items():
+        layer, spec = owners.layer_for(module, qualname in parts), specs[qualname]
+        new = stage(layer, spec.rank, scaling(spec.rank, spec.alpha, use_rslora), options)
+        staged[qualname] = _Staged(module, layer, new, spec)
+    too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
+                 for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
+    if too_large:
+        warnings.warn(
+            f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
+            "parameters add cost without capacity. Consider a smaller rank.",
+            LoRAWarning, stacklevel=4,
+        )
+    return staged, (parts, owners)
+
+
+def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[str]],
+            owned: tuple[dict[str, Part], _Owners], *, name: str, use_rslora: bool,
+            init: str) -> None:
     # New layers follow the model: its active set (the new adapter if none of the active
     # names exists any more) and its disabled state (inside disable_adapters).
     existing = lora_layers(model)
     known = {n for _, layer in existing for n in layer.adapter_names}
     active = [n for n in active_adapters(model) if n in known] or [name]
     disabled = any(layer.adapters_disabled for _, layer in existing)
-    for item in staged:
+    parts, owners = owned
+    for qualname, item in staged.items():
         layer = item.layer
         layer.add_adapter(name, item.new.a, item.new.b, alpha=item.spec.alpha,
                           dropout=item.spec.dropout, use_rslora=use_rslora)
         commit(layer, name, item.new, init)
-        if layer is not item.module:
-            layer.set_active(active)
-            layer.set_disabled(disabled)
+        if layer is item.module or owners.made(layer):
+            continue
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        part = parts.get(qualname)
+        if part is not None:  # into its owner's LoRA layer (made below if new)
+            owners.layer(part.owner_module).attach_part(part.part, layer)
+        else:
+            swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
+    for module, layer in owners.new.values():  # new owners' layers, in the owners' places
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        swap_hooks(module, layer)
+        for path in paths[id(module)]:
+            set_module(model, path, layer)
     if active == [name]:
         for _, layer in existing:
             layer.set_active(active)
+
+
+class _Owners:
+    """The LoRA layers of modules with parts (attention), each made once."""
+
+    def __init__(self) -> None:
+        self.new: dict[int, tuple[nn.Module, LoRALayer]] = {}
+
+    def layer_for(self, module: nn.Module, is_part: bool) -> LoRALayer:
+        """The layer that takes ``module``'s adapter: an owner's is shared with its parts."""
+        if is_part or isinstance(module, LoRALayer) or not layer_parts(module):
+            return lora_layer_for(module)
+        return self.layer(module)
+
+    def layer(self, module: nn.Module) -> LoRALayer:
+        """``module``'s LoRA layer: itself when it is one, else one made once."""
+        if isinstance(module, LoRALayer):
+            return module
+        if id(module) not in self.new:
+            self.new[id(module)] = (module, lora_layer_for(module))
+        return self.new[id(module)][1]
+
+    def made(self, layer: LoRALayer) -> bool:
+        return any(made is layer for _, made in self.new.values())
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -343,7 +364,11 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, or on a model sharded by FSDP2.
+            weight is tied to another module's, computed by a hook or parametrized by
+            something that cannot hold the merged weight, on a model sharded by FSDP2, or
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -355,16 +380,21 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
-    for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
+    lora_paths = {path for _, layer in layers for path in paths[id(layer)]}
+    if not merge:
+        for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
+    for _, layer in layers:
         layer.sync_base()
+        swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(layer)]:
-            set_module(model, path, layer.base_layer)
+            # A part (inside another LoRA layer) leaves with its owner's layer.
+            if path.rpartition(".")[0] not in lora_paths:
+                set_module(model, path, layer.base_layer)
     unwrap_modules(model, merge=merge)
     return model

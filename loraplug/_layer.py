@@ -28,12 +28,18 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import _dora, _variants
+from . import _variants
 from ._adapter_set import AdapterSet
 from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
+from ._folds import names_to_merge, push, take_out
 from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
+from ._weights import before_loading, merge_problem, warn_training_merged
+
+
+def _as_tuple(names: str | Iterable[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 class Detour(Protocol):
@@ -166,6 +172,16 @@ class LoRALayer(AdapterSet):
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None
 
+    def delta_blocks(self, delta: Tensor) -> Tensor | None:
+        """``delta`` (shaped like ``weight``) as a view (g, rows, cols) of g products.
+
+        Block k is ``s · B_k A_k`` with ``A_k = A.reshape(g, r/g, cols)[k]`` and
+        ``B_k = B.reshape(g, rows, r/g)[k]``: what concatenating adapters and
+        refactoring a sum of them by SVD (``combine_adapters``) rely on. None, the
+        default, when ΔW has no such form (those methods are then refused).
+        """
+        return None
+
     # ----------------------------------------------------------- derived forms
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         """The branch ``s · B A x`` of adapter ``name`` alone, shaped like the output.
@@ -194,6 +210,8 @@ class LoRALayer(AdapterSet):
             names, scales = gated_adapters(self)
         else:
             names, scales = self._live, self.scaling
+        if not names and self.merged_adapters and self.training:
+            warn_training_merged(self)  # off the hot path: only a merged layer gets here
         if self.through_weight:
             return self._forward_through_weight(x, names, scales)
         if self._extended and self._extended.intersection(names):
@@ -237,6 +255,13 @@ class LoRALayer(AdapterSet):
         registry: dict[str, Any] = self._modules
         return registry["lora_A"]._parameters[name], registry["lora_B"]._parameters[name]
 
+    def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
+        """Fresh (A, B) of rank ``rank``, one of them zero: ``init`` "kaiming" (A
+        Kaiming-uniform, a = √5) or "gaussian" (A ~ N(0, 1/r)); embeddings A = 0, B ~ N(0, 1)."""
+        from ._inits import zero_start  # the initialisations build on the layer
+
+        return zero_start(self, rank, init)
+
     # ----------------------------------------------------------- merge
     def _adapted_weight(self, names: Iterable[str], scales: Mapping[str, Scale],
                         sign: int = 1) -> Tensor:
@@ -270,93 +295,39 @@ class LoRALayer(AdapterSet):
         names = self.held_active if names is None else tuple(names)
         return self._adapted_weight(names, self.scaling, sign)
 
-    def stage_merge(self) -> Tensor | None:
-        """The weight :meth:`merge` would write, computed but not written; or ``None``.
+    def merge(self, names: str | Iterable[str] | None = None, *, safe: bool = False,
+              exact: bool = True) -> None:
+        """Fold adapters into ``weight`` in place: the active ones, or ``names``.
 
-        ``None`` when there is nothing to merge: merged already, or no active adapter here.
-        Pass the weight to :meth:`commit_merge`, after checking it (``merge(safe=True)``).
-        """
-        if self.merged_adapters or not self.held_active:
-            return None
-        return self.merged_weight()
-
-    @torch.no_grad()
-    def commit_merge(self, weight: Tensor | None = None) -> None:
-        """Write ``weight`` from :meth:`stage_merge`, and record :attr:`held_active` as merged.
-
-        With ``weight=None`` the adapters are folded into the weight directly, which reads
-        and writes it once (half-precision weights go through a float32 copy).
-        """
-        names = self.held_active
-        if self._extended:
-            why = _variants.bias_refusal(self, names)
-            if why:
-                raise StateError(why)
-            _dora.store_norms(self, names)  # unmerge divides by these, after a restart too
-        if weight is None:
-            self._fold(names, 1)
-        else:
-            self.weight.copy_(weight)
-        if self._extended:
-            _variants.fold_bias(self, names, 1)
-        self.merged_adapters = names
-        self._refresh()
-
-    @torch.no_grad()
-    def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self.weight
-        if compute_dtype(weight.dtype) == weight.dtype:
-            self._accumulate(weight, names, self.scaling, sign)
-        else:
-            weight.copy_(self._adapted_weight(names, self.scaling, sign))
-
-    def merge(self, *, safe: bool = False) -> None:
-        """Fold the active adapters into ``weight`` in place; a no-op when already merged.
-
-        While merged, ``forward`` costs exactly what the base module costs.
-
-        Args:
-            safe: check that the merged weight is finite before writing it.
+        Adapters already merged are skipped, so ΔW is never added twice. While every
+        active adapter is merged, ``forward`` costs exactly what the base module costs.
+        See :func:`loraplug.merge` for ``exact``; ``safe`` is kept for compatibility
+        (every merge is checked).
 
         Raises:
-            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
-                weight is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
+                cannot take it (computed by a hook, or parametrized by something that
+                cannot hold it), adapters are disabled, or the merged weight would have
+                NaN or inf entries; the weight is left as it was.
         """
-        if self.merge_refusal is not None:
-            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
+        why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
+        if why is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {why}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        why = _variants.bias_refusal(self, self.held_active) if self._extended else None
-        if why and not self.merged_adapters:
-            raise StateError(why)
-        if not safe:
-            if not self.merged_adapters and self.held_active:
-                self.commit_merge()
-            return
-        new = self.stage_merge()
-        if new is None:
-            return
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
-        self.commit_merge(new)
+        adding = names_to_merge(self, None if names is None else _as_tuple(names))
+        if adding:
+            push(self, adding, exact=exact)
 
-    def unmerge(self) -> None:
-        """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
-        if not self.merged_adapters:
-            return
-        self._fold(self.merged_adapters, -1)
-        if self._extended:
-            _variants.fold_bias(self, self.merged_adapters, -1)
-        self.merged_adapters = ()
-        self._refresh()
+    def unmerge(self, names: str | Iterable[str] | None = None) -> None:
+        """Take merged adapters out of ``weight``: all, or ``names``; exactly when merged so.
+
+        See :func:`loraplug.unmerge`.
+        """
+        take_out(self, self.merged_adapters if names is None else _as_tuple(names))
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:
@@ -364,6 +335,10 @@ class LoRALayer(AdapterSet):
         self.sync_base()
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sync_base(self) -> None:
         """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""

@@ -53,6 +53,9 @@ class LoRALinear(LoRALayer):
     def channel_shape(self, channels: int) -> tuple[int, ...]:
         return (channels,)  # outputs (..., out)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.unsqueeze(0)  # (1, out, in)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight.shape
         return (rank, in_features), (out_features, rank)

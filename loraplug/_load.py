@@ -9,7 +9,6 @@ first). ``load_adapter_state_dict`` fills an adapter already on the model the sa
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import warnings
 from collections.abc import Iterator, Mapping
@@ -34,17 +33,24 @@ from ._format import (
     locate,
     other_key_problems,
     pair_problems,
+    part_factor,
     read_adapter_weights,
     read_config,
     read_metadata,
 )
-from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
+from ._hyperparameters import validate_name
+from ._inject import LayerSpec, inject_layers, injection_problems
 from ._layer import LoRALayer
+from ._lock import locked
+from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
+from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
-from ._targeting import candidates, module_paths
-from ._variant_files import expected_shape_problem, fill_variants, variant_problems
-from ._variants import registry
+from ._rng import rng_untouched
+from ._shared_paths import shared_module_problems
+from ._targeting import candidates, module_paths, parts_index
+from ._variant_files import adapter_variant_problems, fill_variants, layer_file_problems
+from ._weights import reading_weights
 
 _MAX_LINES = 40
 T = TypeVar("T")
@@ -88,15 +94,18 @@ def _layer_class(module: nn.Module) -> type[LoRALayer] | None:
 
 
 def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.Module,
-                paths: list[str], slots: Slots, *, dropout: float,
-                adapter: str) -> tuple[_Planned | None, list[str]]:
-    """The plan for one layer of the file, or ``None``; and the problems found."""
+                paths: list[str], slots: Slots, *, dropout: float, adapter: str,
+                owner: str | None) -> tuple[_Planned | None, list[str]]:
+    """The plan for one layer of the file, or ``None``; and the problems found.
+
+    ``owner`` names the module a part belongs to (targeting it targets the part too).
+    """
     layer_cls = _layer_class(module)
     if layer_cls is None:
         return None, [f"{path} is a {type_name(type(module))}, which has no LoRA layer; "
                       f"supported: {supported_types()} and their subclasses."]
     problems = []
-    if not config.targets(path):
+    if not (config.targets(path) or (owner is not None and config.targets(owner))):
         problems.append(
             f"{path}: the file has tensors for it, but target_modules / exclude_modules in "
             f"{CONFIG_NAME} do not select it."
@@ -105,40 +114,45 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     spec = LayerSpec(rank, alpha, dropout)
     blockers = injection_problems(model, path, module, paths, spec, adapter=adapter,
                                   options=config.options)
+    if isinstance(module, LoRALayer) and adapter in module.adapter_names:
+        # A taken name is reported once, for the whole model (_name_problems).
+        blockers = [b for b in blockers if "already has an adapter named" not in b[1]]
     problems += [message for _, message in blockers]
     tensors, found = layer_tensors(path, layer_cls, slots)
     extra, found_extra = extra_tensors(path, slots)
     problems += found + found_extra
     if tensors is None or any(kind is StateError for kind, _ in blockers):
         return None, problems
-    probe = lora_layer_for(module)
-    shape_problem = expected_shape_problem(path, probe, tensors, rank, source)
-    if shape_problem:
-        problems.append(shape_problem)
-    problems += variant_problems(path, probe, extra, dora=config.dora,
-                                 lora_bias=config.lora_bias)
+    problems += layer_file_problems(path, lora_layer_for(module), tensors, extra, rank, source,
+                                    dora=config.dora, lora_bias=config.lora_bias)
     return _Planned(module, spec, *tensors, extra), problems
 
 
 def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
           extras: FileExtras, adapter: str) -> tuple[dict[str, _Planned], list[str]]:
     everything = {clean: module for clean, _, module in candidates(model) if clean}
-    paths = module_paths(model)
+    paths, parts = module_paths(model), parts_index(model)
     dropouts = extras.get("dropout", {})
     problems: list[str] = []
     plan: dict[str, _Planned] = {}
     for path, slots, module in _matched(entries, everything, problems,
                                         "the model has no module of that name."):
+        part = parts.get(path)
         planned, found = _plan_layer(
-            model, config, path, module, paths[id(module)], slots,
-            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter)
+            model, config, path, module, paths.get(id(module), []), slots,
+            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter,
+            owner=None if part is None else part.owner)
         problems += found
         if planned is not None:
             plan[path] = planned
+    problems += shared_module_problems(plan)
     if config.names_explicitly():
+        loaded = {id(item.module) for item in plan.values()}
         for path, module in everything.items():
             layer_cls = _layer_class(module)
-            if path in entries or not config.targets(path) or layer_cls is None:
+            # (a part that is no module of its own, attention's q, is not PEFT's to target)
+            if path in entries or id(module) in loaded or not config.targets(path) \
+                    or layer_cls is None or id(module) not in paths:
                 continue
             key_a, key_b = key_names(layer_cls)
             problems.append(f"{path}: target_modules selects it, but the file lacks "
@@ -186,21 +200,6 @@ def _geometry_warning(plan: dict[str, _Planned]) -> None:
         )
 
 
-@contextlib.contextmanager
-def _rng_untouched(modules: list[nn.Module]) -> Iterator[None]:
-    # Injection draws initial values that the file then overwrites; keep the caller's RNG.
-    devices = {t.device for m in modules for t in m.parameters(recurse=False)
-               if t.device.type != "cpu"}
-    kinds = {d.type for d in devices}
-    if len(kinds) == 1:
-        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}),
-                                   device_type=kinds.pop()):
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            yield
-
-
 def load_adapter(
     model: nn.Module, path: str | Path, *, name: str | None = None, freeze_base: bool = True
 ) -> list[str]:
@@ -237,7 +236,9 @@ def load_adapter(
             unexpected; a key names a module the model lacks or of an unsupported type;
             shapes disagree with ``r``/``rank_pattern`` or with the layer; a config field
             cannot be honoured (``use_dora``, ``bias``, ``modules_to_save``, ...); the name
-            is taken, or a target layer is merged. One error lists every problem.
+            is taken, or a target layer is merged; a config regex needs unbounded work; a
+            shared module gets different tensors per path. One error lists every problem.
+        ConfigError: ``path`` is not a path, or ``freeze_base`` not a bool.
 
     Warns:
         LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
@@ -246,9 +247,10 @@ def load_adapter(
             Every warning comes before any change, so that with warnings as errors a
             warning leaves the model as it was.
     """
-    directory, weights_file = locate(Path(path))
-    raw = read_config(directory / CONFIG_NAME)
-    state, metadata = read_adapter_weights(weights_file)
+    directory, weights_file = locate(as_path(path, "load_adapter"))
+    with locked([directory], shared=True):  # both files from one save (see _lock)
+        raw = read_config(directory / CONFIG_NAME)
+        state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
     problems = [f"{CONFIG_NAME}: {p}" for p in config_problems]
     extras, found = read_metadata(metadata)
@@ -267,21 +269,28 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        plan, found = _plan(model, config, entries, extras, adapter)
+        try:  # config regexes: bounded work in all (see _regex); spectral_norm: reads
+            with work_limit(), reading_weights(model.modules()):  # must not iterate
+                plan, found = _plan(model, config, entries, extras, adapter)
+        except RegexRefused as err:
+            found = [f"{CONFIG_NAME}: the regex {err}; name the modules in a list instead."]
         problems += found
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
     _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
-    with _rng_untouched([item.module for item in plan.values()]):
+    with rng_untouched([item.module for item in plan.values()]):
         layers = inject_layers(
             model, {p: item.module for p, item in plan.items()},
             {p: item.spec for p, item in plan.items()}, name=adapter, init=config.init,
             use_rslora=config.use_rslora, freeze_base=freeze_base, options=config.options,
         )
+    every = dict(lora_layers(model))
     with torch.no_grad():
         for layer_path, layer in layers.items():
             layer.lora_A[adapter].copy_(plan[layer_path].a)
-            layer.lora_B[adapter].copy_(plan[layer_path].b)
+            factor = part_factor(every, layer_path)
+            b = plan[layer_path].b
+            layer.lora_B[adapter].copy_(b if factor == 1.0 else b * factor)
             fill_variants(layer, adapter, plan[layer_path].extra)
     if beside.copies or beside.rows:
         fill_extras(model, beside, adapter, active=active_adapters(model),
@@ -351,9 +360,7 @@ def load_adapter_state_dict(
                                        f"the model has no layer with adapter {name!r} there."):
         tensors, found = layer_tensors(path, type(layer), slots)
         extra, found_extra = extra_tensors(path, slots)
-        problems += found + found_extra + variant_problems(
-            path, layer, extra, dora=name in registry(layer, "lora_magnitude_vector"),
-            lora_bias=name in registry(layer, "lora_B_bias"), source="for this adapter")
+        problems += found + found_extra + adapter_variant_problems(path, layer, name, extra)
         if tensors is None:
             continue
         a, b = tensors
@@ -376,10 +383,11 @@ def load_adapter_state_dict(
         )
     if problems:
         raise AdapterFileError(_report(where, problems))
+    every = dict(lora_layers(model))
     with torch.no_grad():
-        for layer, a, b, extra in loaded.values():
+        for path, (layer, a, b, extra) in loaded.items():
             layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
+            layer.lora_B[name].copy_(b * part_factor(every, path))
             fill_variants(layer, name, extra)
         for target, value in extra_pairs:
             target.copy_(value)

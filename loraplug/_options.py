@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _variants
 from ._dora import dora_problem, initial_magnitude
+from ._errors import ConfigError
 from ._inits import init_problem, initial_adapter
 from ._layer import LoRALayer
 from ._matrix import matrix_shape
@@ -28,6 +29,14 @@ class AdapterOptions:
     init: str = "kaiming"
     dora: bool = False
     lora_bias: bool = False
+
+    @classmethod
+    def checked(cls, init: str, dora: bool, lora_bias: bool) -> AdapterOptions:
+        """The options, once checked to go together."""
+        if dora and lora_bias:
+            raise ConfigError("dora=True and lora_bias=True cannot be combined (nor can they "
+                              "in PEFT): DoRA rescales the whole output channel. Choose one.")
+        return cls(init, dora, lora_bias)
 
 
 #: A plain adapter: Kaiming start, no DoRA, no bias.

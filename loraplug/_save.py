@@ -34,10 +34,14 @@ from ._format import (
     PEFT_PREFIX,
     WEIGHTS_NAME,
     key_names,
+    key_path,
+    part_factor,
 )
 from ._inits import rewrites_base
 from ._layer import LoRALayer
+from ._paths import as_path
 from ._peft_config import build_config
+from ._quantized import plain_state
 from ._save_fields import as_plain, uniform_fields
 from ._targeting import candidates, clean_name, module_paths
 from ._variant_files import variant_state
@@ -59,7 +63,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     ``<path>`` is the layer's module name (without ``torch.compile``'s ``_orig_mod.``).
     These are the keys of PEFT's ``get_peft_model_state_dict`` on a model injected
     without a ``PeftModel`` wrapper. The tensors are detached and share storage with
-    the parameters, as ``state_dict()`` does.
+    the parameters, as ``state_dict()`` does, except B of an attention's ``out_proj``
+    (key ``<attention>.base_layer.out_proj...``), which is halved: PEFT applies that one
+    twice (see :class:`loraplug.LoRAMultiheadAttention`).
 
     Args:
         model: a model carrying adapter ``name``.
@@ -81,10 +87,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
          '1.lora_embedding_A': (2, 5), '1.lora_embedding_B': (4, 2)}
     """
     state: dict[str, Tensor] = {}
+    every = dict(lora_layers(model))
     for path, layer in _adapter_layers(model, name, "adapter_state_dict"):
         key_a, key_b = key_names(type(layer))
+        factor = part_factor(every, path)
+        b = layer.lora_B[name].detach()
+        path = key_path(path, set(every))
         state[f"{path}.{key_a}"] = layer.lora_A[name].detach()
-        state[f"{path}.{key_b}"] = layer.lora_B[name].detach()
+        state[f"{path}.{key_b}"] = b if factor == 1.0 else b / factor
         state.update(variant_state(layer, path, name))
     state.update(extras_state(model, name))
     return state
@@ -97,7 +107,8 @@ def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
             "either the old or the new one, never a partial write; if only some were replaced, "
-            "load_adapter detects the mismatched pair and refuses it. Save again."
+            "load_adapter warns that the config and the weights come from different saves (and "
+            "refuses them if their shapes disagree). Save again."
         ) from err
 
 
@@ -128,6 +139,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
         AdapterError: the model has no adapter ``name``.
         AdapterFileError: the adapter uses rsLoRA on some layers only (PEFT's config has
             one ``use_rslora``), or the files cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import tempfile
@@ -152,7 +164,12 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
         specs, state = as_plain(layers, name, specs, state)
         fields["init_lora_weights"] = True
     all_names = [clean for clean, _, _ in candidates(model) if clean]
-    config = build_config(specs, use_rslora=bool(fields.pop("use_rslora")), all_names=all_names)
+    # A part whose owner carries the adapter too is implied by the owner's name (PEFT
+    # adapts an attention's out_proj with it).
+    implied = {path for path in specs if path.rpartition(".")[0] in specs}
+    config = build_config(specs, use_rslora=bool(fields.pop("use_rslora")), all_names=all_names,
+                          fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False)
+                                             for _, layer in layers), implied=implied)
     config.update(fields, **extras_config(model, name))
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in state.items()}
@@ -162,7 +179,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
     if len({dropout for _, _, dropout in specs.values()}) > 1:
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    directory = Path(path)
+    directory = as_path(path, "save_adapter")
 
     def write() -> None:
         try:
@@ -173,12 +190,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
                 "path."
             ) from err
         # An adapter is small: serialise it in memory, then write it through our own file.
+        weights = _canonical(serialize(tensors, metadata=metadata))
         _write({
-            directory / WEIGHTS_NAME: bytes_writer(serialize(tensors, metadata=metadata)),
+            directory / WEIGHTS_NAME: bytes_writer(weights),
             directory / CONFIG_NAME: bytes_writer(config_bytes),
         }, "save_adapter")
 
     run_on_main(model, write)  # FSDP2: process 0 writes, the others wait for it
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted, so that saving the same
+    adapter twice gives the same bytes (the writer orders metadata by hash)."""
+    # Layout: an 8-byte little-endian header length, the JSON header padded with spaces to
+    # a multiple of 8, then the tensor data, whose offsets the reordering leaves alone.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def save_merged(model: nn.Module, path: str | Path) -> None:
@@ -189,7 +219,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     float32 for half-precision weights, then cast), the ``lora_A``/``lora_B`` keys are
     left out, and ``torch.compile``'s ``_orig_mod.`` is removed from key names, so
     ``original_model.load_state_dict(safetensors.torch.load_file(path))`` works without
-    loraplug. The model itself is not changed: merged weights are computed beside it
+    loraplug. Quantized weights (bitsandbytes, torchao) are written dequantized, in full
+    precision, without their quantization statistics: ``dequantize(W) + ΔW`` for LoRA
+    layers, ``dequantize(W)`` for the others, so the architecture built with plain
+    ``nn.Linear`` layers loads the file. The model itself is not changed: merged weights
+    are computed beside it
     (one extra copy of the adapted weights is held while writing). An already merged
     layer is written as it is. The write is atomic.
 
@@ -198,9 +232,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         path: the ``.safetensors`` file to write.
 
     Raises:
-        StateError: adapters are disabled (inside ``disable_adapters``), or the model is
-            sharded by FSDP2 (merge on one process).
+        StateError: adapters are disabled (inside ``disable_adapters``), the model is
+            sharded by FSDP2 (merge on one process), or a weight is tied, parametrized or
+            computed by a hook.
         AdapterFileError: the file cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import os, tempfile, torch
@@ -215,15 +251,16 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         ['0.bias', '0.weight']
     """
     layers = lora_layers(model)
-    check_mergeable(model, layers, "save_merged")
+    check_mergeable(model, layers, "save_merged", to_file=True)
     paths = module_paths(model)
     state = model.state_dict()
     with torch.no_grad():
         for _, layer in layers:
-            weight = layer.weight.detach() if layer.merged else layer.merged_weight()
+            # The weight holds the merged adapters; the active ones not merged are added.
+            weight = layer.merged_weight(layer._live) if layer._live else layer.weight.detach()
             bias: Tensor | None = layer._parameters.get("bias")
-            if not layer.merged and layer._extended:
-                bias = adapted_bias(layer, layer.held_active, layer.scaling)
+            if layer._live and layer._extended:  # merged ones are in the bias already
+                bias = adapted_bias(layer, layer._live, layer.scaling)
             for real in paths[id(layer)]:
                 prefix = f"{real}." if real else ""
                 for key in [k for k in state if k.startswith(prefix)
@@ -233,6 +270,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                 if bias is not None:
                     state[f"{prefix}bias"] = bias.detach()
         merged_extras_state(model, state)
+    state = plain_state(model, state)  # quantized weights dequantized, their statistics dropped
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():
@@ -242,6 +280,6 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         value = value.clone() if pointer in storages else value.contiguous()
         storages.add(pointer)
         tensors[clean_name(key)] = value
-    target = Path(path)
+    target = as_path(path, "save_merged")
     _write({target: lambda temp: save_file(tensors, temp, metadata={"format": "pt"})},
            "save_merged")

@@ -11,9 +11,10 @@ A target is one of, or a list of:
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
-inside a LoRA layer (its adapters, dropouts) are never candidates. A layer whose owner
-reads its weight directly (``nn.MultiheadAttention.out_proj``) is refused: an adapter
-there would never be computed. This module also finds and replaces modules by path.
+inside a LoRA layer (its adapters, dropouts) are never candidates; parts of a module
+(``<attention>.q``, ``.k``, ``.v``, ``.out_proj``) are (see ``_parts``). A layer whose
+owner reads its weight directly is refused: an adapter there would never be computed.
+This module also finds and replaces modules by path.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-import torch
 from torch import nn
 
-from ._errors import TargetError
+from ._errors import ConfigError, TargetError
 from ._layer import LoRALayer
+from ._parts import Part, walk, with_implied_parts
 from ._registry import lookup, supported_types, type_name
 
 Pattern = Union[str, "re.Pattern[str]", type, Callable[[str, nn.Module], bool]]
@@ -42,6 +44,20 @@ _COMPILE_PREFIX = "_orig_mod."
 def clean_name(name: str) -> str:
     """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def check_model(model: object) -> None:
+    """Raise unless ``model`` is an ``nn.Module``.
+
+    Raises:
+        ConfigError: it is something else.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be an nn.Module; received {type(model).__name__} "
+            f"{reprlib.repr(model)}. Pass the model object itself (model, not model.state_dict() "
+            "or a path)."
+        )
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:
@@ -63,16 +79,16 @@ def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(clean name, real path, module) for every module at every path it is reachable at.
 
     A module shared by several parents appears once per path; LoRA internals are skipped.
+    Parts of a module (q, k, v and out_proj of an attention, see ``_parts``) appear as
+    ``<module>.<part>``, whether or not a module of that name exists yet.
     """
-    inside_lora: list[str] = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        if any(path.startswith(prefix) for prefix in inside_lora):
-            continue
-        if isinstance(module, LoRALayer):
-            if path == "":
-                continue
-            inside_lora.append(path + ".")
-        yield clean_name(path), path, module
+    for name, path, module, _ in walk(model, clean_name):
+        yield name, path, module
+
+
+def parts_index(model: nn.Module) -> dict[str, Part]:
+    """Clean name of every part candidate -> where it belongs."""
+    return {name: part for name, _, _, part in walk(model, clean_name) if part is not None}
 
 
 def _as_list(spec: TargetSpec | None) -> list[Pattern]:
@@ -165,6 +181,10 @@ class _Patterns:
         return [p for p, hit in zip(self.patterns, self.hit) if not hit]
 
 
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, LoRALayer) or lookup(type(module)) is not None
+
+
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
     """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
 
@@ -172,25 +192,45 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
         TargetError: a pattern matches no module (with close names), the spec is
             malformed, or nothing selected has a registered LoRA layer.
     """
+    check_model(model)
     includes = _as_list(target)
+    _refuse_instances(model, {"target": includes, "exclude": _as_list(exclude)})
     if not includes:
         raise TargetError(
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
             "target=nn.Linear."
         )
     inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
-    everything = list(candidates(model))
+    walked = list(walk(model, clean_name))
+    everything = [(name, path, module) for name, path, module, _ in walked]
     picked: list[tuple[str, str, nn.Module]] = []
-    seen: set[int] = set()
-    for name, path, module in everything:
+    removed: list[str] = []  # selected by target, then taken out by exclude
+    excluded_names: set[str] = set()
+    seen: set[object] = set()
+    for name, path, module, part in walked:
         included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
-        excluded = exc.match(name, module)
-        if included and not excluded and id(module) not in seen:
-            seen.add(id(module))  # a shared module is wrapped once, under its first name
+        if exc.match(name, module):
+            excluded_names.add(name)
+            if included and name and _supported(module):
+                removed.append(name)
+        # A shared module is wrapped once, under its first name.
+        key = id(module) if part is None else (id(part.owner_module), part.part)
+        if included and name not in excluded_names and key not in seen:
+            seen.add(key)
             picked.append((name, path, module))
     if inc.missed() or exc.missed():
         raise _unmatched(everything, inc.missed(), exc.missed())
+    picked = with_implied_parts(picked, walked, excluded_names)
+    if removed and not any(_supported(m) for name, _, m in picked if name):
+        shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5
+                                          else "")
+        raise TargetError(
+            f"exclude {', '.join(describe(p) for p in exc.patterns)} removes every layer of a "
+            f"supported type that target selects ({shown}), so nothing is left to adapt. "
+            "Narrow the exclude or "
+            "widen the target; loraplug.find_targets(model, target) shows what a target selects."
+        )
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):
@@ -200,6 +240,20 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "or target its children."
         )
     return _selection(picked)
+
+
+def _refuse_instances(model: nn.Module, specs: dict[str, list[Pattern]]) -> None:
+    # A module object is callable, so it would pass for a predicate; name it instead.
+    for kind, patterns in specs.items():
+        for p in patterns:
+            if isinstance(p, nn.Module):
+                names = [clean_name(n) for n, m in model.named_modules() if m is p]
+                hint = (f"It is {names[0]!r} in the model: pass {kind}={names[0]!r}" if names
+                        else "It is not in the model; pass a name from model.named_modules()")
+                raise TargetError(
+                    f"{kind} received a module object ({type_name(type(p))}), not a pattern. "
+                    f"{hint}, or its type ({type_name(type(p))}) for every such module."
+                )
 
 
 def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],
@@ -241,13 +295,14 @@ def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
 
 #: Owners that read a child's weight directly in their own forward instead of calling
 #: the child, so an adapter on that child would never be computed: owner type ->
-#: (child names, what to do about it).
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
-    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
-    nn.TransformerEncoderLayer: (
-        ("linear1", "linear2"),
-        "Its inference fast path reads them; disable it first with "
-        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
+#: (child names, what to do about it). (nn.MultiheadAttention reads out_proj.weight, but
+#: out_proj is a part of its own LoRA layer; nn.TransformerEncoderLayer's fused path is
+#: kept off while an adapter is live.)
+#: Keyed by class, or by qualified class name so that no optional package is imported.
+_OWNER_READS: dict[type[nn.Module] | str, tuple[tuple[str, ...], str]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
+        ("qkv", "proj"),
+        "Leave it out, e.g. exclude=['*attn.{leaf}'], and adapt the MLP layers instead.",
     ),
 }
 
@@ -262,11 +317,11 @@ def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, (attrs, advice) in _OWNER_READS.items():
-            fast_path = torch.backends.mha.get_fastpath_enabled()
-            if owner is nn.TransformerEncoderLayer and not fast_path:
-                continue
-            if isinstance(parent, owner) and leaf in attrs:
+        mro = {f"{c.__module__}.{c.__qualname__}": c for c in type(parent).__mro__}
+        for key, (attrs, advice) in _OWNER_READS.items():
+            owner = mro.get(key) if isinstance(key, str) else (
+                key if isinstance(parent, key) else None)
+            if owner is not None and leaf in attrs:
                 found.append(
                     f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
                     "inside its own forward instead of calling the layer, so an adapter there "
@@ -306,7 +361,7 @@ def find_targets(
     selection = select(model, target, exclude)
     paths = module_paths(model)
     refused = [m for n, mod in selection.modules.items()
-               for m in owner_problems(model, n, paths[id(mod)])]
+               for m in owner_problems(model, n, paths.get(id(mod), []))]
     if refused:
         raise TargetError("\n".join(refused))
     return list(selection.modules)

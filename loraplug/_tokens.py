@@ -92,7 +92,7 @@ class TrainableTokens(AdapterModule):
                 seen[i] = name
         return None
 
-    def set_active(self, names: Iterable[str]) -> None:
+    def set_active(self, names: Iterable[str], *, while_merged: bool = False) -> None:
         self.active_adapters = tuple(names)
         self._slots.clear()
 

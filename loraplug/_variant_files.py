@@ -40,6 +40,24 @@ def variant_problems(path: str, probe: LoRALayer, extra: dict[str, Tensor], *, d
     return problems
 
 
+def layer_file_problems(path: str, probe: LoRALayer, tensors: tuple[Tensor, Tensor],
+                        extra: dict[str, Tensor], rank: int, source: str, *, dora: bool,
+                        lora_bias: bool) -> list[str]:
+    """What is wrong with one layer's tensors in a file: A and B's shapes, the magnitude
+    and B's bias against the config's ``use_dora`` and ``lora_bias``."""
+    shape = expected_shape_problem(path, probe, tensors, rank, source)
+    return ([shape] if shape else []) + variant_problems(path, probe, extra, dora=dora,
+                                                         lora_bias=lora_bias)
+
+
+def adapter_variant_problems(path: str, layer: LoRALayer, adapter: str,
+                             extra: dict[str, Tensor]) -> list[str]:
+    """:func:`variant_problems` for tensors meant for adapter ``adapter`` on ``layer``."""
+    return variant_problems(
+        path, layer, extra, dora=adapter in _variants.registry(layer, "lora_magnitude_vector"),
+        lora_bias=adapter in _variants.registry(layer, "lora_B_bias"), source="for this adapter")
+
+
 @torch.no_grad()
 def fill_variants(layer: LoRALayer, adapter: str, extra: dict[str, Tensor]) -> None:
     """Copy a layer's magnitude and bias from ``extra`` into adapter ``adapter``."""

@@ -31,7 +31,7 @@ class LM(nn.Module):
 
 def classifier() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
 
 
 def train(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
@@ -89,7 +89,7 @@ def test_head_file_round_trip_both_ways_with_peft(tmp_path: Path) -> None:
 
 def test_token_rows_train_alone_and_follow_a_tied_head() -> None:
     torch.manual_seed(0)
-    model, ids = LM(), torch.tensor([[1, 2, 3, 1, 7]])
+    model, ids = LM().eval(), torch.tensor([[1, 2, 3, 1, 7]])
     base = copy.deepcopy(model)
     lp.inject_lora(model, target="mid", rank=2, trainable_token_indices={"emb": [1, 3]})
     assert torch.equal(model.emb(ids), base.emb(ids))  # rows start as the embedding's own

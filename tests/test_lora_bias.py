@@ -14,6 +14,7 @@ from test_files import assert_unchanged, snapshot
 from torch import nn
 
 import loraplug as lp
+from loraplug._folds import push
 
 
 def with_bias(case: Case) -> Case:
@@ -26,6 +27,7 @@ def with_bias(case: Case) -> Case:
 @given(case=st.one_of(linear_cases(torch.float64), conv_cases(dtype=torch.float64)))
 def test_bias_on_b_against_the_reference(case: Case) -> None:
     case = with_bias(case)
+    case.model.eval()  # merged layers compute in evaluation mode
     base = copy.deepcopy(case.base)
     lp.inject_lora(case.model, target="0", rank=case.rank, alpha=case.alpha, lora_bias=True)
     layer = case.model[0]
@@ -88,4 +90,4 @@ def test_a_layer_refuses_to_merge_a_bias_it_cannot_hold() -> None:
     with pytest.raises(lp.StateError, match=r"this layer has none; keep them unmerged"):
         layer.merge()
     with pytest.raises(lp.StateError, match=r"adapters \['default'\] have a bias on B"):
-        layer.commit_merge()  # the low-level step checks too
+        push(layer, ("default",))  # the low-level step checks too

@@ -15,7 +15,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_close, delta, dense_forward
-from strategies import Case, conv_cases, embedding_cases, linear_cases, randomize_adapters
+from strategies import (
+    Case,
+    conv1d_cases,
+    conv_cases,
+    embedding_cases,
+    linear_cases,
+    randomize_adapters,
+)
 from torch import nn
 
 import loraplug as lp
@@ -24,7 +31,8 @@ NAMES = ("a", "b")
 
 
 def layer_cases(dtype: torch.dtype | None = None) -> st.SearchStrategy[Case]:
-    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype))
+    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype),
+                     conv1d_cases(dtype))
 
 
 def _two_adapters(case: Case, second_rank: int, *, dropout: float = 0.0) -> lp.LoRALayer:
@@ -484,3 +492,19 @@ def test_a_block_serves_inference_mode_and_training_calls() -> None:
         out.sum().backward()
     torch.testing.assert_close(out.detach(), first)
     assert model[0].lora_B["b"].grad is not None and model[0].lora_B["a"].grad is not None
+
+
+def test_deleting_a_routed_adapter_inside_the_block_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _ab_model()
+    randomize_adapters(model)
+    x = torch.randn(3, 4)
+    with lp.adapter_per_sample(model, ["b", None, "b"]):
+        expected = model(x)
+        with pytest.raises(lp.StateError, match=r"delete_adapter: adapter 'b' is in use inside "
+                                                r"adapter_per_sample on \['0'\]; delete it "
+                                                r"after the with block"):
+            lp.delete_adapter(model, "b")
+        lp.delete_adapter(model, "a")  # not routed in this block: fine
+        assert torch.equal(model(x), expected)
+    lp.delete_adapter(model, "b")
