@@ -16,11 +16,17 @@ from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
 from ._folds import push, take_out
 from ._layer import LoRALayer
-from ._targeting import clean_name
+from ._targeting import check_model, clean_name
+from ._weights import merge_problem, shared_memory, staging_problem, weight_home
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order."""
+    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    check_model(model)
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
@@ -95,15 +101,8 @@ def _name_list(names: object, action: str) -> list[str]:
 
 
 def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dict[str, list[str]]:
-    """LoRA layer name -> other modules holding the same weight Parameter (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(clean_name(path))
-    return {name: [o for o in owners.get(id(layer.weight), []) if o != name]
-            for name, layer in layers
-            if len(owners.get(id(layer.weight), [])) > 1}
+    """LoRA layer name -> other modules whose tensors share memory with its weight (tied)."""
+    return shared_memory(model, layers, clean_name)
 
 
 def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
@@ -113,18 +112,30 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
         listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
         raise StateError(
             f"{action}: the weight of {listing} is shared (tied), so merging would change the "
-            "other modules too. Keep these adapters unmerged, or untie the weights first "
-            "(e.g. module.weight = nn.Parameter(module.weight.clone()))."
+            "other modules too (one Parameter, or tensors sharing memory). Keep these adapters "
+            "unmerged, or untie the weights first (e.g. module.weight = "
+            "nn.Parameter(module.weight.clone()))."
         )
 
 
-def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str, *,
+                    to_file: bool = False) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
-    weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), weights computed by hooks,
+    parametrizations that cannot hold the merged weight, layers sharded by FSDP2,
+    weights sharing memory with other modules, disabled adapters. ``to_file``: the
+    merged weights go to a file under the ``weight`` keys, which a parametrized layer
+    does not have.
     """
-    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    refusing = [(n, why) for n, layer in layers if (why := merge_problem(layer))]
+    if to_file:
+        refusing += [(n, _PARAMETRIZED_TO_FILE) for n, layer in layers
+                     if weight_home(layer) == "parametrized"]
+    else:
+        refusing += [(n, why) for n, layer in layers if not layer.merged and layer.held_active
+                     and weight_home(layer) == "parametrized"
+                     and (why := staging_problem(layer, layer.merged_weight()))]
     if refusing:
         raise StateError(
             f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
@@ -137,6 +148,13 @@ def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], actio
             f"{action}: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
             "call it outside that block."
         )
+
+
+_PARAMETRIZED_TO_FILE = (
+    "the weight is computed by a parametrization (torch.nn.utils.parametrize), so a file of "
+    "the original architecture holds parametrizations.weight.* and no weight key to write. "
+    "Call loraplug.merge(model) (or unload(model, merge=True)) and save model.state_dict()."
+)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -218,6 +236,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             layer.set_disabled(flag)
             for names, exact in merged:
                 push(layer, tuple(n for n in names if n in layer.rank), exact=exact)
+        # Layers that got their first adapter inside the block leave it with the others.
+        inside = {id(layer) for _, layer in layers}
+        for _, layer in lora_layers(model):
+            if id(layer) not in inside:
+                layer.set_disabled(all(before))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -254,6 +277,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise StateError(
             f"delete_adapter: adapter {name!r} is merged into {merged[:5]} (their weights "
             f"hold it); call loraplug.unmerge(model, {name!r}) first."
+        )
+    # Inside adapter_per_sample each layer routes rows to the adapters in its route's slots.
+    routed = [n for n, layer in layers if name in getattr(layer._detour, "slots", ())]
+    if routed:
+        raise StateError(
+            f"delete_adapter: adapter {name!r} is in use inside adapter_per_sample on "
+            f"{routed[:5]}; delete it after the with block."
         )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:

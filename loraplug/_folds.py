@@ -20,6 +20,7 @@ from torch import Tensor
 from ._errors import LoRAWarning, StateError
 from ._exact import NotFinite, Residual, fold, subtract, unfold
 from ._products import compute_dtype
+from ._weights import weight_home, write_weight
 
 if TYPE_CHECKING:
     from ._layer import LoRALayer
@@ -30,7 +31,8 @@ class Fold:
     """Adapters one merge added to a layer's weight, and how to take them out exactly."""
 
     names: tuple[str, ...]
-    residual: Residual | None  # None: kept without it (exact=False), taken out plainly
+    residual: Residual | None  # None: kept without it (exact=False, or a parametrized
+    # weight), taken out by subtracting
 
 
 def delta_of(layer: LoRALayer, names: Sequence[str]) -> Tensor:
@@ -46,17 +48,31 @@ def _sync(layer: LoRALayer) -> None:
     layer._refresh()
 
 
+_NOT_FINITE = (
+    "merging {} gives a weight with NaN or inf values (NaN or inf in the adapter tensors, or "
+    "an overflow of the weight's dtype); the weight was left as it was. Check the adapters "
+    "with torch.isfinite(...).all()."
+)
+
+
 @torch.no_grad()
 def push(layer: LoRALayer, names: tuple[str, ...], *, exact: bool = True) -> None:
-    """Fold ``names`` into the layer's weight; refused, weight untouched, if not finite."""
+    """Fold ``names`` into the layer's weight; refused, weight untouched, if not finite.
+
+    A parametrized weight is written through its parametrization, without a residual.
+    """
+    if weight_home(layer) != "stored":
+        merged = layer._adapted_weight(names, layer.scaling, 1)
+        if not torch.isfinite(merged).all():
+            raise StateError(_NOT_FINITE.format(list(names)))
+        write_weight(layer, merged)  # refused, nothing written, if it cannot hold it
+        layer._folds.append(Fold(names, None))
+        _sync(layer)
+        return
     try:
-        residual = fold(layer.weight, delta_of(layer, names))
+        residual = fold(layer._tensor("weight"), delta_of(layer, names))
     except NotFinite:
-        raise StateError(
-            f"merging {list(names)} gives a weight with NaN or inf values (NaN or inf in the "
-            "adapter tensors, or an overflow of the weight's dtype); the weight was left as "
-            "it was. Check the adapters with torch.isfinite(...).all()."
-        ) from None
+        raise StateError(_NOT_FINITE.format(list(names))) from None
     layer._folds.append(Fold(names, residual if exact else None))
     _sync(layer)
 
@@ -65,7 +81,11 @@ def push(layer: LoRALayer, names: tuple[str, ...], *, exact: bool = True) -> Non
 def pop(layer: LoRALayer) -> Fold:
     """Take the last fold out of the layer's weight: exactly, when it kept its residual."""
     top = layer._folds.pop()
-    weight = layer.weight
+    if weight_home(layer) != "stored":
+        write_weight(layer, layer._adapted_weight(top.names, layer.scaling, -1))
+        _sync(layer)
+        return top
+    weight = layer._tensor("weight")
     delta = delta_of(layer, top.names)
     if top.residual is None:
         subtract(weight, delta)

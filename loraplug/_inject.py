@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ._adapter_set import usable_name
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, memory_problem, rank_ok
+from ._bounded import short_repr as _short
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
+from ._hooks import swap_hooks
 from ._layer import LoRALayer
 from ._merging import merge as merge_all
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
+from ._weights import reading_weights
 
 
 @dataclass(frozen=True)
@@ -25,24 +29,19 @@ class LayerSpec:
     dropout: float
 
 
-# Adapters are keys of these containers; torch refuses keys that shadow their attributes.
-_CONTAINERS = (nn.ModuleDict(), nn.ParameterDict())
-
-
 def validate_name(name: object) -> str:
     """Check an adapter name: any non-empty string without dots that torch can use as a key.
 
     Raises:
         ConfigError: ``name`` is not such a string.
     """
-    if not isinstance(name, str) or not name or "." in name \
-            or any(hasattr(c, name) for c in _CONTAINERS):
+    if not usable_name(name):
         raise ConfigError(
             f"adapter name must be a non-empty string without dots that is not an attribute "
             f"of nn.ModuleDict or nn.ParameterDict (such as 'keys', 'copy' or 'training'); "
             f"received {name!r}. Use names like 'default', 'style_b' or 'adapter-2'."
         )
-    return name
+    return str(name)
 
 
 def validate_hyperparameters(
@@ -53,24 +52,25 @@ def validate_hyperparameters(
     Raises:
         ConfigError: a value is of the wrong type or out of range.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not rank_ok(rank):
         raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
+            f"rank must be a positive int; received {_short(rank)}. Typical ranks are 4 to "
+            f"64, e.g. rank=8 (at most {MAX_RANK})."
         )
     if alpha is None:
         alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
+    if not alpha_ok(alpha):
         raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+            f"alpha must be a finite number > 0; received {_short(alpha)}. The scaling is "
+            "alpha / rank, computed in the weights' dtype, so alpha must fit a float32 "
+            f"({ALPHA_RANGE[0]:.4g} to {ALPHA_RANGE[1]:.4g}); alpha=None means alpha = rank "
+            "(scaling 1)."
         )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
+            f"dropout must be a number in [0, 1); received {_short(dropout)}. Use 0.0 for "
+            "none, e.g. dropout=0.05."
         )
     name = validate_name(name)
     if init not in ("kaiming", "gaussian"):
@@ -78,6 +78,21 @@ def validate_hyperparameters(
             f"init must be 'kaiming' or 'gaussian'; received {init!r}."
         )
     return rank, float(alpha), float(dropout), name, str(init)
+
+
+def check_flags(**flags: object) -> None:
+    """Check that each flag is True or False (not a truthy string such as "no").
+
+    Raises:
+        ConfigError: a flag is something else.
+    """
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
+
+
+#: What a LoRA layer registers itself beside the wrapped module's tensors.
+_LAYER_REGISTRIES = ("lora_A", "lora_B", "lora_dropout", "_lora_scales")
 
 
 def injection_problems(
@@ -115,7 +130,16 @@ def injection_problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = lora_layer_for(module)
-    why = probe.check_rank(spec.rank)
+    taken = [] if probe is module else [
+        n for n in (*module._parameters, *module._buffers, *module._modules)
+        if n in vars(probe) or n in _LAYER_REGISTRIES]
+    if taken:
+        found.append((TargetError, (
+            f"{name!r} ({type_name(type(module))}) has parameters, buffers or children named "
+            f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
+            "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
+            f"leave the layer out (exclude=[{name!r}]).")))
+    why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.through_weight and spec.dropout > 0:
@@ -159,7 +183,8 @@ def inject_lora(
         alpha: scaling numerator; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (scaling 1).
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
-        name: the adapter's name (an identifier without dots).
+        name: the adapter's name: a string without dots, not an attribute name of
+            ``nn.ParameterDict`` (such as "keys").
         exclude: patterns, as for ``target``, to leave out.
         init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
@@ -197,9 +222,7 @@ def inject_lora(
     rank, alpha_value, dropout, name, init = validate_hyperparameters(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
-    for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     selection = select(model, target, exclude)
     if selection.unsupported:
         skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
@@ -241,7 +264,23 @@ def inject_layers(
     given before any change, so that warnings-as-errors change nothing either); returns
     the LoRA layers by name. Hyperparameters must already be validated.
     """
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     paths = module_paths(model)
+    with reading_weights(modules.values()):
+        staged = _stage(model, modules, specs, paths, name=name, init=init)
+    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
+    if freeze_base:
+        lora = {id(p) for _, layer in lora_layers(model)
+                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
+        for p in model.parameters():
+            if id(p) not in lora:
+                p.requires_grad_(False)
+    return {qualname: item.layer for qualname, item in staged.items()}
+
+
+def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
+           paths: dict[int, list[str]], *, name: str, init: str) -> dict[str, _Staged]:
+    # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
         problems += injection_problems(model, qualname, module, paths[id(module)],
@@ -249,8 +288,6 @@ def inject_layers(
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
-
-    # Build every new layer and adapter before touching the model.
     staged: dict[str, _Staged] = {}
     for qualname, module in modules.items():
         layer, spec = lora_layer_for(module), specs[qualname]
@@ -261,16 +298,9 @@ def inject_layers(
         warnings.warn(
             f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=3,
+            LoRAWarning, stacklevel=4,
         )
-    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
-    if freeze_base:
-        lora = {id(p) for _, layer in lora_layers(model)
-                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
-        for p in model.parameters():
-            if id(p) not in lora:
-                p.requires_grad_(False)
-    return {qualname: item.layer for qualname, item in staged.items()}
+    return staged
 
 
 def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
@@ -288,6 +318,7 @@ def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]]
         if layer is not item.module:
             layer.set_active(active)
             layer.set_disabled(disabled)
+            swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
     if active == [name]:
@@ -313,8 +344,9 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, on a model sharded by FSDP2, or with
-            adapters whose merged weight would hold NaN or inf (nothing is changed).
+            weight is tied to another module's, computed by a hook or parametrized by
+            something that cannot hold the merged weight, on a model sharded by FSDP2, or
+            with adapters whose merged weight would hold NaN or inf (nothing is changed).
 
     Example:
         >>> from torch import nn
@@ -334,6 +366,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         if not merge:
             layer.unmerge()
         layer.sync_base()
+        swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(layer)]:
             set_module(model, path, layer.base_layer)
     return model

@@ -35,6 +35,7 @@ from ._errors import StateError
 from ._folds import names_to_merge, push, take_out
 from ._named_forms import NamedBranch, forms_of
 from ._products import Scale, compute_dtype
+from ._weights import before_loading, merge_problem, warn_training_merged
 
 
 def _as_tuple(names: str | Iterable[str]) -> tuple[str, ...]:
@@ -196,6 +197,8 @@ class LoRALayer(AdapterSet):
             names, scales = gated_adapters(self)
         else:
             names, scales = self._live, self.scaling
+        if not names and self.merged_adapters and self.training:
+            warn_training_merged(self)  # off the hot path: only a merged layer gets here
         if self.through_weight:
             return self._forward_through_weight(x, names, scales)
         out = self.base_forward(x)
@@ -296,13 +299,18 @@ class LoRALayer(AdapterSet):
         See :func:`loraplug.merge` for ``exact``; ``safe`` is kept for compatibility
         (every merge is checked).
 
+        A parametrized weight (``torch.nn.utils.parametrize``) is written through its
+        parametrization and unmerged by subtracting, not bit for bit.
+
         Raises:
-            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or the merged weight would have NaN or inf entries; the weight
-                is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
+                cannot take it (computed by a hook, or parametrized by something that
+                cannot hold it), adapters are disabled, or the merged weight would have
+                NaN or inf entries; the weight is left as it was.
         """
-        if self.merge_refusal is not None:
-            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
+        why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
+        if why is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {why}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
@@ -325,6 +333,10 @@ class LoRALayer(AdapterSet):
         self.sync_base()
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sync_base(self) -> None:
         """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""

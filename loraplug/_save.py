@@ -35,6 +35,7 @@ from ._format import (
     key_names,
 )
 from ._layer import LoRALayer
+from ._paths import as_path
 from ._peft_config import build_config
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
@@ -90,7 +91,8 @@ def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
             "either the old or the new one, never a partial write; if only some were replaced, "
-            "load_adapter detects the mismatched pair and refuses it. Save again."
+            "load_adapter warns that the config and the weights come from different saves (and "
+            "refuses them if their shapes disagree). Save again."
         ) from err
 
 
@@ -120,6 +122,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
         AdapterError: the model has no adapter ``name``.
         AdapterFileError: the adapter uses rsLoRA on some layers only (PEFT's config has
             one ``use_rslora``), or the files cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import tempfile
@@ -154,7 +157,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     if len({dropout for _, _, dropout in specs.values()}) > 1:
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    directory = Path(path)
+    directory = as_path(path, "save_adapter")
 
     def write() -> None:
         try:
@@ -165,12 +168,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
                 "path."
             ) from err
         # An adapter is small: serialise it in memory, then write it through our own file.
+        weights = _canonical(serialize(tensors, metadata=metadata))
         _write({
-            directory / WEIGHTS_NAME: bytes_writer(serialize(tensors, metadata=metadata)),
+            directory / WEIGHTS_NAME: bytes_writer(weights),
             directory / CONFIG_NAME: bytes_writer(config_bytes),
         }, "save_adapter")
 
     run_on_main(model, write)  # FSDP2: process 0 writes, the others wait for it
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted, so that saving the same
+    adapter twice gives the same bytes (the writer orders metadata by hash)."""
+    # Layout: an 8-byte little-endian header length, the JSON header padded with spaces to
+    # a multiple of 8, then the tensor data, whose offsets the reordering leaves alone.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def save_merged(model: nn.Module, path: str | Path) -> None:
@@ -190,9 +206,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         path: the ``.safetensors`` file to write.
 
     Raises:
-        StateError: adapters are disabled (inside ``disable_adapters``), or the model is
-            sharded by FSDP2 (merge on one process).
+        StateError: adapters are disabled (inside ``disable_adapters``), the model is
+            sharded by FSDP2 (merge on one process), or a weight is tied, parametrized or
+            computed by a hook.
         AdapterFileError: the file cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import os, tempfile, torch
@@ -207,7 +225,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         ['0.bias', '0.weight']
     """
     layers = lora_layers(model)
-    check_mergeable(model, layers, "save_merged")
+    check_mergeable(model, layers, "save_merged", to_file=True)
     paths = module_paths(model)
     state = model.state_dict()
     with torch.no_grad():
@@ -229,6 +247,6 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         value = value.clone() if pointer in storages else value.contiguous()
         storages.add(pointer)
         tensors[clean_name(key)] = value
-    target = Path(path)
+    target = as_path(path, "save_merged")
     _write({target: lambda temp: save_file(tensors, temp, metadata={"format": "pt"})},
            "save_merged")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from ._errors import TargetError
+from ._errors import ConfigError, TargetError
 from ._layer import LoRALayer
 from ._registry import lookup, supported_types, type_name
 
@@ -42,6 +43,20 @@ _COMPILE_PREFIX = "_orig_mod."
 def clean_name(name: str) -> str:
     """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def check_model(model: object) -> None:
+    """Raise unless ``model`` is an ``nn.Module``.
+
+    Raises:
+        ConfigError: it is something else.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be an nn.Module; received {type(model).__name__} "
+            f"{reprlib.repr(model)}. Pass the model object itself (model, not model.state_dict() "
+            "or a path)."
+        )
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:
@@ -165,6 +180,10 @@ class _Patterns:
         return [p for p, hit in zip(self.patterns, self.hit) if not hit]
 
 
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, LoRALayer) or lookup(type(module)) is not None
+
+
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
     """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
 
@@ -172,7 +191,9 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
         TargetError: a pattern matches no module (with close names), the spec is
             malformed, or nothing selected has a registered LoRA layer.
     """
+    check_model(model)
     includes = _as_list(target)
+    _refuse_instances(model, {"target": includes, "exclude": _as_list(exclude)})
     if not includes:
         raise TargetError(
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
@@ -181,16 +202,28 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
     inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
     everything = list(candidates(model))
     picked: list[tuple[str, str, nn.Module]] = []
+    removed: list[str] = []  # selected by target, then taken out by exclude
     seen: set[int] = set()
     for name, path, module in everything:
         included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
         excluded = exc.match(name, module)
+        if included and excluded and name and _supported(module):
+            removed.append(name)
         if included and not excluded and id(module) not in seen:
             seen.add(id(module))  # a shared module is wrapped once, under its first name
             picked.append((name, path, module))
     if inc.missed() or exc.missed():
         raise _unmatched(everything, inc.missed(), exc.missed())
+    if removed and not any(_supported(m) for name, _, m in picked if name):
+        shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5
+                                          else "")
+        raise TargetError(
+            f"exclude {', '.join(describe(p) for p in exc.patterns)} removes every layer of a "
+            f"supported type that target selects ({shown}), so nothing is left to adapt. "
+            "Narrow the exclude or "
+            "widen the target; loraplug.find_targets(model, target) shows what a target selects."
+        )
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):
@@ -200,6 +233,20 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "or target its children."
         )
     return _selection(picked)
+
+
+def _refuse_instances(model: nn.Module, specs: dict[str, list[Pattern]]) -> None:
+    # A module object is callable, so it would pass for a predicate; name it instead.
+    for kind, patterns in specs.items():
+        for p in patterns:
+            if isinstance(p, nn.Module):
+                names = [clean_name(n) for n, m in model.named_modules() if m is p]
+                hint = (f"It is {names[0]!r} in the model: pass {kind}={names[0]!r}" if names
+                        else "It is not in the model; pass a name from model.named_modules()")
+                raise TargetError(
+                    f"{kind} received a module object ({type_name(type(p))}), not a pattern. "
+                    f"{hint}, or its type ({type_name(type(p))}) for every such module."
+                )
 
 
 def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],

@@ -357,7 +357,11 @@ def test_base_weights_peft_saves_for_embeddings(saved: tuple[Path, nn.Module]) -
 def test_loading_into_merged_layers_or_a_taken_name(saved: tuple[Path, nn.Module]) -> None:
     path, base = saved
     lp.load_adapter(base, path)
-    refused(base, path, r"'blocks.0.fc' already has an adapter named 'default'; choose another")
+    # The taken name is one problem, said once (not again for every layer that has it).
+    message = refused(base, path, r"nothing was changed:\n  - the model already has an adapter "
+                                  r"named 'default'; load under another name \(name='...'\) or "
+                                  r"delete it first with loraplug.delete_adapter")
+    assert message.count("\n  - ") == 1
     lp.merge(base)
     lp.unmerge(base)
     lp.merge(base)
