@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import exact, mixed, scenarios
+from . import exact, mixed, qlora, scenarios
 from .timing import wait_for_quiet
 from .twins import peft_available
 
@@ -171,6 +171,23 @@ def tables(results: dict[str, Any]) -> str:
             ["model", "dtype", "adapters (ΔW/W)", "exact", "exact=False", "in place (before)",
              "PEFT", "exact ÷ in place", "check", "side B/B", "drift exact / PEFT"],
             rows))
+    q = results.get("qlora")
+    if q:
+        def mib(key: str, who: str) -> str:
+            return f"{q[key][who] / MiB:.1f}" if who in q[key] else "—"
+        rows = [[who, mib("resident_bytes", who), mib("step_peak_bytes", who),
+                 mib("peak_bytes", who), _span(q["train"][who]) if who in q["train"] else "—"]
+                for who in ("loraplug", "peft", "fp32") if who in q["peak_bytes"]]
+        ratios = q["memory_ratio"]
+        out.append(_table(
+            f"QLoRA training step ({q['about']}); MiB: resident = weights, quantization "
+            "statistics, adapters, AdamW state; step = peak allocated during the step above it",
+            ["model", "resident MiB", "step MiB", "peak MiB", "step time"], rows)
+            + f"peak: loraplug nf4 / loraplug fp32 {ratios['loraplug_over_fp32']:.3f}×"
+            + (f", loraplug / PEFT {ratios['loraplug_over_peft']:.3f}×"
+               if "loraplug_over_peft" in ratios else "")
+            + (f"; step time loraplug / PEFT {q['train_ratio']['loraplug_over_peft']:.3f}× "
+               "(paired median)\n" if "train_ratio" in q else "\n"))
     return "\n".join(out)
 
 
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}",  # noqa: E731
                             file=sys.stderr, flush=True)
     chosen = scenarios.scenarios(args.quick)
-    known = [s.name for s in chosen] + ["mixed", "merge-exact"]
+    known = [s.name for s in chosen] + ["mixed", "merge-exact", "qlora"]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {known}")
@@ -224,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only or "merge-exact" in args.only:
         results["merge_exact"] = exact.run(quick=args.quick, use_peft=not args.no_peft,
                                            log=log, settle=settle)
+    if not args.only or "qlora" in args.only:
+        missing = qlora.available()
+        if missing:
+            log(f"qlora skipped: {missing}")
+        else:
+            results["qlora"] = qlora.run(quick=args.quick, use_peft=not args.no_peft, log=log,
+                                         settle=settle)
     results["environment"]["load_at_end"] = os.getloadavg()
     results["environment"]["seconds"] = round(time.perf_counter() - started, 1)
 

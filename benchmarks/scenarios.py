@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 import loraplug as lp
 
+from . import attention
 from .models import GPT, linear_names, vgg19
 from .timing import calibrate, flops, interleaved, peak_memory, seconds
 from .twins import (
@@ -47,6 +48,15 @@ class Scenario:
     sample_s: float = 0.0
     #: The module that is called: the whole model, or one layer for the per-call case.
     entry: Callable[[nn.Module], nn.Module] = field(default=lambda m: m)
+    #: PEFT's side when it cannot hold the same targets: (base, rank, alpha) -> (targets,
+    #: rank, alpha, copy), ``copy(loraplug_model, peft_model, adapters)`` filling PEFT's A, B.
+    peft: Callable[..., tuple[list[str], int, float, Callable[..., None]]] | None = None
+
+    def peft_side(self, base: nn.Module) -> tuple[list[str], int, float, Any]:
+        """PEFT's targets, rank, alpha and adapter copier (None: the same as loraplug's)."""
+        if self.peft is None:
+            return self.targets(base), self.rank, self.alpha, None
+        return self.peft(base, self.rank, self.alpha)
 
 
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -124,6 +134,29 @@ def scenarios(quick: bool) -> list[Scenario]:
             _seeded(lambda: nn.Sequential(nn.Embedding(*((4096, 256) if q else (32000, 1024))))),
             _ids(4096 if q else 32000, *((4, 128) if q else (16, 256))), lambda m: ["0"],
             rank=16, alpha=32, **common),
+        *_attention_scenarios(q, common),
+    ]
+
+
+def _attention_scenarios(q: bool, common: dict[str, int]) -> list[Scenario]:
+    vit = f"{'ViT (2×d64)' if q else 'torchvision ViT-B/16'}, batch 2 at {32 if q else 224}²"
+    images = _randn(2, 3, *((32, 32) if q else (224, 224)))
+    gpt2 = f"transformers GPT-2 {'2×d128' if q else '6×d768'}, batch {'2×64' if q else '4×256'}"
+    slow = common if q else dict(rounds=7, train_rounds=3, admin_rounds=2)
+    return [
+        Scenario(
+            "vit-qv", f"{vit}, r16 on q and v of every attention (PEFT: the same function as "
+            "its whole-attention adapter, r32)", _seeded(lambda: attention.vit(q)), images,
+            attention.qv_names, rank=16, alpha=32, peft=attention.peft_qv_as_whole_attention,
+            **slow),
+        Scenario(
+            "vit-attn", f"{vit}, r16 on every attention (in_proj and out_proj, PEFT's layout)",
+            _seeded(lambda: attention.vit(q)), images, attention.attention_names, rank=16,
+            alpha=32, **slow),
+        Scenario(
+            "gpt2-conv1d", f"{gpt2}, r16 on every Conv1D layer",
+            _seeded(lambda: attention.gpt2(q)), _ids(8192, *((2, 64) if q else (4, 256))),
+            attention.conv1d_names, rank=16, alpha=32, **slow),
     ]
 
 
@@ -168,7 +201,7 @@ def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None],
     result: dict[str, Any] = {"name": sc.name, "about": sc.about, "rank": sc.rank,
                               "alpha": sc.alpha, "targets": len(targets)}
     lp_model = loraplug_twin(base, targets, sc.rank, sc.alpha)
-    peft_model = peft_twin(base, lp_model, targets, sc.rank, sc.alpha) if use_peft else None
+    peft_model = peft_twin(base, lp_model, *sc.peft_side(base)) if use_peft else None
     result["checks"] = _check(sc, base, lp_model, peft_model, x)
     result["flops"] = {"base": flops(lambda: sc.entry(base)(x)),
                        "unmerged": flops(lambda: sc.entry(lp_model)(x))}
@@ -218,7 +251,7 @@ def _admin(sc: Scenario, base: nn.Module, targets: list[str], lp_model: nn.Modul
             from peft import get_peft_model
 
             made: list[Any] = []
-            config = peft_config(targets, sc.rank, sc.alpha)
+            config = peft_config(*sc.peft_side(base)[:3])
             fresh = copy.deepcopy(base)
             times["inject"]["peft"].append(seconds(
                 lambda m=fresh, c=config, made=made: made.append(get_peft_model(m, c))))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def randomize(model: nn.Module, seed: int, names: Sequence[str] | None = None) -
 def loraplug_twin(base: nn.Module, targets: list[str], rank: int, alpha: float,
                   adapters: Sequence[str] = ("default",)) -> nn.Module:
     """A copy of ``base`` with loraplug adapters ``adapters`` on ``targets``, randomised."""
-    model = copy.deepcopy(base)
+    model = deepcopy(base)
     for i, name in enumerate(adapters):
         lp.inject_lora(model, target=targets, rank=rank, alpha=alpha, name=name)
         randomize(model, seed=i, names=[name])
@@ -48,15 +48,20 @@ def peft_config(targets: list[str], rank: int, alpha: float):  # type: ignore[no
 
 
 def peft_twin(base: nn.Module, source: nn.Module, targets: list[str], rank: int, alpha: float,
+              copy: Callable[..., None] | None = None,
               adapters: Sequence[str] = ("default",)):  # type: ignore[no-untyped-def]
-    """A ``PeftModel`` on a copy of ``base`` holding the adapters of ``source`` exactly."""
+    """A ``PeftModel`` on a copy of ``base`` holding the adapters of ``source`` exactly.
+
+    ``copy(source, peft_model, adapters)`` fills PEFT's tensors when they are laid out
+    differently from loraplug's (default: :func:`copy_adapters`).
+    """
     from peft import get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base), peft_config(targets, rank, alpha),
+    model = get_peft_model(deepcopy(base), peft_config(targets, rank, alpha),
                            adapter_name=adapters[0])
     for name in adapters[1:]:
         model.add_adapter(name, peft_config(targets, rank, alpha))
-    copy_adapters(source, model, adapters)
+    (copy or copy_adapters)(source, model, tuple(adapters))
     model.set_adapter(adapters[0])
     return model.train(source.training)
 
@@ -71,11 +76,17 @@ def copy_adapters(source: nn.Module, peft_model: nn.Module, adapters: Sequence[s
         for path, module in inner.named_modules():
             if not isinstance(module, LoraLayer):
                 continue
-            layer = source.get_submodule(path)
+            # PEFT keeps the children of a module it wraps under base_layer, and applies
+            # some of them otherwise (an attention's out_proj twice): see peft_part_factors.
+            ours = path.replace(".base_layer.", ".")
+            layer = source.get_submodule(ours)
+            owner, _, part = ours.rpartition(".")
+            factor = getattr(type(source.get_submodule(owner)), "peft_part_factors", {}) \
+                .get(part, 1.0)
             for name in adapters:
                 if name in module.lora_A:
                     module.lora_A[name].weight.copy_(layer.lora_A[name])
-                    module.lora_B[name].weight.copy_(layer.lora_B[name])
+                    module.lora_B[name].weight.copy_(layer.lora_B[name] / factor)
                 else:
                     module.lora_embedding_A[name].copy_(layer.lora_A[name])
                     module.lora_embedding_B[name].copy_(layer.lora_B[name])

@@ -13,6 +13,7 @@ Example:
     >>> _ = lp.unload(model)
 """
 
+from . import _quantized  # noqa: F401  (registers the quantized layer types by name)
 from ._adapters import (
     active_adapters,
     adapter_names,
@@ -33,16 +34,21 @@ from ._errors import (
     TargetError,
 )
 from ._inject import inject_lora, unload
+from ._kbit import prepare_for_kbit_training
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._load import load_adapter, load_adapter_state_dict
 from ._merging import merge, unmerge
+from ._mha import LoRAMultiheadAttention
 from ._mixed import adapter_per_sample
-from ._registry import lora_layer_type, register_lora_layer
+from ._registry import lora_layer_type, register_by_name, register_lora_layer
 from ._save import adapter_state_dict, save_adapter, save_merged
 from ._summary import LayerSummary, LoRASummary, summary
 from ._targeting import find_targets
 from ._version import VERSION
+
+# Layer types of optional packages: imported when a model holds one.
+register_by_name("transformers.pytorch_utils.Conv1D", "loraplug._conv1d")
 
 __version__ = VERSION
 
@@ -59,6 +65,7 @@ __all__ = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRASummary",
     "LoRAWarning",
     "StateError",
@@ -76,6 +83,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
+    "prepare_for_kbit_training",
     "register_lora_layer",
     "save_adapter",
     "save_merged",

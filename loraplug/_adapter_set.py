@@ -33,6 +33,12 @@ def usable_name(name: object) -> bool:
 if TYPE_CHECKING:
     from ._folds import Fold
 
+_LIVE_HOOK = "loraplug.live"
+
+
+def live_marker(module: nn.Module, args: object) -> None:
+    """A forward pre-hook that does nothing: its presence marks a layer with live adapters."""
+
 
 class AdapterSet(nn.Module):
     """Named low-rank adapters and their state; :class:`loraplug.LoRALayer` adds the math."""
@@ -154,4 +160,12 @@ class AdapterSet(nn.Module):
         merged = self.merged_adapters
         self._live = () if self.adapters_disabled else tuple(
             n for n in self.held_active if n not in merged)
+        # nn.TransformerEncoderLayer runs a fused kernel on its children's weights unless
+        # one of its modules has a forward hook: while an adapter is live, lora_A (never
+        # called, so the hook costs nothing) carries one and keeps that kernel off.
+        hooks = self.lora_A._forward_pre_hooks
+        if self._live:
+            hooks[_LIVE_HOOK] = live_marker  # type: ignore[index]
+        else:
+            hooks.pop(_LIVE_HOOK, None)  # type: ignore[call-overload]
         sync_gates(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -18,6 +19,9 @@ from ._folds import push, take_out
 from ._layer import LoRALayer
 from ._targeting import check_model, clean_name
 from ._weights import merge_problem, shared_memory, staging_problem, weight_home
+
+if TYPE_CHECKING:
+    pass
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -224,7 +228,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     layers = layers_or_raise(model, "disable_adapters")
     refuse_sharded([(n, layer) for n, layer in layers if layer.merged], "disable_adapters")
     folds = [[(f.names, f.residual is not None) for f in layer._folds] for _, layer in layers]
-    for _, layer in layers:
+    for _, layer in reversed(layers):  # last merged, first out (see unmerge)
         take_out(layer, layer.merged_adapters)
     before = [layer.adapters_disabled for _, layer in layers]
     for _, layer in layers:

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ._adapters import check_names, layers_or_raise
 from ._errors import ConfigError
-from ._inject import validate_name
+from ._hyperparameters import validate_name
 from ._layer import LoRALayer
 
 #: method -> (pruning, whether TIES elects a sign, whether ΔW is refactored by SVD)

@@ -31,8 +31,7 @@ class Fold:
     """Adapters one merge added to a layer's weight, and how to take them out exactly."""
 
     names: tuple[str, ...]
-    residual: Residual | None  # None: kept without it (exact=False, or a parametrized
-    # weight), taken out by subtracting
+    residual: Residual | None  # None: kept without it (exact=False), taken out plainly
 
 
 def delta_of(layer: LoRALayer, names: Sequence[str]) -> Tensor:
@@ -48,31 +47,29 @@ def _sync(layer: LoRALayer) -> None:
     layer._refresh()
 
 
-_NOT_FINITE = (
-    "merging {} gives a weight with NaN or inf values (NaN or inf in the adapter tensors, or "
-    "an overflow of the weight's dtype); the weight was left as it was. Check the adapters "
-    "with torch.isfinite(...).all()."
-)
+_NOT_FINITE = ("merging {names} gives a weight with NaN or inf values (NaN or inf in the "
+               "adapter tensors, or an overflow of the weight's dtype); the weight was left as "
+               "it was. Check the adapters with torch.isfinite(...).all().")
 
 
 @torch.no_grad()
 def push(layer: LoRALayer, names: tuple[str, ...], *, exact: bool = True) -> None:
     """Fold ``names`` into the layer's weight; refused, weight untouched, if not finite.
 
-    A parametrized weight is written through its parametrization, without a residual.
+    A parametrized weight (``_weights``) is written through its parametrization, without
+    a residual: unmerging it subtracts ΔW.
     """
-    if weight_home(layer) != "stored":
-        merged = layer._adapted_weight(names, layer.scaling, 1)
-        if not torch.isfinite(merged).all():
-            raise StateError(_NOT_FINITE.format(list(names)))
-        write_weight(layer, merged)  # refused, nothing written, if it cannot hold it
-        layer._folds.append(Fold(names, None))
-        _sync(layer)
-        return
-    try:
-        residual = fold(layer._tensor("weight"), delta_of(layer, names))
-    except NotFinite:
-        raise StateError(_NOT_FINITE.format(list(names))) from None
+    residual = None
+    if weight_home(layer) == "stored":
+        try:
+            residual = fold(layer.weight, delta_of(layer, names))
+        except NotFinite:
+            raise StateError(_NOT_FINITE.format(names=list(names))) from None
+    else:
+        new = layer._adapted_weight(names, layer.scaling, 1)
+        if not torch.isfinite(new).all():
+            raise StateError(_NOT_FINITE.format(names=list(names)))
+        write_weight(layer, new)
     layer._folds.append(Fold(names, residual if exact else None))
     _sync(layer)
 
@@ -85,7 +82,7 @@ def pop(layer: LoRALayer) -> Fold:
         write_weight(layer, layer._adapted_weight(top.names, layer.scaling, -1))
         _sync(layer)
         return top
-    weight = layer._tensor("weight")
+    weight = layer.weight
     delta = delta_of(layer, top.names)
     if top.residual is None:
         subtract(weight, delta)

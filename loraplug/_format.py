@@ -7,7 +7,8 @@ An adapter directory holds two files, exactly as PEFT writes them:
 - ``adapter_model.safetensors`` (or a legacy ``adapter_model.bin``): for a layer at
   module path ``<path>``, the tensors ``<path>.lora_A.weight`` (r, in…) and
   ``<path>.lora_B.weight`` (out, r…), or ``<path>.lora_embedding_A`` (r, V) and
-  ``<path>.lora_embedding_B`` (d, r) for embeddings. Files written by PEFT's
+  ``<path>.lora_embedding_B`` (d, r) for embeddings; a part of another layer (the
+  ``out_proj`` of an attention) is ``<owner>.base_layer.<part>``. Files written by PEFT's
   ``save_pretrained`` (and by ``save_adapter``) put ``base_model.model.`` before every
   key. What PEFT has no field for (the adapter's name, per-layer dropout, the loraplug
   version) is kept in the safetensors metadata under ``loraplug.*``.
@@ -68,6 +69,27 @@ def key_names(layer_cls: type[LoRALayer]) -> tuple[str, str]:
     return "lora_A.weight", "lora_B.weight"
 
 
+def key_path(path: str, lora_paths: set[str]) -> str:
+    """The module path a layer's keys carry: a part of another LoRA layer (attention's
+    ``out_proj``) is ``<owner>.base_layer.<part>``, as PEFT names the children of the
+    modules it wraps."""
+    owner, _, part = path.rpartition(".")
+    return f"{owner}.base_layer.{part}" if owner in lora_paths else path
+
+
+def part_factor(layers: Mapping[str, LoRALayer], path: str) -> float:
+    """What the file's B of the layer at ``path`` is multiplied by to give the layer's B.
+
+    1 except for a part whose owner's layer type says PEFT applies it otherwise (see
+    ``LoRAMultiheadAttention.peft_part_factors``).
+    """
+    owner, _, part = path.rpartition(".")
+    if owner not in layers:
+        return 1.0
+    factors: dict[str, float] = getattr(type(layers[owner]), "peft_part_factors", {})
+    return factors.get(part, 1.0)
+
+
 def index_keys(state: Mapping, names: set[str]) -> tuple[
         dict[str, Slots], dict[str, str], list[str]]:
     """Group LoRA keys by module path; keys may carry PEFT's ``base_model.model.``.
@@ -88,6 +110,8 @@ def index_keys(state: Mapping, names: set[str]) -> tuple[
         for suffix, (slot, style) in _SUFFIXES.items():
             if short.endswith(suffix) and len(short) > len(suffix):
                 path = short[:-len(suffix)]
+                if path not in names and ".base_layer." in path:  # see key_path
+                    path = path.replace(".base_layer.", ".")
                 if slot in entries[path]:
                     problems.append(
                         f"{path}: both {entries[path][slot][0]!r} and {key!r} give its lora_{slot}."

@@ -7,16 +7,24 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ._adapter_set import usable_name
 from ._adapters import active_adapters, check_mergeable, lora_layers
-from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, memory_problem, rank_ok
-from ._bounded import short_repr as _short
+from ._bounded import memory_problem
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._hooks import swap_hooks
+from ._hyperparameters import check_flags, validate_hyperparameters
 from ._layer import LoRALayer
 from ._merging import merge as merge_all
+from ._parts import Part, layer_parts
+from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
-from ._targeting import TargetSpec, module_paths, owner_problems, select, set_module
+from ._targeting import (
+    TargetSpec,
+    module_paths,
+    owner_problems,
+    parts_index,
+    select,
+    set_module,
+)
 from ._weights import reading_weights
 
 
@@ -27,68 +35,6 @@ class LayerSpec:
     rank: int
     alpha: float
     dropout: float
-
-
-def validate_name(name: object) -> str:
-    """Check an adapter name: any non-empty string without dots that torch can use as a key.
-
-    Raises:
-        ConfigError: ``name`` is not such a string.
-    """
-    if not usable_name(name):
-        raise ConfigError(
-            f"adapter name must be a non-empty string without dots that is not an attribute "
-            f"of nn.ModuleDict or nn.ParameterDict (such as 'keys', 'copy' or 'training'); "
-            f"received {name!r}. Use names like 'default', 'style_b' or 'adapter-2'."
-        )
-    return str(name)
-
-
-def validate_hyperparameters(
-    *, rank: object, alpha: object, dropout: object, name: object, init: object
-) -> tuple[int, float, float, str, str]:
-    """Check the hyperparameters shared by every layer; returns them normalised.
-
-    Raises:
-        ConfigError: a value is of the wrong type or out of range.
-    """
-    if not rank_ok(rank):
-        raise ConfigError(
-            f"rank must be a positive int; received {_short(rank)}. Typical ranks are 4 to "
-            f"64, e.g. rank=8 (at most {MAX_RANK})."
-        )
-    if alpha is None:
-        alpha = rank
-    if not alpha_ok(alpha):
-        raise ConfigError(
-            f"alpha must be a finite number > 0; received {_short(alpha)}. The scaling is "
-            "alpha / rank, computed in the weights' dtype, so alpha must fit a float32 "
-            f"({ALPHA_RANGE[0]:.4g} to {ALPHA_RANGE[1]:.4g}); alpha=None means alpha = rank "
-            "(scaling 1)."
-        )
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ConfigError(
-            f"dropout must be a number in [0, 1); received {_short(dropout)}. Use 0.0 for "
-            "none, e.g. dropout=0.05."
-        )
-    name = validate_name(name)
-    if init not in ("kaiming", "gaussian"):
-        raise ConfigError(
-            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
-        )
-    return rank, float(alpha), float(dropout), name, str(init)
-
-
-def check_flags(**flags: object) -> None:
-    """Check that each flag is True or False (not a truthy string such as "no").
-
-    Raises:
-        ConfigError: a flag is something else.
-    """
-    for flag, value in flags.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
 
 
 #: What a LoRA layer registers itself beside the wrapped module's tensors.
@@ -267,8 +213,8 @@ def inject_layers(
     check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     paths = module_paths(model)
     with reading_weights(modules.values()):
-        staged = _stage(model, modules, specs, paths, name=name, init=init)
-    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
+        staged, owned = _stage(model, modules, specs, paths, name=name, init=init)
+    _attach(model, staged, paths, owned, name=name, use_rslora=use_rslora)
     if freeze_base:
         lora = {id(p) for _, layer in lora_layers(model)
                 for store in (layer.lora_A, layer.lora_B) for p in store.values()}
@@ -279,18 +225,20 @@ def inject_layers(
 
 
 def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
-           paths: dict[int, list[str]], *, name: str, init: str) -> dict[str, _Staged]:
+           paths: dict[int, list[str]], *, name: str, init: str
+           ) -> tuple[dict[str, _Staged], tuple[dict[str, Part], _Owners]]:
     # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
-        problems += injection_problems(model, qualname, module, paths[id(module)],
+        problems += injection_problems(model, qualname, module, paths.get(id(module), []),
                                        specs[qualname], adapter=name)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
+    parts, owners = parts_index(model), _Owners()
     staged: dict[str, _Staged] = {}
     for qualname, module in modules.items():
-        layer, spec = lora_layer_for(module), specs[qualname]
+        layer, spec = owners.layer_for(module, qualname in parts), specs[qualname]
         staged[qualname] = _Staged(module, layer, *layer.new_adapter(spec.rank, init), spec)
     too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
                  for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
@@ -300,30 +248,66 @@ def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, Lay
             "parameters add cost without capacity. Consider a smaller rank.",
             LoRAWarning, stacklevel=4,
         )
-    return staged
+    return staged, (parts, owners)
 
 
-def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
-            name: str, use_rslora: bool) -> None:
+def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[str]],
+            owned: tuple[dict[str, Part], _Owners], *, name: str, use_rslora: bool) -> None:
     # New layers follow the model: its active set (the new adapter if none of the active
     # names exists any more) and its disabled state (inside disable_adapters).
     existing = lora_layers(model)
     known = {n for _, layer in existing for n in layer.adapter_names}
     active = [n for n in active_adapters(model) if n in known] or [name]
     disabled = any(layer.adapters_disabled for _, layer in existing)
-    for item in staged:
+    parts, owners = owned
+    for qualname, item in staged.items():
         layer = item.layer
         layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
                           dropout=item.spec.dropout, use_rslora=use_rslora)
-        if layer is not item.module:
-            layer.set_active(active)
-            layer.set_disabled(disabled)
+        if layer is item.module or owners.made(layer):
+            continue
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        part = parts.get(qualname)
+        if part is not None:  # into its owner's LoRA layer (made below if new)
+            owners.layer(part.owner_module).attach_part(part.part, layer)
+        else:
             swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
+    for module, layer in owners.new.values():  # new owners' layers, in the owners' places
+        layer.set_active(active)
+        layer.set_disabled(disabled)
+        swap_hooks(module, layer)
+        for path in paths[id(module)]:
+            set_module(model, path, layer)
     if active == [name]:
         for _, layer in existing:
             layer.set_active(active)
+
+
+class _Owners:
+    """The LoRA layers of modules with parts (attention), each made once."""
+
+    def __init__(self) -> None:
+        self.new: dict[int, tuple[nn.Module, LoRALayer]] = {}
+
+    def layer_for(self, module: nn.Module, is_part: bool) -> LoRALayer:
+        """The layer that takes ``module``'s adapter: an owner's is shared with its parts."""
+        if is_part or isinstance(module, LoRALayer) or not layer_parts(module):
+            return lora_layer_for(module)
+        return self.layer(module)
+
+    def layer(self, module: nn.Module) -> LoRALayer:
+        """``module``'s LoRA layer: itself when it is one, else one made once."""
+        if isinstance(module, LoRALayer):
+            return module
+        if id(module) not in self.new:
+            self.new[id(module)] = (module, lora_layer_for(module))
+        return self.new[id(module)][1]
+
+    def made(self, layer: LoRALayer) -> bool:
+        return any(made is layer for _, made in self.new.values())
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -346,7 +330,9 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
             weight is tied to another module's, computed by a hook or parametrized by
             something that cannot hold the merged weight, on a model sharded by FSDP2, or
-            with adapters whose merged weight would hold NaN or inf (nothing is changed).
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -360,13 +346,18 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
         merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
-    for _, layer in layers:
-        if not merge:
+    lora_paths = {path for _, layer in layers for path in paths[id(layer)]}
+    if not merge:
+        for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
+    for _, layer in layers:
         layer.sync_base()
         swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(layer)]:
-            set_module(model, path, layer.base_layer)
+            # A part (inside another LoRA layer) leaves with its owner's layer.
+            if path.rpartition(".")[0] not in lora_paths:
+                set_module(model, path, layer.base_layer)
     return model

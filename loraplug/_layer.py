@@ -258,7 +258,8 @@ class LoRALayer(AdapterSet):
             nn.init.kaiming_uniform_(other, a=math.sqrt(5))
         else:
             nn.init.normal_(other, std=1.0 / rank)
-        return a.to(weight.dtype), b.to(weight.dtype)
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # packed weights
+        return a.to(dtype), b.to(dtype)
 
     # ----------------------------------------------------------- merge
     def _adapted_weight(self, names: Iterable[str], scales: Mapping[str, Scale],

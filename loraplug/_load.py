@@ -31,11 +31,13 @@ from ._format import (
     locate,
     other_key_problems,
     pair_problems,
+    part_factor,
     read_adapter_weights,
     read_config,
     read_metadata,
 )
-from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
+from ._hyperparameters import validate_name
+from ._inject import LayerSpec, inject_layers, injection_problems
 from ._layer import LoRALayer
 from ._lock import locked
 from ._paths import as_path
@@ -44,7 +46,7 @@ from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._rng import rng_untouched
 from ._shared_paths import shared_module_problems
-from ._targeting import candidates, module_paths
+from ._targeting import candidates, module_paths, parts_index
 from ._weights import reading_weights
 
 _MAX_LINES = 40
@@ -88,15 +90,18 @@ def _layer_class(module: nn.Module) -> type[LoRALayer] | None:
 
 
 def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.Module,
-                paths: list[str], slots: Slots, *, dropout: float,
-                adapter: str) -> tuple[_Planned | None, list[str]]:
-    """The plan for one layer of the file, or ``None``; and the problems found."""
+                paths: list[str], slots: Slots, *, dropout: float, adapter: str,
+                owner: str | None) -> tuple[_Planned | None, list[str]]:
+    """The plan for one layer of the file, or ``None``; and the problems found.
+
+    ``owner`` names the module a part belongs to (targeting it targets the part too).
+    """
     layer_cls = _layer_class(module)
     if layer_cls is None:
         return None, [f"{path} is a {type_name(type(module))}, which has no LoRA layer; "
                       f"supported: {supported_types()} and their subclasses."]
     problems = []
-    if not config.targets(path):
+    if not (config.targets(path) or (owner is not None and config.targets(owner))):
         problems.append(
             f"{path}: the file has tensors for it, but target_modules / exclude_modules in "
             f"{CONFIG_NAME} do not select it."
@@ -121,15 +126,17 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
 def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
           extras: FileExtras, adapter: str) -> tuple[dict[str, _Planned], list[str]]:
     everything = {clean: module for clean, _, module in candidates(model) if clean}
-    paths = module_paths(model)
+    paths, parts = module_paths(model), parts_index(model)
     dropouts = extras.get("dropout", {})
     problems: list[str] = []
     plan: dict[str, _Planned] = {}
     for path, slots, module in _matched(entries, everything, problems,
                                         "the model has no module of that name."):
+        part = parts.get(path)
         planned, found = _plan_layer(
-            model, config, path, module, paths[id(module)], slots,
-            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter)
+            model, config, path, module, paths.get(id(module), []), slots,
+            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter,
+            owner=None if part is None else part.owner)
         problems += found
         if planned is not None:
             plan[path] = planned
@@ -138,8 +145,9 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
         loaded = {id(item.module) for item in plan.values()}
         for path, module in everything.items():
             layer_cls = _layer_class(module)
+            # (a part that is no module of its own, attention's q, is not PEFT's to target)
             if path in entries or id(module) in loaded or not config.targets(path) \
-                    or layer_cls is None:
+                    or layer_cls is None or id(module) not in paths:
                 continue
             key_a, key_b = key_names(layer_cls)
             problems.append(f"{path}: target_modules selects it, but the file lacks "
@@ -291,10 +299,13 @@ def load_adapter(
             {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",
             use_rslora=config.use_rslora, freeze_base=freeze_base,
         )
+    every = dict(lora_layers(model))
     with torch.no_grad():
         for layer_path, layer in layers.items():
             layer.lora_A[adapter].copy_(plan[layer_path].a)
-            layer.lora_B[adapter].copy_(plan[layer_path].b)
+            factor = part_factor(every, layer_path)
+            b = plan[layer_path].b
+            layer.lora_B[adapter].copy_(b if factor == 1.0 else b * factor)
     return sorted(layers)
 
 
@@ -381,8 +392,9 @@ def load_adapter_state_dict(
         )
     if problems:
         raise AdapterFileError(_report(where, problems))
+    every = dict(lora_layers(model))
     with torch.no_grad():
-        for layer, a, b in loaded.values():
+        for path, (layer, a, b) in loaded.items():
             layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
+            layer.lora_B[name].copy_(b * part_factor(every, path))
     return sorted(loaded)

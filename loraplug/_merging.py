@@ -13,9 +13,10 @@ from torch import nn
 
 from ._adapters import check_mergeable, check_names, layers_or_raise
 from ._distributed import refuse_sharded
-from ._errors import AdapterError, StateError
+from ._errors import AdapterError, ConfigError, StateError
 from ._folds import names_to_merge, pop, push, take_out
 from ._layer import LoRALayer
+from ._quantized import is_quantized, refuse_quantized
 
 
 def _names(names: object, action: str) -> list[str] | None:
@@ -30,7 +31,7 @@ def _names(names: object, action: str) -> list[str] | None:
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: bool = False,
-          exact: bool = True) -> None:
+          exact: bool = True, requantize: bool = False) -> dict[str, float] | None:
     """Fold adapters into the base weights, in place: the active ones, or ``names``.
 
     ``W ← W + Σ_a s_a ΔW_a`` over the adapters not merged yet (ΔW summed in float32 for
@@ -52,13 +53,24 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: b
         safe: kept for compatibility; every merge is checked now.
         exact: keep what :func:`unmerge` needs to give ``W`` back bit for bit; without
             it, unmerging subtracts ΔW (``W`` up to the rounding of ``W + ΔW``).
+        requantize: allow merging into weights stored quantized (bitsandbytes, torchao):
+            ``W ← quantize(dequantize(W) + Σ s·ΔW)``, which rounds the sum back to the
+            quantized grid and so changes the base by more than the adapter. ``unmerge``
+            puts the stored weights back bit for bit. For full-precision merged weights
+            use :func:`save_merged`.
+
+    Returns:
+        With ``requantize``: layer name → ``max |W_new − (W + ΔW)|`` for each quantized
+        layer merged now (the error requantizing introduced). Otherwise ``None``.
 
     Raises:
         AdapterError: a name is not an adapter of the model.
         StateError: the model has no LoRA layers; a layer type cannot merge
             (``merge_refusal``); adapters are disabled; a merged weight would not be
             finite; a LoRA layer's weight is tied to another module's; or FSDP2 has
-            sharded the LoRA layers. Nothing is changed then.
+            sharded the LoRA layers; a layer's weight is quantized and ``requantize`` is
+            not set, or its format cannot be requantized. Nothing is changed then.
+        ConfigError: ``requantize`` is not a bool.
 
     Example:
         >>> import torch
@@ -70,7 +82,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: b
         >>> x, original = torch.randn(3, 4), model[0].weight.clone()
         >>> before = model(x)
         >>> lp.merge(model)
-        >>> with torch.no_grad():  # inference: merged adapters do not train
+        >>> with torch.no_grad():  # inference: merged adapters cannot train
         ...     torch.allclose(model(x), before, atol=1e-6)
         True
         >>> lp.unmerge(model)
@@ -84,6 +96,13 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: b
     todo = [(path, layer, names_to_merge(layer, listed)) for path, layer in layers]
     todo = [entry for entry in todo if entry[2]]
     check_mergeable(model, [(path, layer) for path, layer, _ in todo], "merge")
+    if not isinstance(requantize, bool):
+        raise ConfigError(f"merge: requantize must be True or False; received {requantize!r}.")
+    refuse_quantized([(path, layer) for path, layer, _ in todo], "merge", requantize=requantize)
+    quantized = {path: layer for path, layer, _ in todo if is_quantized(layer)}
+    todo = [entry for entry in todo if entry[0] not in quantized]
+    for layer in quantized.values():  # checked above: requantizing is what was asked
+        layer.merge(requantize=True)  # type: ignore[call-arg]
     done: list[LoRALayer] = []
     try:
         for path, layer, adding in todo:
@@ -99,6 +118,10 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, safe: b
     if not exact:
         for layer in done:
             layer._folds[-1].residual = None
+    if not requantize:
+        return None
+    return {path: float(getattr(layer, "requantization_error", 0.0)) for path, layer
+            in quantized.items()}
 
 
 def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
@@ -125,7 +148,13 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     if listed is not None:
         check_names(model, listed, "unmerge")
     refuse_sharded(layers, "unmerge")
-    for path, layer in layers:
+    # Last merged, first out: a layer type's parts (attention's q, k, v) fold into
+    # memory their owner folds into too, and each fold is undone on what came after it.
+    for path, layer in reversed(layers):
+        if is_quantized(layer):  # a requantized weight holds its adapters all at once
+            if listed is None or set(listed) & set(layer.merged_adapters):
+                layer.unmerge()
+            continue
         try:
             take_out(layer, layer.merged_adapters if listed is None else listed)
         except StateError as err:

@@ -61,6 +61,26 @@ class Route:
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:
         """``layer``'s output for ``x`` with each row's own adapter."""
+        self._check(layer, x)
+        out = layer.base_forward(x)
+        found = self._branch(layer, x)
+        if found is None:
+            return out
+        branch, chosen = found
+        return out + branch if chosen is None else out.index_add(0, chosen, branch)
+
+    def branch(self, layer: LoRALayer, x: Tensor) -> Tensor | None:
+        """The low-rank branch alone for every row (zero where a row has no adapter)."""
+        self._check(layer, x)
+        found = self._branch(layer, x)
+        if found is None:
+            return None
+        branch, chosen = found
+        if chosen is None:
+            return branch
+        return branch.new_zeros((x.shape[0], *branch.shape[1:])).index_add(0, chosen, branch)
+
+    def _check(self, layer: LoRALayer, x: Tensor) -> None:
         if x.dim() == 0 or x.shape[0] != self.rows:
             raise StateError(
                 f"adapter_per_sample was given {self.rows} adapter names, one per row, but a "
@@ -73,9 +93,11 @@ class Route:
                 f"a {type(layer).__name__} was merged inside adapter_per_sample, so its weight "
                 "holds adapters; call loraplug.unmerge(model) before running the block."
             )
-        out = layer.base_forward(x)
+
+    def _branch(self, layer: LoRALayer, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        # (branch of the rows that have an adapter, those rows' indices or None for all)
         if not self.slots or layer.adapters_disabled:
-            return out
+            return None
         chosen, slot = self.indices(x.device)
         xs = x if chosen is None else x.index_select(0, chosen)
         a, b = _stacked(layer, self.slots)
@@ -83,8 +105,7 @@ class Route:
                              device=a.device)
         if layer.training and any(layer.dropout[n] for n in self.slots):
             xs = _dropout_per_row(xs, [layer.dropout[n] for n in self.slots], slot)
-        branch = layer.routed_lora(xs, a, b, scale, slot)
-        return out + branch if chosen is None else out.index_add(0, chosen, branch)
+        return layer.routed_lora(xs, a, b, scale, slot), chosen
 
 
 def _stacked(layer: LoRALayer, slots: tuple[str, ...]) -> tuple[Tensor, Tensor]:

@@ -36,9 +36,6 @@ _ALPHA_TEXT = (f"a finite number > 0, within float32's range {ALPHA_RANGE[0]:.4g
 #: Fields that must hold a neutral value, with the reason they cannot be honoured.
 _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
     "use_dora": ((False, None), "DoRA adapters (use_dora=true) are not supported yet"),
-    "fan_in_fan_out": ((False, None), (
-        "fan_in_fan_out=true is for transformers' Conv1D layers (GPT-2), which have no LoRA "
-        "layer here")),
     "bias": (("none", None), (
         "bias='all' or 'lora_only' files carry trained base biases; loraplug adapters hold "
         "only A and B")),
@@ -70,6 +67,9 @@ _IGNORED = frozenset({
     "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "qalora_group_size",
+    # PEFT sets it for transformers' Conv1D (weight stored (in, out)) and clears it for
+    # Linear, layer by layer, whatever the file says; A and B have Linear's shapes both ways.
+    "fan_in_fan_out",
 })
 
 #: Initialisations that leave the base weights alone (others rewrite W when created).
@@ -280,23 +280,28 @@ def _overmatches(wanted: set[str], others: Iterable[str]) -> bool:
 
 
 def build_config(
-    layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str]
+    layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str],
+    fan_in_fan_out: bool = False, implied: Iterable[str] = (),
 ) -> dict[str, object]:
     """The ``adapter_config.json`` for layers ``{name: (rank, alpha, dropout)}``.
 
+    ``fan_in_fan_out`` is true when an adapted layer stores its weight (in, out)
+    (transformers' Conv1D), as PEFT writes it for such layers.
+
     ``r`` and ``lora_alpha`` are the most common values; layers that differ get an
     anchored ``rank_pattern``/``alpha_pattern`` entry (``^`` + escaped name) that matches
-    that layer alone. ``target_modules`` is the sorted list of layer names, or an
+    that layer alone. ``implied`` layers (parts adapted with their owner) are left out of
+    ``target_modules``, which is the sorted list of the other layer names, or an
     alternation regex when PEFT's suffix rule would also pick other modules of the model.
     """
     names = sorted(layers)
     rank = _most_common([layers[n][0] for n in names])
     alpha = _most_common([layers[n][1] for n in names])
     dropout = _most_common([layers[n][2] for n in names])
-    wanted = set(names)
-    targets: list[str] | str = names
-    if _overmatches(wanted, all_names):
-        targets = "|".join(re.escape(n) for n in names)
+    listed = sorted(set(names) - set(implied))
+    targets: list[str] | str = listed
+    if _overmatches(set(listed), all_names):
+        targets = "|".join(re.escape(n) for n in listed)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -313,7 +318,7 @@ def build_config(
                           if layers[n][1] != alpha},
         "bias": "none",
         "use_dora": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -35,7 +35,8 @@ def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scale: Scale) -> Tenso
     does not record, or does not need a view for it. The scale is the GEMM's ``alpha``,
     so neither the product nor the scaling needs an output-sized temporary.
     """
-    if out.dtype == h.dtype == b.dtype and type(scale) is float and out.is_contiguous():
+    if out.dtype == h.dtype == b.dtype and type(scale) is float and out.is_contiguous() \
+            and not out.is_nested:
         flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
         h = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
         if torch.is_grad_enabled() and (out.dim() != 2 or out._is_view()):

@@ -33,10 +33,13 @@ from ._format import (
     PEFT_PREFIX,
     WEIGHTS_NAME,
     key_names,
+    key_path,
+    part_factor,
 )
 from ._layer import LoRALayer
 from ._paths import as_path
 from ._peft_config import build_config
+from ._quantized import plain_state
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
 
@@ -55,7 +58,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     ``<path>`` is the layer's module name (without ``torch.compile``'s ``_orig_mod.``).
     These are the keys of PEFT's ``get_peft_model_state_dict`` on a model injected
     without a ``PeftModel`` wrapper. The tensors are detached and share storage with
-    the parameters, as ``state_dict()`` does.
+    the parameters, as ``state_dict()`` does, except B of an attention's ``out_proj``
+    (key ``<attention>.base_layer.out_proj...``), which is halved: PEFT applies that one
+    twice (see :class:`loraplug.LoRAMultiheadAttention`).
 
     Args:
         model: a model carrying adapter ``name``.
@@ -77,10 +82,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
          '1.lora_embedding_A': (2, 5), '1.lora_embedding_B': (4, 2)}
     """
     state: dict[str, Tensor] = {}
+    every = dict(lora_layers(model))
     for path, layer in _adapter_layers(model, name, "adapter_state_dict"):
         key_a, key_b = key_names(type(layer))
+        factor = part_factor(every, path)
+        b = layer.lora_B[name].detach()
+        path = key_path(path, set(every))
         state[f"{path}.{key_a}"] = layer.lora_A[name].detach()
-        state[f"{path}.{key_b}"] = layer.lora_B[name].detach()
+        state[f"{path}.{key_b}"] = b if factor == 1.0 else b / factor
     return state
 
 
@@ -148,7 +157,12 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     specs = {path: (layer.rank[name], layer.alpha[name], layer.dropout[name])
              for path, layer in layers}
     all_names = [clean for clean, _, _ in candidates(model) if clean]
-    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names)
+    # A part whose owner carries the adapter too is implied by the owner's name (PEFT
+    # adapts an attention's out_proj with it).
+    implied = {path for path in specs if path.rpartition(".")[0] in specs}
+    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names,
+                          fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False)
+                                             for _, layer in layers), implied=implied)
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in adapter_state_dict(model, name).items()}
     metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
@@ -197,7 +211,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     float32 for half-precision weights, then cast), the ``lora_A``/``lora_B`` keys are
     left out, and ``torch.compile``'s ``_orig_mod.`` is removed from key names, so
     ``original_model.load_state_dict(safetensors.torch.load_file(path))`` works without
-    loraplug. The model itself is not changed: merged weights are computed beside it
+    loraplug. Quantized weights (bitsandbytes, torchao) are written dequantized, in full
+    precision, without their quantization statistics: ``dequantize(W) + ΔW`` for LoRA
+    layers, ``dequantize(W)`` for the others, so the architecture built with plain
+    ``nn.Linear`` layers loads the file. The model itself is not changed: merged weights
+    are computed beside it
     (one extra copy of the adapted weights is held while writing). An already merged
     layer is written as it is. The write is atomic.
 
@@ -238,6 +256,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                     state.pop(f"{prefix}lora_A.{adapter}", None)
                     state.pop(f"{prefix}lora_B.{adapter}", None)
                 state[f"{prefix}weight"] = weight
+    state = plain_state(model, state)  # quantized weights dequantized, their statistics dropped
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

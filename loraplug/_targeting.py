@@ -11,9 +11,10 @@ A target is one of, or a list of:
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
-inside a LoRA layer (its adapters, dropouts) are never candidates. A layer whose owner
-reads its weight directly (``nn.MultiheadAttention.out_proj``) is refused: an adapter
-there would never be computed. This module also finds and replaces modules by path.
+inside a LoRA layer (its adapters, dropouts) are never candidates; parts of a module
+(``<attention>.q``, ``.k``, ``.v``, ``.out_proj``) are (see ``_parts``). A layer whose
+owner reads its weight directly is refused: an adapter there would never be computed.
+This module also finds and replaces modules by path.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-import torch
 from torch import nn
 
 from ._errors import ConfigError, TargetError
 from ._layer import LoRALayer
+from ._parts import Part, walk, with_implied_parts
 from ._registry import lookup, supported_types, type_name
 
 Pattern = Union[str, "re.Pattern[str]", type, Callable[[str, nn.Module], bool]]
@@ -78,16 +79,16 @@ def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(clean name, real path, module) for every module at every path it is reachable at.
 
     A module shared by several parents appears once per path; LoRA internals are skipped.
+    Parts of a module (q, k, v and out_proj of an attention, see ``_parts``) appear as
+    ``<module>.<part>``, whether or not a module of that name exists yet.
     """
-    inside_lora: list[str] = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        if any(path.startswith(prefix) for prefix in inside_lora):
-            continue
-        if isinstance(module, LoRALayer):
-            if path == "":
-                continue
-            inside_lora.append(path + ".")
-        yield clean_name(path), path, module
+    for name, path, module, _ in walk(model, clean_name):
+        yield name, path, module
+
+
+def parts_index(model: nn.Module) -> dict[str, Part]:
+    """Clean name of every part candidate -> where it belongs."""
+    return {name: part for name, _, _, part in walk(model, clean_name) if part is not None}
 
 
 def _as_list(spec: TargetSpec | None) -> list[Pattern]:
@@ -200,21 +201,27 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "target=nn.Linear."
         )
     inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
-    everything = list(candidates(model))
+    walked = list(walk(model, clean_name))
+    everything = [(name, path, module) for name, path, module, _ in walked]
     picked: list[tuple[str, str, nn.Module]] = []
     removed: list[str] = []  # selected by target, then taken out by exclude
-    seen: set[int] = set()
-    for name, path, module in everything:
+    excluded_names: set[str] = set()
+    seen: set[object] = set()
+    for name, path, module, part in walked:
         included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
-        excluded = exc.match(name, module)
-        if included and excluded and name and _supported(module):
-            removed.append(name)
-        if included and not excluded and id(module) not in seen:
-            seen.add(id(module))  # a shared module is wrapped once, under its first name
+        if exc.match(name, module):
+            excluded_names.add(name)
+            if included and name and _supported(module):
+                removed.append(name)
+        # A shared module is wrapped once, under its first name.
+        key = id(module) if part is None else (id(part.owner_module), part.part)
+        if included and name not in excluded_names and key not in seen:
+            seen.add(key)
             picked.append((name, path, module))
     if inc.missed() or exc.missed():
         raise _unmatched(everything, inc.missed(), exc.missed())
+    picked = with_implied_parts(picked, walked, excluded_names)
     if removed and not any(_supported(m) for name, _, m in picked if name):
         shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5
                                           else "")
@@ -288,13 +295,14 @@ def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
 
 #: Owners that read a child's weight directly in their own forward instead of calling
 #: the child, so an adapter on that child would never be computed: owner type ->
-#: (child names, what to do about it).
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
-    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
-    nn.TransformerEncoderLayer: (
-        ("linear1", "linear2"),
-        "Its inference fast path reads them; disable it first with "
-        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
+#: (child names, what to do about it). (nn.MultiheadAttention reads out_proj.weight, but
+#: out_proj is a part of its own LoRA layer; nn.TransformerEncoderLayer's fused path is
+#: kept off while an adapter is live.)
+#: Keyed by class, or by qualified class name so that no optional package is imported.
+_OWNER_READS: dict[type[nn.Module] | str, tuple[tuple[str, ...], str]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
+        ("qkv", "proj"),
+        "Leave it out, e.g. exclude=['*attn.{leaf}'], and adapt the MLP layers instead.",
     ),
 }
 
@@ -309,11 +317,11 @@ def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
     for path in paths:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, (attrs, advice) in _OWNER_READS.items():
-            fast_path = torch.backends.mha.get_fastpath_enabled()
-            if owner is nn.TransformerEncoderLayer and not fast_path:
-                continue
-            if isinstance(parent, owner) and leaf in attrs:
+        mro = {f"{c.__module__}.{c.__qualname__}": c for c in type(parent).__mro__}
+        for key, (attrs, advice) in _OWNER_READS.items():
+            owner = mro.get(key) if isinstance(key, str) else (
+                key if isinstance(parent, key) else None)
+            if owner is not None and leaf in attrs:
                 found.append(
                     f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
                     "inside its own forward instead of calling the layer, so an adapter there "
@@ -353,7 +361,7 @@ def find_targets(
     selection = select(model, target, exclude)
     paths = module_paths(model)
     refused = [m for n, mod in selection.modules.items()
-               for m in owner_problems(model, n, paths[id(mod)])]
+               for m in owner_problems(model, n, paths.get(id(mod), []))]
     if refused:
         raise TargetError("\n".join(refused))
     return list(selection.modules)

@@ -48,6 +48,10 @@ def weight_home(layer: LoRALayer) -> Home:
         return "stored"
     if parametrize.is_parametrized(layer.base_layer, "weight"):
         return "parametrized"
+    if not layer._forward_pre_hooks and any(
+            isinstance(getattr(type(m), "weight", None), property)
+            for m in (layer, layer.base_layer)):
+        return "stored"  # a type's own view of tensors it holds (attention and its parts)
     return "computed"
 
 
@@ -166,14 +170,15 @@ def _extent(tensor: Tensor) -> tuple[Any, int, int] | None:
     # subclasses without a storage are known by identity. None for meta and empty.
     try:
         storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()  # a wrapper subclass (torchao) has a storage without data
     except (RuntimeError, NotImplementedError, TypeError):
         return ("id", id(tensor)), 0, 1
-    if tensor.is_meta or storage.data_ptr() == 0 or tensor.numel() == 0:
+    if tensor.is_meta or pointer == 0 or tensor.numel() == 0:
         return None
     size = tensor.element_size()
     start = tensor.storage_offset() * size
     span = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
-    return (tensor.device, storage.data_ptr()), int(start), int(start + span * size)
+    return (tensor.device, pointer), int(start), int(start + span * size)
 
 
 def shared_memory(model: nn.Module, layers: list[tuple[str, LoRALayer]],
@@ -195,10 +200,17 @@ def shared_memory(model: nn.Module, layers: list[tuple[str, LoRALayer]],
         own = {id(m) for m in layer.modules()}
         others = {path for tensor in written_tensors(layer) if (w := _extent(tensor))
                   for start, end, path, owner in index.get(w[0], ())
-                  if owner not in own and start < w[2] and w[1] < end}
+                  if owner not in own and start < w[2] and w[1] < end
+                  and not _nested(name, path)}
         if others:
             found[name] = sorted(others)
     return found
+
+
+def _nested(a: str, b: str) -> bool:
+    # A layer type's parts hold views of their owner's tensors (attention's q, k, v):
+    # an owner and the parts inside it share memory by design, not by tying.
+    return bool(a and b) and (a.startswith(b + ".") or b.startswith(a + "."))
 
 
 # ----------------------------------------------------------------- the merged flag

@@ -6,6 +6,8 @@ formulas of the docs, so a bug in the library cannot hide in its own reference.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +42,8 @@ def delta(kind: str, a: Tensor, b: Tensor, scaling: float, groups: int = 1) -> T
         return scaling * b @ a
     if kind == "embedding":
         return scaling * (b @ a).t()
+    if kind == "conv1d":  # transformers' Conv1D stores W as (in, out)
+        return scaling * (b @ a).t()
     # conv: per group, (out/g, r/g) @ (r/g, in/g·k) -> (out/g, in/g·k)
     out, r = b.shape[0], a.shape[0]
     kernel = a.shape[1:]
@@ -56,6 +60,8 @@ def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
     bias = getattr(base, "bias", None)
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, bias)
+    if type(base).__name__ == "Conv1D":  # transformers' Conv1D: x W + b, W (in, out)
+        return x @ weight + bias
     if isinstance(base, nn.Embedding):
         return F.embedding(x, weight.clone(), base.padding_idx, base.max_norm, base.norm_type,
                            base.scale_grad_by_freq, False)
@@ -66,3 +72,40 @@ def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
     else:
         padding = base.padding
     return conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
+
+
+def attention_dense(mha: nn.MultiheadAttention, deltas: dict[str, Tensor], query: Tensor,
+                    key: Tensor, value: Tensor, **kwargs: object) -> tuple[Tensor, Tensor | None]:
+    """``mha``'s function in float64 with its weights plus ``deltas``, via F.* directly.
+
+    ``deltas`` maps ``"in_proj"`` (3E, E), ``"q"``/``"k"``/``"v"`` (E, E_in) and
+    ``"out_proj"`` (E, E) to ΔW (from :func:`delta`); missing keys add nothing. Computed
+    with ``F.multi_head_attention_forward`` in float64, eval mode unless ``training`` is
+    passed, the batch_first transposes done here.
+    """
+    mha = copy.deepcopy(mha).double()
+    e = mha.embed_dim
+    zero = {p: 0 for p in ("in_proj", "q", "k", "v", "out_proj")}
+    d = {**zero, **{k: v.double() for k, v in deltas.items()}}
+    if mha._qkv_same_embed_dim:
+        parts = [d[p] if torch.is_tensor(d[p]) else torch.zeros(e, e, dtype=torch.float64)
+                 for p in "qkv"]
+        in_proj = mha.in_proj_weight.double() + d["in_proj"] + torch.cat(parts)
+        separate = {}
+    else:
+        in_proj = None
+        separate = {f"{p}_proj_weight": getattr(mha, f"{p}_proj_weight").double() + d[p]
+                    for p in "qkv"}
+    training = bool(kwargs.pop("training", False))
+    batched = query.dim() == 3
+    q, k, v = (t.double() for t in (query, key, value))
+    if mha.batch_first and batched:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    out, weights = F.multi_head_attention_forward(
+        q, k, v, e, mha.num_heads, in_proj, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, mha.dropout, mha.out_proj.weight.double() + d["out_proj"],
+        mha.out_proj.bias, training=training, use_separate_proj_weight=in_proj is None,
+        **separate, **kwargs)
+    if mha.batch_first and batched:
+        out = out.transpose(0, 1)
+    return out, weights

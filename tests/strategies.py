@@ -97,9 +97,27 @@ def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     return Case("embedding", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])))
 
 
+@st.composite
+def conv1d_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    in_f, out_f = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    layer = Conv1D(out_f, in_f).to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()  # Conv1D starts its bias at zero: make it matter
+    x = torch.randn(*lead, in_f, dtype=dtype)
+    rank = draw(st.integers(1, min(in_f, out_f)))
+    return Case("conv1d", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])))
+
+
 def any_case(dtype: torch.dtype | None = None) -> st.SearchStrategy[Case]:
-    """A case of any registered layer type."""
-    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype))
+    """A case of any registered layer type called with one tensor."""
+    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype),
+                     conv1d_cases(dtype))
 
 
 def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
@@ -142,3 +160,97 @@ literal_regexes = st.lists(
     min_size=1, max_size=3,
 ).map(lambda alts: "|".join(("^" if anchored else "") + re.escape(text)
                             for anchored, text in alts))
+
+
+@dataclass
+class AttentionCase:
+    """An ``nn.MultiheadAttention`` in a container, its call, and which parts to adapt.
+
+    ``parts`` are target names relative to the attention: ``""`` (the attention itself:
+    in_proj and out_proj), ``"q"``, ``"k"``, ``"v"``, ``"out_proj"``.
+    """
+
+    model: nn.Sequential
+    args: tuple[Tensor, Tensor, Tensor]
+    kwargs: dict
+    parts: tuple[str, ...]
+    rank: int
+    alpha: float
+
+    @property
+    def base(self) -> nn.MultiheadAttention:
+        return self.model[0]
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"0.{p}" if p else "0" for p in self.parts]
+
+    def __repr__(self) -> str:
+        shapes = [tuple(t.shape) for t in self.args]
+        masks = {k: (tuple(v.shape), v.dtype) if isinstance(v, Tensor) else v
+                 for k, v in self.kwargs.items()}
+        return (f"AttentionCase({self.base!r}, batch_first={self.base.batch_first}, "
+                f"inputs={shapes}, {masks}, parts={self.parts}, rank={self.rank})")
+
+
+@st.composite
+def attention_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> AttentionCase:
+    dtype = dtype or draw(st.sampled_from([torch.float32, torch.float64]))
+    heads, head_dim = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    e = heads * head_dim
+    separate = draw(st.booleans())
+    kdim, vdim = (draw(st.integers(1, 6)), draw(st.integers(1, 6))) if separate else (None, None)
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    mha = nn.MultiheadAttention(
+        e, heads, bias=draw(st.booleans()), add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()), kdim=kdim, vdim=vdim,
+        batch_first=draw(st.booleans())).to(dtype)
+    with torch.no_grad():  # torch starts the biases at zero: make them matter
+        for p in mha.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    batched = draw(st.booleans())
+    n, tgt, src = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+
+    def shape(length: int, dim: int) -> tuple[int, ...]:
+        if not batched:
+            return (length, dim)
+        return (n, length, dim) if mha.batch_first else (length, n, dim)
+
+    query = torch.randn(*shape(tgt, e), dtype=dtype)
+    mode = draw(st.sampled_from(["self", "kv-same", "all-different"]))
+    if mode == "self" and not separate:
+        key = value = query
+        src = tgt
+    else:
+        key = torch.randn(*shape(src, kdim or e), dtype=dtype)
+        value = key if mode == "kv-same" and kdim == vdim else \
+            torch.randn(*shape(src, vdim or e), dtype=dtype)
+    kwargs = _attention_kwargs(draw, n if batched else None, heads, tgt, src, dtype)
+    options = ["q", "k", "v", "out_proj"] + ([""] if not separate else [])
+    parts = tuple(sorted(draw(st.sets(st.sampled_from(options), min_size=1))))
+    rank = min(draw(st.integers(1, 3)), e, kdim or e, vdim or e)  # at most ΔW's rank
+    return AttentionCase(nn.Sequential(mha), (query, key, value), kwargs, parts, rank,
+                         draw(st.sampled_from([0.5, 1.0, 8.0])))
+
+
+def _attention_kwargs(draw: st.DrawFn, n: int | None, heads: int, tgt: int, src: int,
+                      dtype: torch.dtype) -> dict:
+    kwargs: dict = {"need_weights": draw(st.booleans()),
+                    "average_attn_weights": draw(st.booleans())}
+    as_bool = draw(st.booleans())  # both masks of one kind (torch deprecates mixing them)
+    if n is not None and draw(st.booleans()):  # key_padding_mask: (N, S), never a full row
+        pad = torch.rand(n, src) < 0.3
+        pad[:, 0] = False
+        kwargs["key_padding_mask"] = pad if as_bool else torch.where(pad, -1e4, 0.0).to(dtype)
+    attn_kind = draw(st.sampled_from(["none", "2d", "3d", "causal"]))
+    if attn_kind == "causal" and tgt == src:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt, dtype=dtype)
+        kwargs["attn_mask"] = torch.isinf(causal) if as_bool else causal
+        kwargs["is_causal"] = True
+    elif attn_kind in ("2d", "3d"):
+        shape = (tgt, src) if attn_kind == "2d" or (n is None and heads == 1) else \
+            ((n or 1) * heads, tgt, src)
+        mask = torch.rand(*shape) < 0.3
+        mask[..., 0] = False
+        kwargs["attn_mask"] = mask if as_bool else torch.where(mask, float("-inf"), 0.0).to(dtype)
+    return kwargs

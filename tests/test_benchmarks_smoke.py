@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ["linear-call", "gpt-qv", "gpt-all", "vgg19-classifier", "vgg19-all", "conv2d",
-             "embedding"]
+             "embedding", "vit-qv", "vit-attn", "gpt2-conv1d"]
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[dict, str]:
@@ -97,3 +97,21 @@ def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None
     for phase in ("forward", "train", "merge_unmerge"):
         assert result[phase]["this_over_other"] > 0
     assert "linear-call" in proc.stdout and "this ÷ other" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_qlora_scenario_runs_and_reports(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="the qlora scenario needs bitsandbytes")
+    pytest.importorskip("transformers", reason="the qlora scenario needs transformers")
+    results, stdout = _run(tmp_path, "--only", "qlora")
+    q = results["qlora"]
+    assert q["checks"]["loraplug_vs_fp32"] > 0  # quantizing changes the model
+    assert set(q["peak_bytes"]) >= {"loraplug", "fp32"}
+    assert q["memory_ratio"]["loraplug_over_fp32"] < 1  # the nf4 step needs less
+    for who, stats in q["train"].items():
+        _check_stats(stats)
+        assert q["peak_bytes"][who] == q["resident_bytes"][who] + q["step_peak_bytes"][who]
+    if "peft" in results["environment"]:
+        assert q["checks"]["loraplug_vs_peft"] <= 1e-5
+        assert q["train_ratio"]["loraplug_over_peft"] > 0
+    assert "QLoRA training step" in stdout

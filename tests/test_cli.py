@@ -232,7 +232,9 @@ def test_targets_without_pattern_lists_every_layer(capsys: pytest.CaptureFixture
     rows = rows_of(out)
     assert rows == {"0": ["", "nn.Conv2d", "8×2×3×3", "LoRAConv2d"],
                     "1": ["", "nn.BatchNorm2d", "8"]}
-    assert "\n1 layer can take LoRA (nn.Conv1d" in out and "pass --target PATTERN" in out
+    # (optional packages' types, registered by name, are listed too: bitsandbytes.nn...)
+    assert "\n1 layer can take LoRA (" in out and "nn.Conv1d, nn.Conv2d" in out
+    assert "pass --target PATTERN" in out
 
 
 def test_targets_reports_a_rank_the_layer_refuses(capsys: pytest.CaptureFixture[str]) -> None:
@@ -257,11 +259,44 @@ def attention_model() -> nn.Module:
     return model
 
 
-def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str]) -> None:
+def test_targets_shows_the_parts_of_attention(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "type:Linear")
+    assert code == 0
+    rows = rows_of(out)
+    assert rows["attn.out_proj"][0] == "*" and rows["head"][0] == "*"
+    assert {"attn", "attn.q", "attn.k", "attn.v"} <= set(rows) and rows["attn.q"][0] == ""
+    code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "attn.q", "-t",
+                       "attn.v", "-r", "2")
+    assert code == 0
+    marked = {name for name, row in rows_of(out).items() if row[0] == "*"}
+    assert marked == {"attn.q", "attn.v"}
+
+
+class Fused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.inner.weight)
+
+
+def fused_model() -> nn.Module:
+    model = nn.Module()
+    model.fused = Fused()
+    model.head = nn.Linear(8, 2)
+    return model
+
+
+def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplug import _targeting
+
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
+    code, out, _ = run(capsys, "targets", "test_cli:fused_model", "-t", "type:Linear")
     assert code == 1
-    assert rows_of(out)["attn.out_proj"][0] == "!" and rows_of(out)["head"][0] == "*"
-    assert re.search(r"^! attn.out_proj: its owner nn.MultiheadAttention reads", out, re.M)
+    assert rows_of(out)["fused.inner"][0] == "!" and rows_of(out)["head"][0] == "*"
+    assert re.search(r"^! fused.inner: its owner test_cli.Fused reads", out, re.M)
 
 
 def encoder_model() -> nn.Module:
@@ -271,41 +306,66 @@ def encoder_model() -> nn.Module:
     return model
 
 
-def test_targets_counts_only_what_inject_would_wrap(capsys: pytest.CaptureFixture[str]) -> None:
+def owners_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a, model.b = Fused(), Fused()
+    model.head = nn.Linear(8, 2)
+    return model
+
+
+@pytest.fixture
+def fused_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraplug import _targeting
+
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
+
+
+def test_targets_wraps_attention_and_the_encoder_layer(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:encoder_model", "-t", "type:Linear", "-r", "2")
+    assert code == 0
+    marked = sorted(n for n, r in rows_of(out).items() if r[0] == "*")
+    assert marked == lp.inject_lora(encoder_model(), target=nn.Linear, rank=2) == [
+        "attn.out_proj", "enc.linear1", "enc.linear2", "enc.self_attn.out_proj", "head"]
+
+
+@pytest.mark.usefixtures("fused_owner")
+def test_targets_counts_only_what_inject_would_wrap(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "targets", "test_cli:owners_model", "-t", "type:Linear", "-r", "2")
     assert code == 1
     rows = rows_of(out)
-    refused = ["attn.out_proj", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"]
+    refused = ["a.inner", "b.inner"]
     assert [n for n, r in rows.items() if r[0] == "!"] == refused
     assert all(len(rows[n]) == 4 for n in refused)  # no parameters counted for them
     assert "\n1 layer selected (*); rank 2 adds 20 parameters" in out  # head: 2·8 + 2·2
-    assert "4 more layers selected cannot take it (!)" in out
+    assert "2 more layers selected cannot take it (!)" in out
     # The advice is for the command line: no Python in it.
-    assert "lambda" not in out and "exclude=" not in out and "set_fastpath" not in out
+    assert "lambda" not in out and "exclude=" not in out
     advice = re.search(r"^To go ahead, leave the ! layers out: (.*)$", out, re.M).group(1)
-    assert advice == "--exclude '*.out_proj' --exclude '*.linear1' --exclude '*.linear2'"
+    assert advice == "--exclude '*.inner'"
     # Following it, nothing is refused, and inject_lora wraps exactly the layers marked *.
     exclude = re.findall(r"--exclude '([^']+)'", advice)
-    code, out, _ = run(capsys, "targets", "test_cli:encoder_model", "-t", "type:Linear",
+    code, out, _ = run(capsys, "targets", "test_cli:owners_model", "-t", "type:Linear",
                        "-r", "2", *(f"--exclude={p}" for p in exclude))
     assert code == 0 and "!" not in "".join(r[0] for r in rows_of(out).values())
-    wrapped = lp.inject_lora(encoder_model(), target=nn.Linear, exclude=exclude, rank=2)
+    wrapped = lp.inject_lora(owners_model(), target=nn.Linear, exclude=exclude, rank=2)
     assert [n for n, r in rows_of(out).items() if r[0] == "*"] == wrapped == ["head"]
 
 
+@pytest.mark.usefixtures("fused_owner")
 def test_targets_listing_marks_what_inject_refuses(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "targets", "test_cli:encoder_model")
+    code, out, _ = run(capsys, "targets", "test_cli:owners_model")
     assert code == 0
     rows = rows_of(out)
     assert "\n1 layer can take LoRA" in out
-    assert "4 layers of a LoRA type cannot take one here (!):" in out
+    assert "2 layers of a LoRA type cannot take one here (!):" in out
     for name, row in rows.items():
         if row[0] == "!":
             with pytest.raises(lp.TargetError, match=r"reads .*weight directly"):
-                lp.inject_lora(encoder_model(), target=name, rank=2)
+                lp.inject_lora(owners_model(), target=name, rank=2)
         elif len(row) > 3:  # a LoRA layer type
-            assert lp.inject_lora(encoder_model(), target=name, rank=2) == [name]
-            assert row[3] == type(encoder_model().get_submodule(name)).__name__.replace(
+            assert lp.inject_lora(owners_model(), target=name, rank=2) == [name]
+            assert row[3] == type(owners_model().get_submodule(name)).__name__.replace(
                 "Linear", "LoRALinear")
 
 

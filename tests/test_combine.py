@@ -153,7 +153,7 @@ def test_combined_adapter_is_inactive_saved_merged_and_deleted_like_any(tmp_path
     lp.set_adapter(loaded, "a-b mix")
     torch.testing.assert_close(loaded(IDS), expected)
     lp.merge(model)
-    with torch.no_grad():
+    with torch.no_grad():  # merged inference
         torch.testing.assert_close(model(IDS), expected)
     lp.unmerge(model)
     lp.set_adapter(model, "a")

@@ -275,7 +275,16 @@ def _layer_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
                    torch.randn(1, 2, 3, 5, 5)),
         "embedding": (nn.Embedding(9, 4, padding_idx=2), torch.tensor([[1, 2, 8], [0, 5, 2]])),
         "through_weight": (ShiftedLinear(5, 4), torch.randn(3, 5)),
+        "transformers_conv1d": (_transformers_conv1d(), torch.randn(2, 3, 5)),
     }
+
+
+def _transformers_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(4, 5)  # 5 -> 4, weight stored (5, 4)
+    nn.init.normal_(layer.bias)
+    return layer
 
 
 @pytest.mark.parametrize("case", list(_layer_cases()))
@@ -291,7 +300,8 @@ def test_each_layer_type_compiles_with_fullgraph(case: str) -> None:
     layer = model[0]
     backend = CountingBackend()
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
-    kind = "conv" if case.startswith("conv") else "embedding" if case == "embedding" else "linear"
+    kind = {"embedding": "embedding", "transformers_conv1d": "conv1d"}.get(
+        case, "conv" if case.startswith("conv") else "linear")
     shift = 1.0 if case == "through_weight" else 0
 
     def expected(live: list[str]) -> torch.Tensor:

@@ -65,9 +65,26 @@ def gpt2_conv1d() -> nn.Module:
     return nn.Sequential(pytorch_utils.Conv1D(4, 3))
 
 
+def quantized() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    model = nn.Sequential(bnb.nn.Linear4bit(64, 64, quant_type="nf4"),
+                          bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False),
+                          nn.Linear(64, 64)).to("cpu")  # bitsandbytes quantizes here
+    torchao_quantization.quantize_(model[2], torchao_quantization.Int8WeightOnlyConfig())
+    return model
+
+
 def attention() -> nn.Module:
     model = nn.Module()
     model.attn = nn.MultiheadAttention(8, 2)
+    return model
+
+
+def swin_attention() -> nn.Module:
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    model = nn.Module()
+    model.attn = swin.ShiftedWindowAttention(8, [2, 2], [0, 0], num_heads=2)
     return model
 
 
@@ -78,10 +95,12 @@ README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
                                         nn.Conv3d(2, 4, 1, groups=2)), ["0", "1", "2"]),
     "nn.Embedding": lambda: (nn.Sequential(nn.Embedding(5, 3)), ["0"]),
     "register_lora_layer": lambda: (nn.Sequential(Dense(3, 4)), ["0"]),
-    "nn.MultiheadAttention": lambda: (attention(), ["attn", "attn.out_proj"]),
+    "Linear4bit": lambda: (quantized(), ["0", "1", "2"]),
+    "nn.MultiheadAttention": lambda: (attention(), ["attn.q", "attn.v", "attn.out_proj"]),
     "nn.TransformerEncoderLayer": lambda: (nn.TransformerEncoderLayer(8, 2, 16),
                                            ["linear1", "linear2"]),
     "Conv1D": lambda: (gpt2_conv1d(), ["0"]),
+    "qkv": lambda: (swin_attention(), ["attn.qkv", "attn.proj"]),
     "nn.ConvTranspose1d/2d/3d": lambda: (
         nn.Sequential(nn.ConvTranspose1d(2, 2, 3), nn.ConvTranspose2d(2, 2, 3),
                       nn.ConvTranspose3d(2, 2, 3), nn.LSTM(3, 3), nn.GRU(3, 3),

@@ -174,7 +174,6 @@ def test_empty_weights(tmp_path: Path) -> None:
     ({"use_dora": True}, r"use_dora is True: DoRA adapters \(use_dora=true\) are not supported"),
     ({"bias": "all"}, r"bias is 'all': bias='all' or 'lora_only' files carry trained base biases"),
     ({"modules_to_save": ["head"]}, r"modules_to_save is \['head'\]"),
-    ({"fan_in_fan_out": True}, r"fan_in_fan_out is True: .*Conv1D"),
     ({"peft_type": "IA3"}, r"peft_type is 'IA3'; only LoRA adapters"),
     ({"r": 0}, r"r is 0; expected a positive integer"),
     ({"r": 2.5}, r"r is 2.5; expected a positive integer"),

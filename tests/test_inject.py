@@ -112,32 +112,55 @@ def test_uninitialised_lazy_layer_is_refused() -> None:
     assert lp.inject_lora(model, target="0", rank=2) == ["0"]
 
 
-def test_multihead_attention_out_proj_is_refused_with_reason() -> None:
+class Fused(nn.Module):
+    """An owner that reads its child's weight instead of calling the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.inner.weight)
+
+
+def test_a_child_its_owner_bypasses_is_refused_with_reason(monkeypatch) -> None:
+    from loraplug import _targeting
+
+    monkeypatch.setitem(_targeting._OWNER_READS, Fused,
+                        (("inner",), "Exclude it, e.g. exclude=['*.{leaf}']."))
+    model = nn.Sequential(Fused())
+    with pytest.raises(lp.TargetError, match=r"'0.inner': its owner tests?.*Fused reads "
+                                             r"inner.weight directly.*exclude=\['\*.inner'\]"):
+        lp.inject_lora(model, target=nn.Linear, rank=2)
+    assert type(model[0].inner) is nn.Linear
+
+
+def test_multihead_attention_out_proj_is_adapted_through_the_attention() -> None:
     model = nn.Module()
     model.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention "
-                                             r"reads out_proj.weight directly.*"
-                                             r"exclude=\['\*.out_proj'\]"):
-        lp.inject_lora(model, target=nn.Linear, rank=2)
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert lp.inject_lora(model, target=nn.Linear, rank=2) == ["attn.out_proj"]
+    assert type(model.attn) is lp.LoRAMultiheadAttention
+    assert type(model.attn.out_proj) is lp.LoRALinear
+    randomize_adapters(model)
+    x = torch.randn(3, 2, 8)
+    adapted = model.attn(x, x, x)[0]
+    with lp.disable_adapters(model):
+        assert not torch.allclose(model.attn(x, x, x)[0], adapted)
 
 
-def test_transformer_layer_fast_path_reads_are_refused_while_enabled() -> None:
+def test_transformer_layer_fast_path_stays_off_while_adapters_are_live() -> None:
     model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
-    with pytest.raises(lp.TargetError, match=r"'0.linear1': its owner nn.TransformerEncoderLayer "
-                                             r".*set_fastpath_enabled\(False\)"):
-        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
-        randomize_adapters(model)
-        model.eval()
-        x = torch.randn(2, 3, 8)
+    assert torch.backends.mha.get_fastpath_enabled()
+    lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
+    randomize_adapters(model)
+    model.eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
         adapted = model(x)
         with lp.disable_adapters(model):
             assert not torch.allclose(model(x), adapted)  # the adapters take effect in eval
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
+        lp.merge(model)
+        torch.testing.assert_close(model(x), adapted)
 
 
 def test_rank_warning_as_error_changes_nothing() -> None:

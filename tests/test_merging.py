@@ -142,7 +142,7 @@ def test_unmerging_what_lies_under_a_sum_that_overflows_alone_is_refused() -> No
 
 def test_peft_order_of_merges_by_name_and_its_refusals() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 6))
+    model = nn.Sequential(nn.Linear(6, 6)).eval()  # merged inference
     for name in ("a", "adapter-2"):
         lp.inject_lora(model, target="0", rank=2, name=name)
     randomize_adapters(model)
@@ -213,7 +213,7 @@ def test_compiled_forward_of_a_partly_merged_layer() -> None:
 
 def test_a_channels_last_weight_merges_and_unmerges_exactly() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 6, 3)).to(memory_format=torch.channels_last)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3)).to(memory_format=torch.channels_last).eval()
     lp.inject_lora(model, target="0", rank=2)
     randomize_adapters(model)
     x = torch.randn(2, 4, 8, 8)

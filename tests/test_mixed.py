@@ -15,7 +15,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_close, delta, dense_forward
-from strategies import Case, conv_cases, embedding_cases, linear_cases, randomize_adapters
+from strategies import (
+    Case,
+    conv1d_cases,
+    conv_cases,
+    embedding_cases,
+    linear_cases,
+    randomize_adapters,
+)
 from torch import nn
 
 import loraplug as lp
@@ -24,7 +31,8 @@ NAMES = ("a", "b")
 
 
 def layer_cases(dtype: torch.dtype | None = None) -> st.SearchStrategy[Case]:
-    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype))
+    return st.one_of(linear_cases(dtype), conv_cases(dtype=dtype), embedding_cases(dtype),
+                     conv1d_cases(dtype))
 
 
 def _two_adapters(case: Case, second_rank: int, *, dropout: float = 0.0) -> lp.LoRALayer:

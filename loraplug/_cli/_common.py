@@ -152,8 +152,12 @@ def parse_pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
 
 # --------------------------------------------------------------------------- targets
 def weight_shape(module: nn.Module) -> str:
-    weight = module._parameters.get("weight")
-    tensors = [weight] if weight is not None else list(module.parameters(recurse=False))
+    from .._quantized import logical_shape
+
+    if module._parameters.get("weight") is not None:
+        return "×".join(map(str, logical_shape(module)))  # a quantized weight's, not packed
+    weight = getattr(module, "weight", None)  # a parameter, or a view (attention's q, k, v)
+    tensors = [weight] if isinstance(weight, Tensor) else list(module.parameters(recurse=False))
     return "×".join(map(str, tensors[0].shape)) if tensors else ""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .._layer import LoRALayer
+from .._quantized import describe_weight, parameter_count, weight_format
 from .._registry import lookup, lora_layer_for, supported_types, type_name
 from ._common import CLIError, build_model, count_of, parse_pattern, table, weight_shape
 
@@ -28,15 +29,19 @@ def cmd_targets(args: argparse.Namespace) -> int:
         chosen = selection.modules
     survey = _survey(model, chosen, args.rank)
     rows = survey.rows
-    header = ("", "layer", "type", "weight", "LoRA layer",
-              f"+params (r={args.rank})" if chosen else "")
-    print(table(header, rows, right=(5,)))
+    header: tuple[str, ...] = ("", "layer", "type", "weight", "LoRA layer",
+                               f"+params (r={args.rank})" if chosen else "")
+    shown = rows
+    if any(quantized for quantized, _ in survey.stored):  # how each weight is stored
+        header = (*header[:4], "stored (bytes/w)", *header[4:])
+        shown = [(*row[:4], text, *row[4:]) for row, (_, text) in zip(rows, survey.stored)]
+    print(table(header, shown, right=(len(header) - 1,)))
     legend = ["*: wrapped with this target"] if chosen else []
     legend += ["!: refused (see below)"] if survey.refused else []
     print("; ".join([*legend, "LoRA layer: the class that would wrap it (blank: none for "
                      "that type)"]))
     kept = [row[1] for row in rows if row[0] == "*"]
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)  # a quantized weight at its logical size
     if chosen:
         print(f"\n{count_of(len(kept), 'layer')} selected (*); rank {args.rank} adds "
               f"{survey.added:,} parameters to the model's {total:,} "
@@ -63,6 +68,8 @@ class _Survey:
     rank_refused: set[str] = field(default_factory=set)  # refused for the rank alone
     probes: list[LoRALayer] = field(default_factory=list)  # every selected layer's
     notes: list[str] = field(default_factory=list)
+    #: per row: whether the weight is quantized, and how it is stored ("bnb nf4 dq 0.516")
+    stored: list[tuple[bool, str]] = field(default_factory=list)
 
 
 def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Survey:
@@ -79,7 +86,7 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
         lora = "" if found is None else found[0].__name__
         if found is not None and (name in chosen or not chosen):
             why = " ".join(_reason(m.split(": ", 1)[1])
-                           for m in owner_problems(model, name, paths[id(module)]))
+                           for m in owner_problems(model, name, paths.get(id(module), [])))
         if name in chosen:
             probe = lora_layer_for(module)
             survey.probes.append(probe)
@@ -99,6 +106,9 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
             mark, survey.refused[name] = "!", why
         survey.rows.append(
             (mark, name, type_name(type(module)), weight_shape(module), lora, params))
+        described = describe_weight(module)
+        survey.stored.append((weight_format(module) is not None,
+                              f"{described[0]} {described[1]:.3g}" if described else ""))
     return survey
 
 
