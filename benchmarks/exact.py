@@ -12,8 +12,9 @@ For each model, dtype and adapter size, the same adapters in loraplug and PEFT:
 - **drift**: the fraction of weight entries that differ from the original after
   ``cycles`` merge/unmerge cycles, exact and PEFT's (``exact=False`` drifts as PEFT).
 
-Adapter entries have std 0.02 (``trained``) or 0.5 (``large``: ΔW dwarfs W, the case
-where rounding destroys most of W's low bits).
+Adapter entries have std 0.005 (``small``), 0.02 (``trained``) or 0.5 (``large``: ΔW
+dwarfs W, the case where rounding destroys most of W's low bits); ``delta_over_weight``
+is the ratio of the root-mean-squares of ΔW and W over the adapted weights.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .models import GPT, linear_names
 from .twins import lp_layers, peft_available, peft_twin, randomize
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SIZES = {"trained": 0.02, "large": 0.5}
+SIZES = {"small": 0.005, "trained": 0.02, "large": 0.5}
 
 
 def _models(quick: bool) -> list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module],
@@ -95,6 +96,17 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+@torch.no_grad()
+def _delta_over_weight(model: nn.Module) -> float:
+    """rms(ΔW) / rms(W) over the adapted weights, ΔW of the active adapters."""
+    delta = weight = 0.0
+    for _, layer in lp_layers(model):
+        delta += sum(float(layer.delta_weight(n).double().square().sum())
+                     for n in layer.held_active)
+        weight += float(layer.weight.double().square().sum())
+    return (delta / weight) ** 0.5
+
+
 def _cycle_pairs(ours: nn.Module, theirs: Any) -> dict[str, tuple[Callable[[], object], ...]]:
     pairs: dict[str, tuple[Callable[[], object], ...]] = {
         "exact": (lambda: lp.merge(ours[0]), lambda: lp.unmerge(ours[0])),
@@ -109,7 +121,13 @@ def _cycle_pairs(ours: nn.Module, theirs: Any) -> dict[str, tuple[Callable[[], o
 
 def _time(pairs: dict[str, tuple[Callable[[], object], ...]], rounds: int
           ) -> dict[str, dict[str, float]]:
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in pairs}
+    """Wall and CPU seconds of each variant's merge and unmerge, interleaved over rounds.
+
+    Ratios and the check's share use the CPU time of this process, which another
+    process taking a core does not inflate.
+    """
+    wall: dict[str, list[tuple[float, float]]] = {k: [] for k in pairs}
+    cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in pairs}
     order = list(pairs)
     rng = random.Random(0)
     with torch.no_grad():
@@ -117,18 +135,24 @@ def _time(pairs: dict[str, tuple[Callable[[], object], ...]], rounds: int
             rng.shuffle(order)
             for key in order:
                 merge, unmerge = pairs[key]
-                start = time.perf_counter()
+                times = [(time.perf_counter(), time.process_time())]
                 merge()
-                middle = time.perf_counter()
+                times.append((time.perf_counter(), time.process_time()))
                 unmerge()
-                samples[key].append((middle - start, time.perf_counter() - middle))
+                times.append((time.perf_counter(), time.process_time()))
+                for which, store in ((0, wall), (1, cpu)):
+                    store[key].append((times[1][which] - times[0][which],
+                                       times[2][which] - times[1][which]))
     out = {k: {"merge": statistics.median(m for m, _ in v),
-               "unmerge": statistics.median(u for _, u in v)} for k, v in samples.items()}
-    for key in out:  # paired: within each round, over the in-place merge's time
+               "unmerge": statistics.median(u for _, u in v),
+               "merge_cpu": statistics.median(m for m, _ in cpu[k]),
+               "unmerge_cpu": statistics.median(u for _, u in cpu[k])}
+           for k, v in wall.items()}
+    for key in out:  # paired: within each round, over the in-place merge's CPU time
         out[key]["merge_over_in_place"] = statistics.median(
-            a[0] / b[0] for a, b in zip(samples[key], samples["in_place"]))
+            a[0] / b[0] for a, b in zip(cpu[key], cpu["in_place"]))
     out["exact"]["check_share"] = statistics.median(
-        (a[0] - b[0]) / a[0] for a, b in zip(samples["exact"], samples["unchecked"]))
+        (a[0] - b[0]) / a[0] for a, b in zip(cpu["exact"], cpu["unchecked"]))
     return out
 
 
@@ -174,12 +198,14 @@ def run(*, quick: bool, use_peft: bool, log: Callable[[str], None],
                 side = sum(f.residual.nbytes for _, layer in lp_layers(copies[0])
                            for f in layer._folds if f.residual is not None)
                 lp.unmerge(copies[0])
+                ratio = _delta_over_weight(copies[0])
                 busy = settle()
                 load = os.getloadavg()
                 timing = _time(pairs, rounds)
                 results.append({
                     "name": "merge-exact", "model": about, "dtype": str(dtype).split(".")[-1],
-                    "adapters": size, "std": std, "weight_bytes": weight_bytes,
+                    "adapters": size, "std": std, "delta_over_weight": ratio,
+                    "weight_bytes": weight_bytes,
                     "side_bytes": side, "side_per_weight_byte": side / weight_bytes,
                     "time": timing, "cycles": cycles, "drift": drift, "busy": busy,
                     "load": {"before": load, "after": os.getloadavg()}})

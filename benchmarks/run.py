@@ -156,7 +156,8 @@ def tables(results: dict[str, Any]) -> str:
         def both(key: str, t: dict[str, Any] = t) -> str:
             return f"{_time(t[key]['merge'])} / {_time(t[key]['unmerge'])}" if key in t else "—"
         rows.append([
-            r["model"], r["dtype"], r["adapters"], both("exact"), both("inexact"),
+            r["model"], r["dtype"], f"{r['adapters']} ({r['delta_over_weight']:.2g})",
+            both("exact"), both("inexact"),
             both("in_place"), both("peft"), f"{t['exact']['merge_over_in_place']:.2f}×",
             f"{100 * t['exact']['check_share']:.1f}%", f"{r['side_per_weight_byte']:.3f}",
             " / ".join(f"{100 * r['drift'][k]:.1f}%" for k in ("exact", "peft")
@@ -164,9 +165,10 @@ def tables(results: dict[str, Any]) -> str:
         ])
     if rows:
         out.append(_table(
-            "Exact merge: merge / unmerge per model, medians; side bytes per weight byte; "
-            f"entries changed after {results['merge_exact'][0]['cycles']} cycles",
-            ["model", "dtype", "adapters", "exact", "exact=False", "in place (before)",
+            "Exact merge: merge / unmerge per model, wall medians; ratio and check share in CPU "
+            "time; side bytes per weight byte; entries changed after "
+            f"{results['merge_exact'][0]['cycles']} cycles",
+            ["model", "dtype", "adapters (ΔW/W)", "exact", "exact=False", "in place (before)",
              "PEFT", "exact ÷ in place", "check", "side B/B", "drift exact / PEFT"],
             rows))
     rows = []

@@ -92,14 +92,20 @@ class _Collector:
     def add(self, start: int, r: Tensor, original_bits: Tensor) -> None:
         self.checksum = (self.checksum + bit_sum(original_bits)) % 2**32
         if self.dense is None:
-            where = r.nonzero().view(-1)
-            self.count += where.numel()
-            self._split(where, r[where], start)
-            if self.count * 5 > self.numel:  # sparse costs ≥ 5 bytes an entry, dense 1
-                self._to_dense()
-            return
+            # Sparse costs ≥ 5 bytes an entry, dense 1: go dense as soon as this chunk, or
+            # all so far, is more than a fifth non-zero.
+            nonzero = r != 0
+            count = int(torch.count_nonzero(nonzero))
+            if count * 5 <= r.numel() and (self.count + count) * 5 <= self.numel:
+                where = nonzero.nonzero().view(-1)  # faster on a bool mask
+                self.count += count
+                self._split(where, r[where], start)
+                return
+            self._to_dense()
+        dense = self.dense
+        assert dense is not None  # just made
         clamped = r.clamp(-128, 127)
-        self.dense[start:start + r.numel()] = clamped.to(torch.int8)
+        dense[start:start + r.numel()] = clamped.to(torch.int8)
         where = (clamped != r).nonzero().view(-1)
         self.large.append((where + start, r[where] - clamped[where]))  # on top of dense
 
@@ -110,6 +116,7 @@ class _Collector:
 
     def _to_dense(self) -> None:
         self.dense = torch.zeros(self.numel, dtype=torch.int8, device=self.device)
+        # The small entries so far move into it; the large ones stay where they are.
         for index, values in self.small:
             self.dense[index] = values
         self.small = []

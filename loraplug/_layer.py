@@ -304,6 +304,9 @@ class LoRALayer(AdapterSet):
         See :func:`loraplug.merge` for ``exact``; ``safe`` is kept for compatibility
         (every merge is checked).
 
+        A parametrized weight (``torch.nn.utils.parametrize``) is written through its
+        parametrization and unmerged by subtracting, not bit for bit.
+
         Raises:
             StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
                 cannot take it (computed by a hook, or parametrized by something that

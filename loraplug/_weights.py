@@ -240,7 +240,7 @@ def before_loading(layer: LoRALayer, state: Mapping[str, Any], prefix: str) -> N
                   (*_parametrization(layer).named_parameters(),
                    *_parametrization(layer).named_buffers())})
     if any(_differs(state, key, tensor) for key, tensor in keys.items()):
-        layer._folds.clear()
+        layer._folds.clear()  # what they kept to unmerge exactly belongs to the old weight
         layer.merged_adapters = ()
         layer._refresh()
         what = (f"replaced the weight of a LoRA layer that had {merged} merged; the loaded "

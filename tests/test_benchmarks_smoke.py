@@ -76,7 +76,7 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
             _check_stats(stats)
     assert "Mixed adapters in one batch" in stdout
     assert {(r["dtype"], r["adapters"]) for r in results["merge_exact"]} == {
-        (d, a) for d in ("float32", "bfloat16", "float16") for a in ("trained", "large")}
+        (d, a) for d in ("float32", "bfloat16", "float16") for a in ("small", "trained", "large")}
     for row in results["merge_exact"]:
         assert row["drift"]["exact"] == 0.0 and 0 < row["side_per_weight_byte"] < 1.2
         assert row["time"]["exact"]["merge"] > 0
