@@ -119,11 +119,16 @@ def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dic
     return shared_memory(model, layers, clean_name)
 
 
+def tied_listing(tied: dict[str, list[str]]) -> str:
+    """``'a' with ['b']; ...`` for the first five entries of a tied-weights mapping."""
+    return "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
+
+
 def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
     """Raise if merging would write into a weight that other modules share."""
     tied = shared_weights(model, layers)
     if tied:
-        listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
+        listing = tied_listing(tied)
         raise StateError(
             f"{action}: the weight of {listing} is shared (tied), so merging would change the "
             "other modules too (one Parameter, or tensors sharing memory). Keep these adapters "

@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._adapters import tied_listing
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAWarning, StateError
 from ._layer import LoRALayer
@@ -172,7 +173,7 @@ def refuse_rewrite(model: nn.Module, modules: dict[str, nn.Module], init: str) -
     refuse_sharded(list(modules.items()), action)
     tied = _tied(model, modules)
     if tied:
-        listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
+        listing = tied_listing(tied)
         raise StateError(
             f"{action} rewrites the base weight to W − s·B₀A₀, but the weight of {listing} is "
             "shared (tied), so the other modules would change too; nothing was changed. Use "
