@@ -10,6 +10,7 @@ import ast
 import contextlib
 import importlib.metadata as metadata
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -126,7 +127,11 @@ def make_dry_run(target: str, tmp_path: Path) -> str:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    result = subprocess.run([make, "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+    # Run as a top-level make even when the tests themselves run under make (as in CI):
+    # a nested make inherits MAKEFLAGS and prints "Entering/Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MAKELEVEL", "MFLAGS"}}
+    result = subprocess.run([make, "--no-print-directory", "-n", target,
+                             f"VENV={tmp_path / 'venv'}"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
