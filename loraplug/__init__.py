@@ -41,6 +41,7 @@ from ._inject import find_targets, inject_lora, unload
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._mixed import adapter_per_sample
+from ._parameter import LoRAParameter, LoRAParameterHost
 from ._registry import lora_layer_type, register_lora_layer
 from ._summary import LayerSummary, LoRASummary, summary
 
@@ -59,6 +60,8 @@ __all__ = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "LoRASummary",
     "LoRAWarning",
     "StateError",

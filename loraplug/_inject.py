@@ -13,6 +13,15 @@ from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
+from ._parameter import LoRAParameter
+from ._parameter_targeting import (
+    ParameterTarget,
+    ParamSpec,
+    attach_parameter,
+    parameter_problems,
+    select_parameters,
+    stage_parameters,
+)
 from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
 
@@ -147,7 +156,7 @@ def _problems(
 def inject_lora(
     model: nn.Module,
     *,
-    target: TargetSpec,
+    target: TargetSpec | None = None,
     rank: int,
     alpha: float | None = None,
     dropout: float = 0.0,
@@ -156,6 +165,7 @@ def inject_lora(
     init: str = "kaiming",
     use_rslora: bool = False,
     freeze_base: bool = True,
+    target_parameters: ParamSpec | None = None,
 ) -> list[str]:
     """Wrap the layers ``target`` names with LoRA adapters, in place.
 
@@ -217,18 +227,37 @@ def inject_lora(
     for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
         if not isinstance(value, bool):
             raise ConfigError(f"{flag} must be True or False; received {value!r}.")
-    selection = select(model, target, exclude)
-    if selection.unsupported:
-        skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
-        warnings.warn(
-            f"inject_lora skipped matched modules of unsupported types: {skipped}. Register a "
-            "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
-            LoRAWarning, stacklevel=2,
+    if target is None and target_parameters is None:
+        raise ConfigError(
+            "inject_lora needs target (modules, e.g. target=nn.Linear) or target_parameters "
+            "(bare parameters, e.g. target_parameters=['*.experts.gate_up_proj']), or both."
         )
-    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in selection.modules}
-    inject_layers(model, selection.modules, specs, name=name, dropout=dropout, init=init,
+    chosen: dict[str, nn.Module | ParameterTarget] = {}
+    if target is not None:
+        selection = select(model, target, exclude)
+        if selection.unsupported:
+            skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
+            warnings.warn(
+                f"inject_lora skipped matched modules of unsupported types: {skipped}. Register "
+                "a LoRA layer for a type with loraplug.register_lora_layer, take them through "
+                "their weight with target_parameters=['<name>.weight'], or narrow the target.",
+                LoRAWarning, stacklevel=2,
+            )
+        chosen.update(selection.modules)
+    if target_parameters is not None:
+        params = select_parameters(model, target_parameters)
+        if params.unsupported:
+            warnings.warn(
+                "inject_lora skipped matched parameters of fewer than 2 dimensions: "
+                f"{sorted(params.unsupported)}; they have no low-rank update.",
+                LoRAWarning, stacklevel=2,
+            )
+        chosen.update(params.parameters)
+    chosen = dict(sorted(chosen.items()))
+    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in chosen}
+    inject_layers(model, chosen, specs, name=name, dropout=dropout, init=init,
                   use_rslora=use_rslora, freeze_base=freeze_base)
-    return list(selection.modules)
+    return list(chosen)
 
 
 @dataclass(frozen=True)
@@ -258,6 +287,9 @@ def inject_layers(
     all_paths = _module_paths(model)
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
+        if isinstance(module, ParameterTarget):
+            problems += parameter_problems(module, adapter=name, dropout=dropout)
+            continue
         problems += _problems(model, qualname, module, all_paths[id(module)],
                               rank=specs[qualname].rank, dropout=dropout, adapter=name)
     if problems:
@@ -267,9 +299,14 @@ def inject_layers(
     # Build every new layer and adapter before touching the model.
     staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
     too_large: list[str] = []
+    param_layers = stage_parameters(
+        {q: m for q, m in modules.items() if isinstance(m, ParameterTarget)})
     for qualname, module in modules.items():
         spec = specs[qualname]
-        if isinstance(module, LoRALayer):
+        if isinstance(module, ParameterTarget):
+            layer = param_layers[qualname]
+            module = module.owner
+        elif isinstance(module, LoRALayer):
             layer = module
         else:
             layer_cls, registered = lookup(type(module))  # type: ignore[misc]
@@ -294,7 +331,12 @@ def inject_layers(
     disabled = any(layer.adapters_disabled for _, layer in existing)
     for module, layer, a, b, spec in staged:
         layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
-        if layer is not module:
+        if isinstance(layer, LoRAParameter):
+            if layer.parameter_name not in layer.host.lora_parameters:
+                layer.set_active(active)
+                layer.set_disabled(disabled)
+            attach_parameter(model, module, layer, all_paths[id(module)])
+        elif layer is not module:
             layer.set_active(active)
             layer.set_disabled(disabled)
             for path in all_paths[id(module)]:
@@ -351,6 +393,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         else:
             layer.unmerge()
         layer.sync_base()
-        for path in all_paths[id(layer)]:
-            _set_module(model, path, layer.base_layer)
+        # A parameter's layer leaves with its host, which hands back the owner.
+        host = layer.host if isinstance(layer, LoRAParameter) else layer
+        for path in all_paths[id(host)]:
+            _set_module(model, path, host.base_layer)
     return model

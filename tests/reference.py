@@ -66,3 +66,26 @@ def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
     else:
         padding = base.padding
     return conv(x, weight, bias, base.stride, padding, base.dilation, base.groups)
+
+
+def parameter_delta(a: Tensor, b: Tensor, scaling: float, shape: tuple[int, ...],
+                    transposed: bool = False) -> Tensor:
+    """ΔW in float64 for a bare parameter of ``shape``, indexed element by element.
+
+    Matrix layout (2 dims, or 4 and more): ``B (out, r) @ A (r, ∏rest)`` reshaped to
+    ``shape``. Experts (3 dims, PEFT's layout): expert e uses rows ``e·r … e·r + r - 1``
+    of A (E·r, in) and columns ``j·E + e`` (j < r) of B (out, r·E); its block is
+    ``B_e @ A_e`` (out, in), transposed when the stack is stored (E, in, out).
+    """
+    a, b = a.double(), b.double()
+    if len(shape) != 3:
+        return scaling * (b @ a.reshape(a.shape[0], -1)).reshape(shape)
+    experts = shape[0]
+    r = a.shape[0] // experts
+    blocks = []
+    for e in range(experts):
+        a_e = a[e * r:(e + 1) * r]
+        b_e = b[:, [j * experts + e for j in range(r)]]
+        block = b_e @ a_e
+        blocks.append(block.t() if transposed else block)
+    return scaling * torch.stack(blocks)

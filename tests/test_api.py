@@ -15,6 +15,8 @@ PUBLIC = [
     "LoRAError",
     "LoRALayer",
     "LoRALinear",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "LoRASummary",
     "LoRAWarning",
     "StateError",
