@@ -6,12 +6,11 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
 from ._config import validate_hyperparameters
-from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
+from ._errors import ConfigError, LoRAError, LoRAWarning, StateError
 from ._layer import LoRALayer
 from ._parameter import LoRAParameter
 from ._parameter_targeting import (
@@ -25,45 +24,13 @@ from ._parameter_targeting import (
 from ._registry import lookup, type_name
 from ._targeting import TargetSpec, select
 
-#: Owners that read a child's weight directly in their own forward instead of calling
-#: the child, so an adapter on that child would never be computed: owner type ->
-#: (child names, what to do about it).
-_OWNER_READS: dict[type[nn.Module], tuple[tuple[str, ...], str]] = {
-    nn.MultiheadAttention: (("out_proj",), "Exclude it, e.g. exclude=['*.{leaf}']."),
-    nn.TransformerEncoderLayer: (
-        ("linear1", "linear2"),
-        "Its inference fast path reads them; disable it first with "
-        "torch.backends.mha.set_fastpath_enabled(False), or exclude=['*.{leaf}'].",
-    ),
-}
-
-
-def _owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
-    """Why an owner of the module at ``paths`` would bypass its adapter, if it would."""
-    found = []
-    for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        for owner, (attrs, advice) in _OWNER_READS.items():
-            fast_path = torch.backends.mha.get_fastpath_enabled()
-            if owner is nn.TransformerEncoderLayer and not fast_path:
-                continue
-            if isinstance(parent, owner) and leaf in attrs:
-                found.append(
-                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
-                    "inside its own forward instead of calling the layer, so an adapter there "
-                    f"would be silently ignored. {advice.format(leaf=leaf)}"
-                )
-    return found
-
 
 def find_targets(
     model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
 ) -> list[str]:
     """Return the sorted names ``inject_lora`` would wrap, without changing anything.
 
-    Raises the same errors as :func:`inject_lora` for the targets themselves, including
-    the refusal of layers whose owner reads their weight directly.
+    Raises the same errors as :func:`inject_lora` for the targets themselves.
 
     Args:
         model: any ``nn.Module``; not changed.
@@ -75,8 +42,7 @@ def find_targets(
         The sorted names of the layers that would receive an adapter.
 
     Raises:
-        TargetError: a pattern matches nothing, nothing supported matched, or an owner
-            reads a selected layer's weight directly.
+        TargetError: a pattern matches nothing, or nothing supported matched.
 
     Example:
         >>> from torch import nn
@@ -85,13 +51,7 @@ def find_targets(
         >>> lp.find_targets(model, nn.Linear, exclude="2")
         ['0']
     """
-    selection = select(model, target, exclude)
-    paths = _module_paths(model)
-    refused = [m for n, mod in selection.modules.items()
-               for m in _owner_problems(model, n, paths[id(mod)])]
-    if refused:
-        raise TargetError("\n".join(refused))
-    return list(selection.modules)
+    return list(select(model, target, exclude).modules)
 
 
 def _module_paths(model: nn.Module) -> dict[int, list[str]]:
@@ -112,9 +72,7 @@ def _problems(
     model: nn.Module, name: str, module: nn.Module, paths: list[str], *, rank: int,
     dropout: float, adapter: str,
 ) -> list[tuple[type[LoRAError], str]]:
-    found: list[tuple[type[LoRAError], str]] = [
-        (TargetError, m) for m in _owner_problems(model, name, paths)
-    ]
+    found: list[tuple[type[LoRAError], str]] = []
     if isinstance(module, LoRALayer):
         if adapter in module.adapter_names:
             found.append((ConfigError, (
@@ -199,8 +157,8 @@ def inject_lora(
     Raises:
         ConfigError: a hyperparameter is invalid, a layer already has ``name``, or a
             grouped convolution cannot take ``rank``.
-        TargetError: a pattern matches nothing, nothing supported matched, or a layer's
-            owner reads its weight directly (``nn.MultiheadAttention.out_proj``).
+        TargetError: a pattern matches nothing or nothing supported matched; a
+            parameter target belongs to the model itself or to a LoRA layer.
         StateError: a target is on the meta device, lazy and uninitialised, or merged.
 
     Warns:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._compile import CompiledForwardMixin
 from ._errors import StateError
+from ._owner_reads import read_in_forward
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -213,10 +214,16 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         tensors = {k: v for k, v in self._parameters.items() if v is not None}
         tensors.update((k, v) for k, v in self._buffers.items() if v is not None)
         if self._live:
-            weight = self.weight
-            delta = sum(self.delta_weight(n) for n in self._live)
-            tensors["weight"] = (weight.to(delta.dtype) + delta).to(weight.dtype)
+            tensors["weight"] = self.adapted_weight()
         return torch.func.functional_call(self.base_layer, tensors, (x,))
+
+    def adapted_weight(self) -> Tensor:
+        """``W + Σ s·ΔW`` over the live adapters, differentiable in A and B."""
+        weight = self._tensor("weight")
+        if not self._live:
+            return weight
+        delta = sum(self.delta_weight(n) for n in self._live)
+        return (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     # ----------------------------------------------------------- adapters
     def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
@@ -424,6 +431,10 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         return self
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        # A module that reads this layer's weight in its forward instead of calling the
+        # layer sees the adapted weight (see _owner_reads.py).
+        if name == "weight" and read_in_forward() and self.__dict__.get("_live"):
+            return self.adapted_weight()
         # Attributes of the base module (in_features, kernel_size, ...) read through.
         try:
             return super().__getattr__(name)

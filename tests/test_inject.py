@@ -109,34 +109,6 @@ def test_uninitialised_lazy_layer_is_refused() -> None:
     assert lp.inject_lora(model, target="0", rank=2) == ["0"]
 
 
-def test_multihead_attention_out_proj_is_refused_with_reason() -> None:
-    model = nn.Module()
-    model.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention "
-                                             r"reads out_proj.weight directly.*"
-                                             r"exclude=\['\*.out_proj'\]"):
-        lp.inject_lora(model, target=nn.Linear, rank=2)
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-
-
-def test_transformer_layer_fast_path_reads_are_refused_while_enabled() -> None:
-    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
-    with pytest.raises(lp.TargetError, match=r"'0.linear1': its owner nn.TransformerEncoderLayer "
-                                             r".*set_fastpath_enabled\(False\)"):
-        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        lp.inject_lora(model, target=["*.linear1", "*.linear2"], rank=2)
-        randomize_adapters(model)
-        model.eval()
-        x = torch.randn(2, 3, 8)
-        adapted = model(x)
-        with lp.disable_adapters(model):
-            assert not torch.allclose(model(x), adapted)  # the adapters take effect in eval
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
-
-
 def test_rank_warning_as_error_changes_nothing() -> None:
     import warnings
 

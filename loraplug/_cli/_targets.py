@@ -12,7 +12,6 @@ from ._common import CLIError, _pattern, _shape, _table, build_model
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .._inject import _module_paths, _owner_problems
     from .._targeting import candidates, select
 
     if args.rank < 1:
@@ -25,7 +24,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
         chosen = selection.modules
     total = sum(p.numel() for p in model.parameters())
     rows, added, notes = [], 0, []
-    paths = _module_paths(model)
     for name, _, module in candidates(model):
         found = lookup(type(module))
         if not name or (found is None and next(module.parameters(recurse=False), None) is None):
@@ -34,8 +32,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         if name in chosen:
             layer_cls, registered = found  # type: ignore[misc]
             probe = layer_cls(module, registered)
-            why = probe.check_rank(args.rank) or " ".join(
-                m.split(": ", 1)[1] for m in _owner_problems(model, name, paths[id(module)]))
+            why = probe.check_rank(args.rank)
             shape_a, shape_b = probe.adapter_shapes(args.rank)
             count = math.prod(shape_a) + math.prod(shape_b)
             added += count
