@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check loraplug tests examples benchmarks
+	$(VENV)/bin/mypy
 
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/mkdocs build --strict

@@ -47,6 +47,8 @@ class Scenario:
     sample_s: float = 0.0
     #: The module that is called: the whole model, or one layer for the per-call case.
     entry: Callable[[nn.Module], nn.Module] = field(default=lambda m: m)
+    #: Whether PEFT can hold these adapters (it refuses ranks not divisible by groups).
+    peft: bool = True
 
 
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -124,7 +126,18 @@ def scenarios(quick: bool) -> list[Scenario]:
             _seeded(lambda: nn.Sequential(nn.Embedding(*((4096, 256) if q else (32000, 1024))))),
             _ids(4096 if q else 32000, *((4, 128) if q else (16, 256))), lambda m: ["0"],
             rank=16, alpha=32, **common),
+        Scenario(
+            "mobilenet-convs", f"torchvision MobileNetV3-Small, batch {1 if q else 8} at "
+            f"{image}², r4 on every conv, depthwise ones included (PEFT refuses r4 there)",
+            _seeded(lambda: _mobilenet_v3_small()), images, _modules_of(nn.Conv2d), rank=4,
+            alpha=8, peft=False, **common),
     ]
+
+
+def _mobilenet_v3_small() -> nn.Module:
+    from torchvision.models import mobilenet_v3_small
+
+    return mobilenet_v3_small()
 
 
 def _loss(out: Tensor) -> Tensor:
@@ -160,7 +173,7 @@ def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None],
     ``settle`` is called before each timed phase (to wait for a quiet machine); what it
     returns is recorded as ``busy``.
     """
-    use_peft = use_peft and peft_available()
+    use_peft = use_peft and sc.peft and peft_available()
     load_before = os.getloadavg()
     base = sc.build()
     x = sc.inputs()

@@ -83,6 +83,8 @@ class LoRAZeroLinear(lp.LoRALinear):
     initialisation (B = 0). There is no weight to merge into, so merging is refused.
     """
 
+    merge_refusal = "an input-level adapter has no base weight to merge into; keep it unmerged."
+
     @property
     def weight(self) -> Tensor:
         # The base's zero weight as a broadcast view: the right shape, no memory.
@@ -90,14 +92,6 @@ class LoRAZeroLinear(lp.LoRALinear):
 
     def base_forward(self, x: Tensor) -> Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
-
-    def merged_weight(self, names=None, *, sign: int = 1) -> Tensor:  # type: ignore[no-untyped-def]
-        raise lp.StateError(
-            "an input-level adapter has no base weight to merge into; keep it unmerged."
-        )
-
-    def merge(self, *, safe: bool = False) -> None:
-        self.merged_weight()  # refuses, as above
 
 
 class InputLevelAdapted(nn.Module):

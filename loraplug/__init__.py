@@ -30,22 +30,19 @@ from ._errors import (
     StateError,
     TargetError,
 )
-from ._files import (
-    adapter_state_dict,
-    load_adapter,
-    load_adapter_state_dict,
-    save_adapter,
-    save_merged,
-)
-from ._inject import find_targets, inject_lora, unload
+from ._inject import inject_lora, unload
 from ._layer import LoRALayer
 from ._linear import LoRALinear
+from ._load import load_adapter, load_adapter_state_dict
 from ._mixed import adapter_per_sample
 from ._parameter import LoRAParameter, LoRAParameterHost
 from ._registry import lora_layer_type, register_lora_layer
+from ._save import adapter_state_dict, save_adapter, save_merged
 from ._summary import LayerSummary, LoRASummary, summary
+from ._targeting import find_targets
+from ._version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "AdapterError",

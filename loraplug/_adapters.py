@@ -24,7 +24,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
-def _layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
+def layers_or_raise(model: nn.Module, action: str) -> list[tuple[str, LoRALayer]]:
     layers = lora_layers(model)
     if not layers:
         raise StateError(
@@ -73,7 +73,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
-def _check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
+def check_names(model: nn.Module, names: Sequence[str], action: str) -> None:
     known = adapter_names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -121,8 +121,14 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
 def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layers sharded by FSDP2, weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
+    weights tied to other modules, disabled adapters.
     """
+    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    if refusing:
+        raise StateError(
+            f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
+        )
     refuse_sharded(layers, action)
     refuse_tied(model, [(n, layer) for n, layer in layers if not layer.merged], action)
     disabled = [n for n, layer in layers if layer.adapters_disabled]
@@ -158,8 +164,8 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
         ['default', 'b']
     """
     names = _name_list(names, "set_adapter")
-    layers = _layers_or_raise(model, "set_adapter")
-    _check_names(model, names, "set_adapter")
+    layers = layers_or_raise(model, "set_adapter")
+    check_names(model, names, "set_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -191,7 +197,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
     """
-    layers = _layers_or_raise(model, "disable_adapters")
+    layers = layers_or_raise(model, "disable_adapters")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -228,15 +234,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Example:
         >>> from torch import nn
         >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = lp.inject_lora(model, target="0", rank=2, name="b")
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> _ = lp.inject_lora(model, target=nn.Linear, rank=2)
+        >>> _ = lp.inject_lora(model, target="1", rank=2, name="head")
         >>> lp.delete_adapter(model, "default")
         >>> lp.adapter_names(model), lp.active_adapters(model)
-        (['b'], ['b'])
+        (['head'], ['head'])
     """
-    layers = _layers_or_raise(model, "delete_adapter")
-    _check_names(model, [name], "delete_adapter")
+    layers = layers_or_raise(model, "delete_adapter")
+    check_names(model, [name], "delete_adapter")
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise StateError(
@@ -268,10 +274,10 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
             the adapted weights while checking.
 
     Raises:
-        StateError: the model has no LoRA layers, adapters are disabled, ``safe`` is
-            set and a merged weight is not finite, a LoRA layer's weight is tied to
-            another module's, or FSDP2 has sharded the LoRA layers (nothing is changed
-            then).
+        StateError: the model has no LoRA layers, a layer type cannot merge
+            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
+            weight is not finite, a LoRA layer's weight is tied to another module's, or
+            FSDP2 has sharded the LoRA layers (nothing is changed then).
 
     Example:
         >>> import torch
@@ -286,27 +292,25 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         >>> torch.allclose(model(x), before, atol=1e-6)
         True
     """
-    layers = _layers_or_raise(model, "merge")
+    layers = layers_or_raise(model, "merge")
     check_mergeable(model, layers, "merge")
-    todo = [(n, layer) for n, layer in layers if not layer.merged]
     if not safe:
-        for _, layer in todo:
+        for _, layer in layers:
             layer.merge()
         return
     staged = []
-    for name, layer in todo:
-        names = tuple(a for a in layer.active_adapters if a in layer.adapter_names)
-        if not names:
+    for name, layer in layers:
+        new = layer.stage_merge()
+        if new is None:
             continue
-        new = layer.merged_weight(names)
         if not torch.isfinite(new).all():
             raise StateError(
-                f"merge(safe=True): merging {list(names)} into {name!r} gives NaN or inf "
-                "weights; no layer was changed. Check that adapter's tensors."
+                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
+                "or inf weights; no layer was changed. Check that adapter's tensors."
             )
-        staged.append((layer, new, names))
-    for layer, new, names in staged:
-        layer._commit(new, names)
+        staged.append((layer, new))
+    for layer, new in staged:
+        layer.commit_merge(new)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -322,7 +326,7 @@ def unmerge(model: nn.Module) -> None:
     Raises:
         StateError: the model has no LoRA layers, or FSDP2 has sharded them.
     """
-    layers = _layers_or_raise(model, "unmerge")
+    layers = layers_or_raise(model, "unmerge")
     refuse_sharded(layers, "unmerge")
     for _, layer in layers:
         layer.unmerge()

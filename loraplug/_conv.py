@@ -15,13 +15,15 @@ that needs ``r`` divisible by ``g`` (r/g rank per group).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
-from ._layer import LoRALayer, compute_dtype
+from ._layer import LoRALayer
+from ._products import Scale, add_matmul
 from ._registry import register_lora_layer
 
 
@@ -38,6 +40,7 @@ class LoRAConv(LoRALayer):
     conv: ClassVar[Callable[..., Tensor]]
 
     def configure(self, base: nn.Module) -> None:
+        base = cast(_ConvNd, base)
         self.stride = base.stride
         self.dilation = base.dilation
         self.groups = base.groups
@@ -64,27 +67,20 @@ class LoRAConv(LoRALayer):
         return type(self).conv(self._padded(x), a, None, self.stride, self.padding,
                                self.dilation, groups)
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
-        h = self._down(x, a, self.groups)
-        return type(self).conv(h * self.scaling[name], b, None, 1, 0, 1, self.groups)
-
-    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
+    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Scale) -> Tensor:
         h = self._down(x, a, self.groups)  # (N, r, *S)
-        scaling = self.scaling[name]
-        if (self.groups > 1 or x.dim() != a.dim() or not isinstance(scaling, float)
+        if (self.groups > 1 or x.dim() != a.dim() or not isinstance(scale, float)
                 or not out.dtype == h.dtype == b.dtype
                 or not (out.is_contiguous() and h.is_contiguous())):
-            return out + type(self).conv(h * scaling, b, None, 1, 0, 1, self.groups)
+            return out + type(self).conv(h * scale, b, None, 1, 0, 1, self.groups)
         # B is a 1×1 convolution: per sample, out (c, S) += s · B (c, r) @ h (r, S), as
         # one batched GEMM that accumulates into out (in place unless autograd records:
         # see add_scaled_product).
         n, c, rank = out.shape[0], out.shape[1], h.shape[1]
         flat, b, h = out.view(n, c, -1), b.view(1, c, rank).expand(n, c, rank), h.view(n, rank, -1)
         if torch.is_grad_enabled():
-            return torch.baddbmm(flat, b, h, alpha=scaling).view(out.shape)
-        flat.baddbmm_(b, h, alpha=scaling)
+            return torch.baddbmm(flat, b, h, alpha=scale).view(out.shape)
+        flat.baddbmm_(b, h, alpha=scale)
         return out
 
     def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
@@ -99,23 +95,17 @@ class LoRAConv(LoRALayer):
         y = type(self).conv(h.view(1, -1, *h.shape[2:]), b.flatten(0, 1), None, 1, 0, 1, n * g)
         return y.view(n, -1, *y.shape[2:])  # (n, out, *S')
 
-    def delta_weight(self, name: str) -> Tensor:
-        dtype = compute_dtype(self.weight.dtype)
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
+        if not target.is_contiguous():  # e.g. a channels_last weight: go through a copy
+            delta = torch.zeros(target.shape, dtype=target.dtype, device=target.device)
+            self.add_delta(delta, a, b, scale)
+            target.add_(delta)
+            return
         g, out, rank = self.groups, b.shape[0], a.shape[0]
-        # Per group: (out/g, r/g) @ (r/g, in/g·k…) -> (out/g, in/g·k…); stack the groups.
-        blocks = b.reshape(g, out // g, rank // g) @ a.reshape(g, rank // g, -1)
-        return blocks.reshape(self.weight.shape).mul_(self.scaling[name])
-
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        if not target.is_contiguous():
-            return super()._add_delta(target, name, sign)
-        a, b = self._adapter(name)
-        g, out, rank = self.groups, b.shape[0], a.shape[0]
-        # The per-group products of delta_weight, accumulated straight into target.
-        target.view(g, out // g, -1).baddbmm_(
-            b.reshape(g, out // g, rank // g).to(target.dtype),
-            a.reshape(g, rank // g, -1).to(target.dtype), alpha=sign * self.scaling[name])
+        # Per group: (out/g, r/g) @ (r/g, in/g·k…) -> (out/g, in/g·k…), accumulated into
+        # the groups of target, (g, out/g, in/g·k…).
+        add_matmul(target.view(g, out // g, -1), b.reshape(g, out // g, rank // g),
+                   a.reshape(g, rank // g, -1), scale)
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape

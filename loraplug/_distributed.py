@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from ._errors import AdapterFileError, StateError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -38,7 +42,7 @@ def gather_full(tensor: Tensor) -> Tensor:
     the tensors in the same order. A plain tensor is returned detached, as it is.
     """
     tensor = tensor.detach()
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    return cast("DTensor", tensor).full_tensor() if is_sharded(tensor) else tensor
 
 
 def _rank() -> int:

@@ -8,11 +8,14 @@ is random (the reverse of Linear), as in PEFT, so ``lora_embedding_A/B`` files c
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layer import LoRALayer, add_scaled_product, compute_dtype
+from ._layer import LoRALayer
+from ._products import Scale, add_matmul, add_scaled_product
 from ._registry import register_lora_layer
 
 
@@ -26,7 +29,9 @@ class LoRAEmbedding(LoRALayer):
     never changes ``W`` outside ``merge``). Dropout is not applied: inputs are indices.
 
     Example:
-        >>> import torch
+        >>> from typing import cast
+
+import torch
         >>> from torch import nn
         >>> import loraplug as lp
         >>> model = nn.Sequential(nn.Embedding(10, 4))
@@ -41,6 +46,7 @@ class LoRAEmbedding(LoRALayer):
     peft_key_style = "embedding"
 
     def configure(self, base: nn.Module) -> None:
+        base = cast(nn.Embedding, base)
         self.padding_idx = base.padding_idx
         self.max_norm = base.max_norm
         self.norm_type = base.norm_type
@@ -72,14 +78,8 @@ class LoRAEmbedding(LoRALayer):
         # Aᵀ[ids]: (..., r). Same padding_idx and gradient scaling as the base lookup.
         return F.embedding(ids, a.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq)
 
-    def lora_forward(self, ids: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
-        h = self._rows_of_a(ids, a)
-        return F.linear(h * self.scaling[name], b)  # (..., r) @ (r, d)ᵀ -> (..., d)
-
-    def _add_lora(self, out: Tensor, ids: Tensor, name: str) -> Tensor:
-        a, b = self._adapter(name)
-        return add_scaled_product(out, self._rows_of_a(ids, a), b, self.scaling[name])
+    def add_lora(self, out: Tensor, ids: Tensor, a: Tensor, b: Tensor, scale: Scale) -> Tensor:
+        return add_scaled_product(out, self._rows_of_a(ids, a), b, scale)
 
     def routed_lora(self, ids: Tensor, a: Tensor, b: Tensor, scale: Tensor,
                     slot: Tensor | None) -> Tensor:
@@ -97,15 +97,8 @@ class LoRAEmbedding(LoRALayer):
         return torch.bmm(h.reshape(rows, -1, rank), b[slot].transpose(1, 2)).view(
             *ids.shape, -1)  # (rows, L, r) @ (rows, r, d) -> (rows, L, d)
 
-    def delta_weight(self, name: str) -> Tensor:
-        dtype = compute_dtype(self.weight.dtype)
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
-        return (a.t() @ b.t()).mul_(self.scaling[name])  # (V, r) @ (r, d) -> (V, d)
-
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        a, b = self._adapter(name)
-        target.addmm_(a.t().to(target.dtype), b.t().to(target.dtype),
-                      alpha=sign * self.scaling[name])
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
+        add_matmul(target, a.t(), b.t(), scale)  # (V, r) @ (r, d) -> (V, d)
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.weight.shape

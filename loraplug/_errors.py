@@ -15,7 +15,11 @@ class LoRAError(Exception):
 
 
 class ConfigError(LoRAError, ValueError):
-    """A hyperparameter is out of range or of the wrong type (rank, alpha, dropout, ...)."""
+    """An argument is invalid: a hyperparameter, or an adapter name malformed or taken.
+
+    A rank, alpha or dropout out of range or of the wrong type, a name that is not an
+    identifier, or one a target layer already carries (``inject_lora``).
+    """
 
 
 class TargetError(LoRAError, ValueError):
@@ -23,7 +27,7 @@ class TargetError(LoRAError, ValueError):
 
 
 class AdapterError(LoRAError, LookupError):
-    """An adapter name is unknown, or already taken on a layer."""
+    """An adapter name is unknown to the model, or the names given are not names."""
 
 
 class StateError(LoRAError, RuntimeError):

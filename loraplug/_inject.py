@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ._adapters import active_adapters, check_mergeable, lora_layers
-from ._config import validate_hyperparameters
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError
 from ._layer import LoRALayer
 from ._parameter import LoRAParameter
@@ -21,57 +20,77 @@ from ._parameter_targeting import (
     select_parameters,
     stage_parameters,
 )
-from ._registry import lookup, type_name
-from ._targeting import TargetSpec, select
+from ._registry import lora_layer_for, type_name
+from ._targeting import TargetSpec, module_paths, select, set_module
 
 
-def find_targets(
-    model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
-) -> list[str]:
-    """Return the sorted names ``inject_lora`` would wrap, without changing anything.
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's adapter hyperparameters (they may differ per layer when loading)."""
 
-    Raises the same errors as :func:`inject_lora` for the targets themselves.
+    rank: int
+    alpha: float
+    dropout: float
 
-    Args:
-        model: any ``nn.Module``; not changed.
-        target: glob(s), compiled regex(es), module type(s) or a predicate
-            ``(name, module) -> bool``; see the targeting docs.
-        exclude: patterns, as for ``target``, to leave out.
 
-    Returns:
-        The sorted names of the layers that would receive an adapter.
+def validate_name(name: object) -> str:
+    """Check an adapter name: a non-empty identifier without dots.
 
     Raises:
-        TargetError: a pattern matches nothing, or nothing supported matched.
-
-    Example:
-        >>> from torch import nn
-        >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> lp.find_targets(model, nn.Linear, exclude="2")
-        ['0']
+        ConfigError: ``name`` is not such a string.
     """
-    return list(select(model, target, exclude).modules)
+    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
+        raise ConfigError(
+            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
+            "Use names like 'default' or 'style_b'."
+        )
+    return name
 
 
-def _module_paths(model: nn.Module) -> dict[int, list[str]]:
-    # Every path a module object is reachable at (shared modules appear more than once).
-    paths: dict[int, list[str]] = defaultdict(list)
-    for path, module in model.named_modules(remove_duplicate=False):
-        paths[id(module)].append(path)
-    return paths
+def validate_hyperparameters(
+    *, rank: object, alpha: object, dropout: object, name: object, init: object
+) -> tuple[int, float, float, str, str]:
+    """Check the hyperparameters shared by every layer; returns them normalised.
+
+    Raises:
+        ConfigError: a value is of the wrong type or out of range.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(
+            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
+            "e.g. rank=8."
+        )
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
+            or not math.isfinite(alpha):
+        raise ConfigError(
+            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
+            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+            or not 0.0 <= dropout < 1.0:
+        raise ConfigError(
+            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
+            "e.g. dropout=0.05."
+        )
+    name = validate_name(name)
+    if init not in ("kaiming", "gaussian"):
+        raise ConfigError(
+            f"init must be 'kaiming' or 'gaussian'; received {init!r}."
+        )
+    return rank, float(alpha), float(dropout), name, str(init)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
-
-
-def _problems(
-    model: nn.Module, name: str, module: nn.Module, paths: list[str], *, rank: int,
-    dropout: float, adapter: str,
+def injection_problems(
+    model: nn.Module, name: str, module: nn.Module, paths: list[str], spec: LayerSpec, *,
+    adapter: str,
 ) -> list[tuple[type[LoRAError], str]]:
+    """Why adapter ``adapter`` with ``spec`` cannot go on ``module`` (clean name ``name``).
+
+    ``paths`` are the module's real paths (see ``module_paths``). Each problem comes with
+    the error type ``inject_lora`` raises for it; an empty list means the layer is fine.
+    """
     found: list[tuple[type[LoRAError], str]] = []
     if isinstance(module, LoRALayer):
         if adapter in module.adapter_names:
@@ -83,31 +102,28 @@ def _problems(
             found.append((StateError, (
                 f"{name!r} has {list(module.merged_adapters)} merged; call "
                 "loraplug.unmerge(model) before adding an adapter.")))
-        layer_cls = type(module)
-    else:
-        lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
-        if lazy and module.has_uninitialized_params():
-            found.append((StateError, (
-                f"{name!r} is an uninitialised lazy module ({type_name(type(module))}); run one "
-                "forward pass with a real input first so its shapes are known.")))
-            return found
-        layer_cls = lookup(type(module))[0]  # type: ignore[index]
+    elif isinstance(module, nn.modules.lazy.LazyModuleMixin) \
+            and module.has_uninitialized_params():
+        found.append((StateError, (
+            f"{name!r} is an uninitialised lazy module ({type_name(type(module))}); run one "
+            "forward pass with a real input first so its shapes are known.")))
+        return found
     tensors: list[Tensor] = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
     if any(t.is_meta for t in tensors):
         found.append((StateError, (
             f"{name!r} has tensors on the meta device (no data); materialise the model first, "
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
-    probe = module if isinstance(module, LoRALayer) else layer_cls(module, lookup(type(module))[1])  # type: ignore[index]
-    why = probe.check_rank(rank)
+    probe = lora_layer_for(module)
+    why = probe.check_rank(spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
-    if probe.through_weight and dropout > 0:
+    if probe.through_weight and spec.dropout > 0:
         found.append((ConfigError, (
             f"{name!r} is a {type_name(type(probe.base_layer))} whose forward differs from "
             f"{type_name(probe.registered_type)}'s, so its adapter is applied through the weight "
-            f"(W + ΔW), where input dropout has no meaning; received dropout={dropout}. Use "
-            "dropout=0.0, or register a LoRA layer for this type.")))
+            f"(W + ΔW), where input dropout has no meaning; received dropout={spec.dropout}. "
+            "Use dropout=0.0, or register a LoRA layer for this type.")))
     return found
 
 
@@ -136,6 +152,10 @@ def inject_lora(
     State-dict keys of the base model are kept (``fc.weight`` stays ``fc.weight``); the
     adapter adds ``fc.lora_A.<name>`` and ``fc.lora_B.<name>``.
 
+    ``target_parameters`` names bare parameters (MoE expert stacks, the weight of a type
+    no layer is registered for): each takes the adapter through the weight, its owner's
+    own forward running on ``W + ΔW`` (see :class:`LoRAParameter` for the layouts).
+
     Args:
         model: any ``nn.Module``; changed in place.
         target: glob(s) over full module names, compiled regex(es), module type(s) or a
@@ -150,13 +170,18 @@ def inject_lora(
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
         freeze_base: set ``requires_grad=False`` on every parameter that is not a LoRA
             parameter, so only adapters train.
+        target_parameters: glob(s) over full parameter names (``"*.experts.gate_up_proj"``),
+            compiled regex(es) or a predicate ``(name, parameter) -> bool``: parameters of
+            2 or more dimensions to adapt through the weight. ``target`` or
+            ``target_parameters`` (or both) must be given.
 
     Returns:
-        The sorted names of the layers that received the adapter.
+        The sorted names of the layers (and parameters) that received the adapter.
 
     Raises:
-        ConfigError: a hyperparameter is invalid, a layer already has ``name``, or a
-            grouped convolution cannot take ``rank``.
+        ConfigError: a hyperparameter is invalid, neither ``target`` nor
+            ``target_parameters`` is given, a layer already has ``name``, or dropout is
+            asked of an adapter computed through the weight.
         TargetError: a pattern matches nothing or nothing supported matched; a
             parameter target belongs to the model itself or to a LoRA layer.
         StateError: a target is on the meta device, lazy and uninitialised, or merged.
@@ -185,6 +210,16 @@ def inject_lora(
     for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
         if not isinstance(value, bool):
             raise ConfigError(f"{flag} must be True or False; received {value!r}.")
+    chosen = _chosen(model, target, exclude, target_parameters)
+    specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in chosen}
+    inject_layers(model, chosen, specs, name=name, init=init,
+                  use_rslora=use_rslora, freeze_base=freeze_base)
+    return list(chosen)
+
+
+def _chosen(model: nn.Module, target: TargetSpec | None, exclude: TargetSpec | None,
+            target_parameters: ParamSpec | None) -> dict[str, nn.Module | ParameterTarget]:
+    # The modules and parameters inject_lora adapts, by name, sorted; warns of skips.
     if target is None and target_parameters is None:
         raise ConfigError(
             "inject_lora needs target (modules, e.g. target=nn.Linear) or target_parameters "
@@ -197,119 +232,114 @@ def inject_lora(
             skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
             warnings.warn(
                 f"inject_lora skipped matched modules of unsupported types: {skipped}. Register "
-                "a LoRA layer for a type with loraplug.register_lora_layer, take them through "
-                "their weight with target_parameters=['<name>.weight'], or narrow the target.",
-                LoRAWarning, stacklevel=2,
+                "a LoRA layer for a type with loraplug.register_lora_layer, adapt its weight "
+                "with target_parameters=['<name>.weight'], or narrow the target.",
+                LoRAWarning, stacklevel=3,
             )
         chosen.update(selection.modules)
     if target_parameters is not None:
         params = select_parameters(model, target_parameters)
         if params.unsupported:
             warnings.warn(
-                "inject_lora skipped matched parameters of fewer than 2 dimensions: "
-                f"{sorted(params.unsupported)}; they have no low-rank update.",
-                LoRAWarning, stacklevel=2,
+                "inject_lora skipped matched parameters of fewer than 2 dimensions, which have "
+                f"no low-rank update: {sorted(params.unsupported)}.", LoRAWarning, stacklevel=3,
             )
         chosen.update(params.parameters)
-    chosen = dict(sorted(chosen.items()))
-    specs = {qualname: LayerSpec(rank, alpha_value) for qualname in chosen}
-    inject_layers(model, chosen, specs, name=name, dropout=dropout, init=init,
-                  use_rslora=use_rslora, freeze_base=freeze_base)
-    return list(chosen)
+    return dict(sorted(chosen.items()))
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """Rank and alpha of one layer's adapter (they may differ per layer when loading)."""
+class _Staged:
+    """A layer ready to take its new adapter: built, but not yet in the model."""
 
-    rank: int
-    alpha: float
+    module: nn.Module  # the module the layer replaces (a parameter's owner)
+    layer: LoRALayer
+    a: Tensor
+    b: Tensor
+    spec: LayerSpec
 
 
 def inject_layers(
     model: nn.Module,
-    modules: dict[str, nn.Module],
+    modules: dict[str, nn.Module | ParameterTarget],
     specs: dict[str, LayerSpec],
     *,
     name: str,
-    dropout: float,
     init: str,
     use_rslora: bool,
     freeze_base: bool,
 ) -> dict[str, LoRALayer]:
-    """Add adapter ``name`` to ``modules`` (clean name -> module) with per-layer specs.
+    """Add adapter ``name`` to ``modules`` (clean name -> module, or parameter target)
+    with per-layer specs.
 
-    Checks every layer first and raises before changing anything; returns the LoRA
-    layers by name. Hyperparameters must already be validated.
+    Checks every layer first and raises before changing anything (warnings too are
+    given before any change, so that warnings-as-errors change nothing either); returns
+    the LoRA layers by name. Hyperparameters must already be validated.
     """
-    all_paths = _module_paths(model)
+    paths = module_paths(model)
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
         if isinstance(module, ParameterTarget):
-            problems += parameter_problems(module, adapter=name, dropout=dropout)
-            continue
-        problems += _problems(model, qualname, module, all_paths[id(module)],
-                              rank=specs[qualname].rank, dropout=dropout, adapter=name)
+            problems += parameter_problems(module, adapter=name, dropout=specs[qualname].dropout)
+        else:
+            problems += injection_problems(model, qualname, module, paths[id(module)],
+                                           specs[qualname], adapter=name)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
 
     # Build every new layer and adapter before touching the model.
-    staged: list[tuple[nn.Module, LoRALayer, Tensor, Tensor, LayerSpec]] = []
-    too_large: list[str] = []
-    param_layers = stage_parameters(
-        {q: m for q, m in modules.items() if isinstance(m, ParameterTarget)})
+    staged: dict[str, _Staged] = {}
+    params = stage_parameters({q: t for q, t in modules.items() if isinstance(t, ParameterTarget)})
     for qualname, module in modules.items():
         spec = specs[qualname]
         if isinstance(module, ParameterTarget):
-            layer = param_layers[qualname]
-            module = module.owner
-        elif isinstance(module, LoRALayer):
-            layer = module
+            layer, module = params[qualname], module.owner
         else:
-            layer_cls, registered = lookup(type(module))  # type: ignore[misc]
-            layer = layer_cls(module, registered)
-        if spec.rank > layer.max_rank():
-            too_large.append(f"{qualname} (rank {spec.rank}, at most {layer.max_rank()})")
-        a, b = layer.new_adapter(spec.rank, init)
-        staged.append((module, layer, a, b, spec))
-
-    if too_large:  # before any change, so that warnings-as-errors change nothing either
+            layer = lora_layer_for(module)
+        staged[qualname] = _Staged(module, layer, *layer.new_adapter(spec.rank, init), spec)
+    too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
+                 for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
+    if too_large:
         warnings.warn(
             f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
             LoRAWarning, stacklevel=3,
         )
-
-    # New layers follow the model: its active set (the new adapter if none of the active
-    # names exists any more) and its disabled state (inside disable_adapters).
-    existing = lora_layers(model)
-    known = {n for _, layer in existing for n in layer.adapter_names}
-    active = [n for n in active_adapters(model) if n in known] or [name]
-    disabled = any(layer.adapters_disabled for _, layer in existing)
-    for module, layer, a, b, spec in staged:
-        layer.add_adapter(name, a, b, alpha=spec.alpha, dropout=dropout, use_rslora=use_rslora)
-        if isinstance(layer, LoRAParameter):
-            if layer.parameter_name not in layer.host.lora_parameters:
-                layer.set_active(active)
-                layer.set_disabled(disabled)
-            attach_parameter(model, module, layer, all_paths[id(module)])
-        elif layer is not module:
-            layer.set_active(active)
-            layer.set_disabled(disabled)
-            for path in all_paths[id(module)]:
-                _set_module(model, path, layer)
-    if active == [name]:
-        for _, layer in existing:
-            layer.set_active(active)
-
+    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
     if freeze_base:
         lora = {id(p) for _, layer in lora_layers(model)
                 for store in (layer.lora_A, layer.lora_B) for p in store.values()}
         for p in model.parameters():
             if id(p) not in lora:
                 p.requires_grad_(False)
-    return {qualname: layer for qualname, (_, layer, *_rest) in zip(modules, staged)}
+    return {qualname: item.layer for qualname, item in staged.items()}
+
+
+def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
+            name: str, use_rslora: bool) -> None:
+    # New layers follow the model: its active set (the new adapter if none of the active
+    # names exists any more) and its disabled state (inside disable_adapters).
+    existing = lora_layers(model)
+    known = {n for _, layer in existing for n in layer.adapter_names}
+    active = [n for n in active_adapters(model) if n in known] or [name]
+    disabled = any(layer.adapters_disabled for _, layer in existing)
+    for item in staged:
+        layer = item.layer
+        new = layer.adapter_names == ()
+        layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
+                          dropout=item.spec.dropout, use_rslora=use_rslora)
+        if new:
+            layer.set_active(active)
+            layer.set_disabled(disabled)
+        if isinstance(layer, LoRAParameter):
+            attach_parameter(model, item.module, layer, paths[id(item.module)])
+        elif layer is not item.module:
+            for path in paths[id(item.module)]:
+                set_module(model, path, layer)
+    if active == [name]:
+        for _, layer in existing:
+            layer.set_active(active)
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
@@ -344,7 +374,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     layers = lora_layers(model)
     if merge:
         check_mergeable(model, layers, "unload(merge=True)")
-    all_paths = _module_paths(model)
+    paths = module_paths(model)
     for _, layer in layers:
         if merge:
             layer.merge()
@@ -353,6 +383,6 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         layer.sync_base()
         # A parameter's layer leaves with its host, which hands back the owner.
         host = layer.host if isinstance(layer, LoRAParameter) else layer
-        for path in all_paths[id(host)]:
-            _set_module(model, path, host.base_layer)
+        for path in paths[id(host)]:
+            set_module(model, path, host.base_layer)
     return model

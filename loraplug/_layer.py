@@ -1,4 +1,4 @@
-"""The LoRA layer base class: forward, merge, unmerge and adapter bookkeeping, written once.
+"""The LoRA layer base class: the layer-type contract, forward, merge and unmerge, written once.
 
 A LoRA layer wraps one base module (``nn.Linear``, ``nn.Conv2d``, ...) and computes
 
@@ -9,59 +9,41 @@ names (``weight``, ``bias``), so ``state_dict`` keys of the base model never cha
 adapters add ``lora_A.<name>`` and ``lora_B.<name>`` beside them. The original module
 object is kept (unregistered) as ``base_layer`` and is handed back by ``unload``.
 
-A layer type supplies only its shape-specific parts: ``base_forward`` (the base math),
-``lora_forward`` (the low-rank branch), ``delta_weight`` (ΔW shaped like the weight) and
-``adapter_shapes``; optionally ``configure``, ``check_rank``, ``max_rank`` and
-``routed_lora`` (the branch with one adapter per row, for ``adapter_per_sample``). The
-built-in types also fuse the branch into the base output (``_add_lora``) and ΔW into
-the weight (``_add_delta``); a subclass that redefines ``lora_forward`` or
-``delta_weight`` falls back to the plain versions.
+A layer type supplies its shape-specific math as hooks that are handed the tensors:
+``base_forward(x)``, ``adapter_shapes(r)``, ``add_lora(out, x, a, b, scale)`` (the
+branch, added to the base output) and ``add_delta(target, a, b, scale)`` (ΔW, added to
+a weight-shaped tensor); optionally ``configure``, ``check_rank``, ``max_rank`` and
+``routed_lora``. Everything else is derived here once: the eager and the compiled
+forward (one loop; the scale is a float, or a gate tensor under ``torch.compile``), the
+forward through the weight, ``lora_forward`` and ``delta_weight``, merge and unmerge.
+The adapters' bookkeeping is :class:`~loraplug._adapter_set.AdapterSet`'s.
+docs/extending.md walks through a new layer type.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._compile import CompiledForwardMixin
+from ._adapter_set import AdapterSet
+from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
+from ._named_forms import NamedBranch, forms_of
 from ._owner_reads import read_in_forward
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype ΔW is computed in: float32 for half-precision weights, else the weight's own."""
-    return torch.float32 if dtype in _HALF else dtype
+from ._products import Scale, compute_dtype
 
 
-def add_scaled_product(out: Tensor, h: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """``out + scaling · h bᵀ`` over the last dimension, as one GEMM that accumulates.
+class Detour(Protocol):
+    """A forward that replaces the layer's own while set (see ``LoRALayer._detour``)."""
 
-    Shapes: out (..., d), h (..., r), b (d, r). ``out`` must be a fresh result of the
-    base computation, not saved for backward: it is written in place where autograd
-    does not record, or does not need a view for it. Scaling is the GEMM's ``alpha``,
-    so neither the product nor the scaling needs an output-sized temporary.
-    """
-    if out.dtype == h.dtype == b.dtype and type(scaling) is float and out.is_contiguous():
-        flat = out if out.dim() == 2 else out.view(-1, out.shape[-1])
-        h = h if h.dim() == 2 else h.reshape(-1, h.shape[-1])
-        if torch.is_grad_enabled() and (out.dim() != 2 or out._is_view()):
-            # Autograd would turn an in-place write into a view into two full copies of
-            # the gradient (CopySlices); a new result costs one copy of the output.
-            return torch.addmm(flat, h, b.t(), alpha=scaling).view(out.shape)
-        flat.addmm_(h, b.t(), alpha=scaling)
-        return out
-    # Mixed dtypes (autocast) or an unusual layout: the plain out-of-place sum.
-    return out + F.linear(h * scaling, b)
+    def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
 
 
-class LoRALayer(CompiledForwardMixin, nn.Module):
+class LoRALayer(AdapterSet):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
     ``y = base(x) + Σ_a s_a · B_a A_a dropout_a(x)`` over the active adapters a, with
@@ -78,6 +60,9 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             ``use_rslora``).
         active_adapters: the names the model asked for (a layer computes those it has).
         merged_adapters: the adapters folded into ``weight`` right now, in order.
+        through_weight: whether the wrapped module's ``forward`` differs from the
+            registered type's, so the layer runs that forward on ``W + ΔW`` instead of
+            adding the branch to ``base_forward``.
     """
 
     #: Methods of the base type whose override in a subclass changes the math; when a
@@ -90,43 +75,29 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
     #: How PEFT's files name this layer's tensors: "weight" (``lora_A.weight``) or
     #: "embedding" (``lora_embedding_A``).
     peft_key_style: ClassVar[str] = "weight"
-    #: Set by ``adapter_per_sample`` while each row of a batch picks its own adapter.
-    _route = None
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        # A class that redefines the branch or ΔW must not inherit a parent's fused
-        # versions of them: they would compute the parent's math. Fall back to the plain
-        # ones (routed_lora has none: adapter_per_sample then refuses the layer).
-        fused = {"lora_forward": ("_add_lora", "routed_lora"), "delta_weight": ("_add_delta",)}
-        for plain, derived in fused.items():
-            if plain in cls.__dict__:
-                for name in derived:
-                    if name not in cls.__dict__:
-                        setattr(cls, name, getattr(LoRALayer, name))
+    #: Why this layer type cannot fold its adapters into a weight, or None when it can.
+    #: merge, unload(merge=True) and save_merged raise a StateError with this reason.
+    merge_refusal: ClassVar[str | None] = None
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()
         self.__dict__["base_layer"] = base
         self.registered_type = registered_type
-        # Adopt the base module's tensors and children under their own names: keys unchanged.
+        # Adopt the base module's tensors and children under their own names: keys
+        # unchanged, the children ahead of the adapter registries as in the base module.
         self._parameters.update(base._parameters)
         self._buffers.update(base._buffers)
         self._non_persistent_buffers_set |= base._non_persistent_buffers_set
-        self._modules.update(base._modules)
+        self._modules = {**base._modules, **self._modules}
         self.training = base.training
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.rank: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.dropout: dict[str, float] = {}
-        self.active_adapters: tuple[str, ...] = ()
-        self.merged_adapters: tuple[str, ...] = ()
-        self.adapters_disabled = False
-        self._live: tuple[str, ...] = ()
+        weight = self._tensor("weight")
+        # The gates the compiled forward reads (see _compile.py); not saved.
+        self.register_buffer("_lora_scales", torch.zeros(0, device=weight.device),
+                             persistent=False)
+        self._forms = forms_of(type(self))  # tensor hooks or named forms: _named_forms.py
+        # None on the usual path. Else the forward that replaces this layer's: a Route
+        # inside adapter_per_sample, or NamedBranch for a layer type of named forms.
+        self._detour: Detour | None = NamedBranch() if self._forms.named_branch else None
         self.through_weight = any(
             getattr(type(base), m, None) is not getattr(registered_type, m, None)
             for m in self.forward_methods
@@ -141,8 +112,27 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         """The registered base type's own math, reading ``self.weight``."""
         raise NotImplementedError
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        """The low-rank branch ``s · B A x`` of adapter ``name``, shaped like the output."""
+    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for rank ``rank``."""
+        raise NotImplementedError
+
+    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Scale) -> Tensor:
+        """``out + scale · B A x``: one adapter's branch added to the output ``out``.
+
+        ``out`` is what ``base_forward(x)`` returned, plus the branches of the adapters
+        before this one: a fresh tensor, not saved for backward, so the sum may be written
+        into it in place (see :func:`loraplug._products.add_scaled_product`). ``scale`` is
+        a float in eager mode and a 0-d tensor under ``torch.compile``.
+        """
+        raise NotImplementedError
+
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
+        """``target += scale · ΔW(a, b)`` in place; ``target`` is shaped like ``weight``.
+
+        ``target`` is in :func:`compute_dtype` of the weight and ``a``, ``b`` may not be:
+        cast them (:func:`loraplug._products.add_matmul` does). ``scale`` is negative to
+        unmerge, and a 0-d tensor under ``torch.compile`` (forward through the weight).
+        """
         raise NotImplementedError
 
     def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
@@ -151,16 +141,9 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
 
         Row i computes ``scale[j] · B[j] A[j] x[i]`` with ``j = slot[i]`` (``j = i`` when
         ``slot`` is None), in one batched computation over the stacked adapters ``a``
-        (n, *A shape) and ``b`` (n, *B shape). Used by ``adapter_per_sample``.
+        (n, *A shape) and ``b`` (n, *B shape). Used by ``adapter_per_sample``; a layer
+        type without it is refused there.
         """
-        raise NotImplementedError
-
-    def delta_weight(self, name: str) -> Tensor:
-        """``s · ΔW`` of adapter ``name``, shaped like ``weight``, in :func:`compute_dtype`."""
-        raise NotImplementedError
-
-    def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of A and B for rank ``rank``."""
         raise NotImplementedError
 
     def max_rank(self) -> int:
@@ -171,61 +154,102 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None
 
+    # ----------------------------------------------------------- derived forms
+    def lora_forward(self, x: Tensor, name: str) -> Tensor:
+        """The branch ``s · B A x`` of adapter ``name`` alone, shaped like the output.
+
+        Derived from ``add_lora``; it runs ``base_forward`` for the output's shape (the
+        forward itself calls ``add_lora`` on the base output).
+        """
+        a, b = self._adapter(name)
+        zeros = torch.zeros_like(self.base_forward(x))
+        return self.add_lora(zeros, x, a, b, self.scaling[name])
+
+    def delta_weight(self, name: str) -> Tensor:
+        """``s · ΔW`` of adapter ``name``, shaped like ``weight``, in :func:`compute_dtype`."""
+        weight = self._tensor("weight")
+        delta = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
+        a, b = self._adapter(name)
+        self.add_delta(delta, a, b, self.scaling[name])
+        return delta
+
     # ----------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
+        # While the layer's own forward runs, its code (a base_forward that reads
+        # self.weight) gets the parameter; modules around it get W + ΔW (_owner_reads.py).
+        state = self.__dict__
+        state["_in_forward"] = True
+        try:
+            return self._forward(x)
+        finally:
+            state["_in_forward"] = False
+
+    def _forward(self, x: Tensor) -> Tensor:
+        if self._detour is not None:
+            return self._detour.forward(self, x)
+        scales: Mapping[str, Scale]
         if torch.compiler.is_compiling():  # adapter state as tensors: see _compile.py
-            return self._forward_compiled(x)
+            names, scales = gated_adapters(self)
+        else:
+            names, scales = self._live, self.scaling
         if self.through_weight:
-            return self._forward_through_weight(x)
-        if self._route is not None:
-            return self._route.forward(self, x)
+            return self._forward_through_weight(x, names, scales)
         out = self.base_forward(x)
-        for name in self._live:
-            # Dropout only where it changes something: no module call in eval or at p = 0.
-            if self.training and self.dropout[name]:
-                out = self._add_lora(out, self.lora_dropout[name](x), name)
-            else:
-                out = self._add_lora(out, x, name)
+        if names:
+            registry: dict[str, Any] = self._modules
+            lora_a, lora_b = registry["lora_A"]._parameters, registry["lora_B"]._parameters
+            for name in names:
+                # Dropout only where it changes something: no module call in eval or at p = 0.
+                if self.training and self.dropout[name]:
+                    out = self.add_lora(out, self.lora_dropout[name](x), lora_a[name],
+                                        lora_b[name], scales[name])
+                else:
+                    out = self.add_lora(out, x, lora_a[name], lora_b[name], scales[name])
         return out
+
+    def _forward_through_weight(self, x: Tensor, names: tuple[str, ...],
+                                scales: Mapping[str, Scale]) -> Tensor:
+        # The wrapped module's own forward differs from the registered type's, so the
+        # low-rank branch cannot be added to its output; run that forward on W + ΔW.
+        base = self.__dict__["base_layer"]
+        tensors: dict[str, Tensor | None] = {k: self._parameters[k] for k in base._parameters}
+        tensors.update((k, self._buffers[k]) for k in base._buffers)
+        if names:
+            tensors["weight"] = self._adapted_weight(names, scales)
+        return torch.func.functional_call(
+            base, {k: v for k, v in tensors.items() if v is not None}, (x,))
 
     # The hot path reads tensors straight from the registries: nn.Module.__getattr__ costs
     # about a microsecond per attribute, as much as a small matmul.
-    def _tensor(self, key: str) -> Tensor | None:
+    def _tensor(self, key: str) -> Any:
         """``self.<key>``: a registered parameter looked up directly, else the attribute."""
         params = self._parameters
         return params[key] if key in params else getattr(self, key)
 
     def _adapter(self, name: str) -> tuple[Tensor, Tensor]:
         """``(lora_A[name], lora_B[name])``, looked up directly."""
-        return (self._modules["lora_A"]._parameters[name],
-                self._modules["lora_B"]._parameters[name])
+        registry: dict[str, Any] = self._modules
+        return registry["lora_A"]._parameters[name], registry["lora_B"]._parameters[name]
 
-    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
-        """``out + lora_forward(x, name)``; a layer type may add into ``out`` in place.
+    def _weight_for_reader(self) -> Tensor:
+        # The weight a module sees when it reads it in its own forward: the adapted one.
+        names: tuple[str, ...]
+        scales: Mapping[str, Scale]
+        if torch.compiler.is_compiling():
+            names, scales = gated_adapters(self)
+        else:
+            names, scales = self._live, self.scaling
+        if not names:
+            return self._parameters["weight"]
+        if getattr(self._detour, "per_row", False):
+            raise StateError(
+                "adapter_per_sample: a module reads this layer's weight in its own forward "
+                "instead of calling the layer, and one weight cannot differ per row. Leave "
+                "this layer out of the adapters used per row."
+            )
+        return self._adapted_weight(names, scales)
 
-        ``out`` is the tensor ``base_forward`` just returned (fresh, not saved for
-        backward), so writing into it is safe.
-        """
-        return out + self.lora_forward(x, name)
-
-    def _forward_through_weight(self, x: Tensor) -> Tensor:
-        # The wrapped module's own forward differs from the registered type's, so the
-        # low-rank branch cannot be added to its output; run that forward on W + ΔW.
-        tensors = {k: v for k, v in self._parameters.items() if v is not None}
-        tensors.update((k, v) for k, v in self._buffers.items() if v is not None)
-        if self._live:
-            tensors["weight"] = self.adapted_weight()
-        return torch.func.functional_call(self.base_layer, tensors, (x,))
-
-    def adapted_weight(self) -> Tensor:
-        """``W + Σ s·ΔW`` over the live adapters, differentiable in A and B."""
-        weight = self._tensor("weight")
-        if not self._live:
-            return weight
-        delta = sum(self.delta_weight(n) for n in self._live)
-        return (weight.to(delta.dtype) + delta).to(weight.dtype)
-
-    # ----------------------------------------------------------- adapters
+    # ----------------------------------------------------------- new adapters
     def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
         """Freshly initialised (A, B) for rank ``rank``; one of them is zero.
 
@@ -247,124 +271,68 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             nn.init.normal_(other, std=1.0 / rank)
         return a.to(weight.dtype), b.to(weight.dtype)
 
-    def add_adapter(
-        self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float,
-        use_rslora: bool = False,
-    ) -> None:
-        """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated).
-
-        The scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
-        """
-        rank = a.shape[0]
-        self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(b)
-        p = dropout if self.supports_dropout else 0.0
-        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        self.rank[name] = rank
-        self.use_rslora[name] = bool(use_rslora)
-        self.dropout[name] = p
-        self.set_scale(name, alpha)
-        self._refresh()
-
-    def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name`` (the layer must not have it merged)."""
-        if name in self.merged_adapters:
-            raise StateError(
-                f"adapter {name!r} is merged into this layer's weight; call unmerge() first."
-            )
-        for store in (self.lora_A, self.lora_B, self.lora_dropout):
-            del store[name]
-        for store in (self.rank, self.alpha, self.scaling, self.use_rslora, self.dropout):
-            del store[name]
-        self._refresh()
-
-    def set_scale(self, name: str, alpha: float) -> None:
-        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``)."""
-        if name in self.merged_adapters:
-            raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
-        self.alpha[name] = float(alpha)
-        rank = self.rank[name]
-        self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
-        self._sync_compiled_scales()
-
-    def set_active(self, names: Iterable[str]) -> None:
-        """Ask for ``names`` to be computed; names this layer lacks are ignored."""
-        if self.merged_adapters:
-            raise StateError(
-                f"this layer has {list(self.merged_adapters)} merged; unmerge before "
-                "switching adapters."
-            )
-        self.active_adapters = tuple(names)
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        """Compute the base module alone while ``disabled`` is true."""
-        if disabled and self.merged_adapters:
-            raise StateError(
-                f"this layer has {list(self.merged_adapters)} merged into its weight; "
-                "unmerge before disabling adapters."
-            )
-        self.adapters_disabled = bool(disabled)
-        self._refresh()
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        """Names of the adapters this layer carries, in the order they were added."""
-        return tuple(self.rank)
-
-    @property
-    def merged(self) -> bool:
-        """Whether any adapter is folded into ``weight``."""
-        return bool(self.merged_adapters)
-
-    def _refresh(self) -> None:
-        # The adapters forward must compute, resolved once here instead of every call.
-        if self.merged_adapters or self.adapters_disabled:
-            self._live = ()
-        else:
-            self._live = tuple(n for n in self.active_adapters if n in self.rank)
-        self._sync_compiled_scales()
-
     # ----------------------------------------------------------- merge
-    def _live_or_active(self) -> tuple[str, ...]:
-        return tuple(n for n in self.active_adapters if n in self.rank)
+    def _adapted_weight(self, names: Iterable[str], scales: Mapping[str, Scale],
+                        sign: int = 1) -> Tensor:
+        # W + sign · Σ s·ΔW, accumulated in compute_dtype and cast back once.
+        weight = self._tensor("weight")
+        acc = weight.to(compute_dtype(weight.dtype), copy=True)
+        self._accumulate(acc, names, scales, sign)
+        return acc.to(weight.dtype)
+
+    def _accumulate(self, target: Tensor, names: Iterable[str], scales: Mapping[str, Scale],
+                    sign: int) -> None:
+        # target += sign · Σ s·ΔW over names, through add_delta (or delta_weight, for a
+        # layer type of named forms).
+        if self._forms.named_delta:
+            for name in names:
+                target.add_(self.delta_weight(name).to(target.dtype), alpha=sign)
+            return
+        for name in names:
+            a, b = self._adapter(name)
+            self.add_delta(target, a, b, scales[name] if sign == 1 else -scales[name])
 
     @torch.no_grad()
     def merged_weight(self, names: Iterable[str] | None = None, *, sign: int = 1) -> Tensor:
-        """``W + sign · Σ s·ΔW`` over ``names`` (default: the active adapters), not committed.
+        """``W + sign · Σ s·ΔW`` over ``names`` (default: :attr:`held_active`), not written.
 
         ΔW is summed in float32 for float16/bfloat16 weights and cast once at the end.
         """
-        names = self._live_or_active() if names is None else tuple(names)
-        weight = self.weight
-        acc = weight.to(compute_dtype(weight.dtype), copy=True)
-        for name in names:
-            self._add_delta(acc, name, sign)
-        return acc.to(weight.dtype)
+        names = self.held_active if names is None else tuple(names)
+        return self._adapted_weight(names, self.scaling, sign)
 
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        """``target += sign · s·ΔW`` of adapter ``name``; ``target`` shaped like ``weight``.
+    def stage_merge(self) -> Tensor | None:
+        """The weight :meth:`merge` would write, computed but not written; or ``None``.
 
-        Layer types fuse this into one GEMM that accumulates into ``target``.
+        ``None`` when there is nothing to merge: merged already, or no active adapter here.
+        Pass the weight to :meth:`commit_merge`, after checking it (``merge(safe=True)``).
         """
-        target.add_(self.delta_weight(name).to(target.dtype), alpha=sign)
+        if self.merged_adapters or not self.held_active:
+            return None
+        return self.merged_weight()
+
+    @torch.no_grad()
+    def commit_merge(self, weight: Tensor | None = None) -> None:
+        """Write ``weight`` from :meth:`stage_merge`, and record :attr:`held_active` as merged.
+
+        With ``weight=None`` the adapters are folded into the weight directly, which reads
+        and writes it once (half-precision weights go through a float32 copy).
+        """
+        names = self.held_active
+        if weight is None:
+            self._fold(names, 1)
+        else:
+            self.weight.copy_(weight)
+        self.merged_adapters = names
+        self._refresh()
 
     @torch.no_grad()
     def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        # Merge or unmerge: in place when ΔW is computed in the weight's own dtype, which
-        # reads and writes the weight once; half weights go through a float32 copy.
         weight = self.weight
         if compute_dtype(weight.dtype) == weight.dtype:
-            for name in names:
-                self._add_delta(weight, name, sign)
+            self._accumulate(weight, names, self.scaling, sign)
         else:
-            weight.copy_(self.merged_weight(names, sign=sign))
-
-    @torch.no_grad()
-    def _commit(self, new_weight: Tensor, merged: tuple[str, ...]) -> None:
-        self.weight.copy_(new_weight)
-        self.merged_adapters = merged
-        self._refresh()
+            weight.copy_(self._adapted_weight(names, self.scaling, sign))
 
     def merge(self, *, safe: bool = False) -> None:
         """Fold the active adapters into ``weight`` in place; a no-op when already merged.
@@ -375,31 +343,31 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
             safe: check that the merged weight is finite before writing it.
 
         Raises:
-            StateError: adapters are disabled, or ``safe`` is set and the merged weight
-                has NaN or inf; the weight is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
+                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
+                weight is left as it was.
         """
+        if self.merge_refusal is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        if self.merged_adapters:
-            return
-        names = self._live_or_active()
-        if not names:
-            return
         if not safe:
-            self._fold(names, 1)
-            self.merged_adapters = names
-            self._refresh()
+            if not self.merged_adapters and self.held_active:
+                self.commit_merge()
             return
-        new = self.merged_weight(names)
+        new = self.stage_merge()
+        if new is None:
+            return
         if not torch.isfinite(new).all():
             raise StateError(
-                f"merging {list(names)} gives a weight with NaN or inf values; the weight was "
-                "left unmerged. Check the adapter tensors (torch.isfinite) before merging."
+                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
+                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
+                "merging."
             )
-        self._commit(new, names)
+        self.commit_merge(new)
 
     def unmerge(self) -> None:
         """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
@@ -410,10 +378,10 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         self._refresh()
 
     # ----------------------------------------------------------- nn.Module plumbing
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:
         super()._apply(fn, recurse)
         self.sync_base()
-        self._sync_compiled_scales()  # to_empty() leaves buffers uninitialised
+        sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
 
     def sync_base(self) -> None:
@@ -430,11 +398,13 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         self.__dict__["base_layer"].train(mode)
         return self
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         # A module that reads this layer's weight in its forward instead of calling the
-        # layer sees the adapted weight (see _owner_reads.py).
-        if name == "weight" and read_in_forward() and self.__dict__.get("_live"):
-            return self.adapted_weight()
+        # layer is handed W + Σ s·ΔW (see _owner_reads.py); other reads get the parameter.
+        state = self.__dict__
+        if name == "weight" and not state.get("_in_forward") \
+                and "weight" in state["_parameters"] and read_in_forward():
+            return self._weight_for_reader()
         # Attributes of the base module (in_features, kernel_size, ...) read through.
         try:
             return super().__getattr__(name)
@@ -450,3 +420,4 @@ class LoRALayer(CompiledForwardMixin, nn.Module):
         )
         state = " merged" if self.merged else ""
         return f"{self.base_layer!r} [{adapters}]{state}"
+

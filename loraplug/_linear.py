@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._layer import LoRALayer, add_scaled_product, compute_dtype
+from ._layer import LoRALayer
+from ._products import Scale, add_matmul, add_scaled_product
 from ._registry import register_lora_layer
 
 
@@ -33,15 +34,9 @@ class LoRALinear(LoRALayer):
     def base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._tensor("weight"), self._tensor("bias"))
 
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        # Scale the rank-r intermediate: r·N multiplications instead of out·N.
-        a, b = self._adapter(name)
-        return F.linear(F.linear(x, a) * self.scaling[name], b)
-
-    def _add_lora(self, out: Tensor, x: Tensor, name: str) -> Tensor:
-        h = F.linear(x, self._modules["lora_A"]._parameters[name])  # (..., r)
-        return add_scaled_product(out, h, self._modules["lora_B"]._parameters[name],
-                                  self.scaling[name])
+    def add_lora(self, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Scale) -> Tensor:
+        # out + s · h Bᵀ with h = x Aᵀ (..., r), accumulated into out by one GEMM.
+        return add_scaled_product(out, F.linear(x, a), b, scale)
 
     def routed_lora(self, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
                     slot: Tensor | None) -> Tensor:
@@ -52,14 +47,8 @@ class LoRALinear(LoRALayer):
         h = h * scale.view(n, 1, 1)
         return torch.bmm(h, b.transpose(1, 2)).view(*x.shape[:-1], -1)  # (n, L, out)
 
-    def delta_weight(self, name: str) -> Tensor:
-        dtype = compute_dtype(self.weight.dtype)
-        a, b = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
-        return (b @ a).mul_(self.scaling[name])  # (out, r) @ (r, in) -> (out, in)
-
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        a, b = self._adapter(name)
-        target.addmm_(b.to(target.dtype), a.to(target.dtype), alpha=sign * self.scaling[name])
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
+        add_matmul(target, b, a, scale)  # (out, r) @ (r, in) -> (out, in)
 
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight.shape

@@ -1,178 +1,141 @@
-"""Reading adapter directories, ours and PEFT's: every check first, then one change.
+"""Loading: adapter directories, ours and PEFT's, and adapter state dicts.
 
 ``load_adapter`` reads ``adapter_config.json`` and ``adapter_model.safetensors`` (or a
 legacy ``adapter_model.bin``, through ``torch.load(weights_only=True)`` only: nothing is
 ever unpickled), checks every key, shape and config field against the model, and reports
-every problem in one :class:`AdapterFileError` before anything changes.
+every problem in one :class:`AdapterFileError` before anything changes (warnings too come
+first). ``load_adapter_state_dict`` fills an adapter already on the model the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import pickle
+import difflib
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-import safetensors
 import torch
 from torch import Tensor, nn
 
-from ._adapter_state import (
+from ._adapters import adapter_names, lora_layers
+from ._errors import AdapterFileError, ConfigError, LoRAWarning, StateError
+from ._format import (
     CONFIG_NAME,
-    FORMAT_VERSION,
-    META_ADAPTER,
-    META_CONFIG,
-    META_DROPOUT,
-    META_FORMAT,
-    META_VERSION,
-    PAIRED_FIELDS,
-    PICKLE_WEIGHTS_NAME,
-    WEIGHTS_NAME,
+    FileExtras,
     Slots,
-    close_names,
     index_keys,
     key_names,
     layer_tensors,
+    locate,
     other_key_problems,
-    report,
+    pair_problems,
+    read_adapter_weights,
+    read_config,
+    read_metadata,
 )
-from ._adapters import adapter_names
-from ._config import validate_hyperparameters
-from ._errors import AdapterFileError, LoRAError, LoRAWarning, StateError
-from ._inject import LayerSpec, _module_paths, _problems, inject_layers
+from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
 from ._peft_config import PeftLoRAConfig, parse_config
-from ._registry import lookup, supported_types, type_name
-from ._targeting import candidates
+from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
+from ._targeting import candidates, module_paths
+
+_MAX_LINES = 40
+T = TypeVar("T")
 
 
-def _locate(path: Path) -> tuple[Path, Path]:
-    if path.is_dir():
-        for weights_name in (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
-            if (path / weights_name).is_file():
-                directory, weights = path, path / weights_name
-                break
-        else:
-            raise AdapterFileError(
-                f"{path} has neither {WEIGHTS_NAME} nor {PICKLE_WEIGHTS_NAME}; expected a "
-                "directory written by loraplug.save_adapter or PEFT's save_pretrained."
-            )
-    elif path.is_file() and path.suffix in (".safetensors", ".bin"):
-        directory, weights = path.parent, path
-    else:
-        raise AdapterFileError(
-            f"{path} is not an adapter directory (or a .safetensors/.bin file inside one); "
-            "pass the directory written by loraplug.save_adapter or PEFT's save_pretrained."
-        )
-    if not (directory / CONFIG_NAME).is_file():
-        raise AdapterFileError(
-            f"{directory} has no {CONFIG_NAME}; an adapter directory needs the config beside "
-            "its weights (loraplug.save_adapter and PEFT's save_pretrained write both)."
-        )
-    return directory, weights
+@dataclass(frozen=True)
+class _Planned:
+    """One layer of a file to load: where it goes, its hyperparameters and its tensors."""
+
+    module: nn.Module
+    spec: LayerSpec
+    a: Tensor
+    b: Tensor
 
 
-def _read_config(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise AdapterFileError(
-            f"{path} is not valid JSON ({err}); it should hold PEFT's LoRA config. Save the "
-            "adapter again, or repair the file."
-        ) from err
+def _report(where: str, problems: list[str]) -> str:
+    shown = problems[:_MAX_LINES]
+    lines = [f"{where}; nothing was changed:", *(f"  - {p}" for p in shown)]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    return "\n".join(lines)
 
 
-def _read_weights(path: Path) -> tuple[Mapping, dict[str, str]]:
-    if path.suffix == ".safetensors":
-        try:
-            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-        except (safetensors.SafetensorError, OSError) as err:
-            raise AdapterFileError(
-                f"{path} is not a readable safetensors file ({err}); it may be truncated or "
-                "corrupt. Save the adapter again."
-            ) from err
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
-        raise AdapterFileError(
-            f"refused to load {path}: PyTorch's tensor-only unpickler rejected it"
-            f"{' (' + detail + ')' if detail else ''}. A pickle holding anything but tensors "
-            "can run arbitrary code when loaded, so it was not unpickled. If you trust the "
-            "file, convert it to safetensors yourself."
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path} is not a readable torch file ({err}).") from err
-    if not isinstance(state, Mapping):
-        raise AdapterFileError(
-            f"{path} holds a {type(state).__name__}; expected a dict key -> tensor."
-        )
-    return state, {}
+def _matched(entries: dict[str, Slots], targets: dict[str, T], problems: list[str],
+             missing: str) -> Iterator[tuple[str, Slots, T]]:
+    """(path, slots, target) for each entry in path order; a path without a target is a
+    problem (``missing``, with the close names)."""
+    for path, slots in sorted(entries.items()):
+        target = targets.get(path)
+        if target is None:
+            close = difflib.get_close_matches(path, sorted(targets), n=3, cutoff=0.6)
+            problems.append(f"{path}: {missing}"
+                            + (f" Close module names: {close}." if close else ""))
+            continue
+        yield path, slots, target
 
 
-def _read_metadata(metadata: dict[str, str]) -> tuple[dict[str, object], list[str]]:
-    extras: dict[str, object] = {}
-    problems: list[str] = []
-    if META_FORMAT not in metadata:
-        return extras, problems
-    extras["loraplug"] = True
-    if metadata[META_FORMAT] != FORMAT_VERSION:
+def _layer_class(module: nn.Module) -> type[LoRALayer] | None:
+    return type(module) if isinstance(module, LoRALayer) else lora_layer_type(type(module))
+
+
+def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.Module,
+                paths: list[str], slots: Slots, *, dropout: float,
+                adapter: str) -> tuple[_Planned | None, list[str]]:
+    """The plan for one layer of the file, or ``None``; and the problems found."""
+    layer_cls = _layer_class(module)
+    if layer_cls is None:
+        return None, [f"{path} is a {type_name(type(module))}, which has no LoRA layer; "
+                      f"supported: {supported_types()} and their subclasses."]
+    problems = []
+    if not config.targets(path):
         problems.append(
-            f"the weights were written in loraplug file format {metadata[META_FORMAT]!r} "
-            f"(loraplug {metadata.get(META_VERSION, '?')}); this version reads format "
-            f"{FORMAT_VERSION!r}. Upgrade loraplug."
+            f"{path}: the file has tensors for it, but target_modules / exclude_modules in "
+            f"{CONFIG_NAME} do not select it."
         )
-    if META_ADAPTER in metadata:
-        extras["adapter"] = metadata[META_ADAPTER]
-    if META_DROPOUT in metadata:
-        try:
-            dropout = json.loads(metadata[META_DROPOUT])
-            ok = isinstance(dropout, dict) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
-                for v in dropout.values())
-        except ValueError:
-            ok = False
-        if ok:
-            extras["dropout"] = dropout
-        else:
-            problems.append(
-                f"metadata {META_DROPOUT} is {metadata[META_DROPOUT]!r}; expected a JSON "
-                "object of dropout probabilities in [0, 1)."
-            )
-    return extras, problems
+    rank, alpha, source = config.spec(path)
+    spec = LayerSpec(rank, alpha, dropout)
+    blockers = injection_problems(model, path, module, paths, spec, adapter=adapter)
+    problems += [message for _, message in blockers]
+    tensors, found = layer_tensors(path, layer_cls, slots)
+    problems += found
+    if tensors is None or any(kind is StateError for kind, _ in blockers):
+        return None, problems
+    shape_problem = _expected_shape_problem(path, lora_layer_for(module), tensors, rank, source)
+    if shape_problem:
+        problems.append(shape_problem)
+    return _Planned(module, spec, *tensors), problems
 
 
-def _pair_problems(raw: object, metadata: dict[str, str]) -> list[str]:
-    """Config fields that disagree with those saved beside the tensors.
+def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
+          extras: FileExtras, adapter: str) -> tuple[dict[str, _Planned], list[str]]:
+    everything = {clean: module for clean, _, module in candidates(model) if clean}
+    paths = module_paths(model)
+    dropouts = extras.get("dropout", {})
+    problems: list[str] = []
+    plan: dict[str, _Planned] = {}
+    for path, slots, module in _matched(entries, everything, problems,
+                                        "the model has no module of that name."):
+        planned, found = _plan_layer(
+            model, config, path, module, paths[id(module)], slots,
+            dropout=float(dropouts.get(path, config.dropout)), adapter=adapter)
+        problems += found
+        if planned is not None:
+            plan[path] = planned
+    if config.names_explicitly():
+        for path, module in everything.items():
+            layer_cls = _layer_class(module)
+            if path in entries or not config.targets(path) or layer_cls is None:
+                continue
+            key_a, key_b = key_names(layer_cls)
+            problems.append(f"{path}: target_modules selects it, but the file lacks "
+                            f"{path}.{key_a} and {path}.{key_b}.")
+    return plan, problems
 
-    Either the save was interrupted between its two renames, or the config was edited
-    by hand (which may be deliberate: a warning, not an error).
-    """
-    if META_CONFIG not in metadata or not isinstance(raw, dict):
-        return []
-    try:
-        saved = json.loads(metadata[META_CONFIG])
-    except ValueError:
-        return [f"metadata {META_CONFIG} is not JSON; save the adapter again."]
-    differ = [k for k in PAIRED_FIELDS if isinstance(saved, dict) and saved.get(k) != raw.get(k)]
-    if not differ:
-        return []
-    details = ", ".join(
-        f"{k} is {raw.get(k)!r} in the config but was {saved.get(k)!r} when the weights were "
-        "written" for k in differ
-    )
-    return [
-        f"{CONFIG_NAME} and the weights come from different saves (an interrupted save, or an "
-        f"edited config): {details}. The config was used; if it was not edited on purpose, "
-        "save the adapter again."
-    ]
 
-
-# --------------------------------------------------------------------------- load_adapter
 def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],
                             rank: int, source: str) -> str | None:
     want_a, want_b = probe.adapter_shapes(rank)
@@ -198,17 +161,43 @@ def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tens
     return message + "; the file was saved for a layer of another shape."
 
 
-def _geometry_warning(plan: dict[str, tuple]) -> None:  # type: ignore[type-arg]
-    odd = [path for path, (module, *_rest) in plan.items()
-           if getattr(module, "padding_mode", "zeros") != "zeros"
-           or any(d != 1 for d in getattr(module, "dilation", (1,)))]
+def _name_problems(model: nn.Module, adapter: str) -> list[str]:
+    try:
+        validate_name(adapter)
+    except ConfigError as err:
+        return [str(err)]
+    if adapter in adapter_names(model):
+        return [f"the model already has an adapter named {adapter!r}; load under another name "
+                f"(name='...') or delete it first with loraplug.delete_adapter(model, "
+                f"{adapter!r})."]
+    return []
+
+
+def _warn_before_loading(directory: Path, unknown: list[str], mismatched: list[str],
+                         extras: FileExtras, plan: dict[str, _Planned]) -> None:
+    if mismatched:
+        warnings.warn(" ".join(mismatched), LoRAWarning, stacklevel=3)
+    if unknown:
+        warnings.warn(
+            f"{directory / CONFIG_NAME} has fields loraplug does not know: {unknown}; they were "
+            "ignored. If they change the adapter's math, outputs will differ from the writer's.",
+            LoRAWarning, stacklevel=3,
+        )
+    if "loraplug" not in extras:
+        _geometry_warning(plan)
+
+
+def _geometry_warning(plan: dict[str, _Planned]) -> None:
+    odd = [path for path, item in plan.items()
+           if getattr(item.module, "padding_mode", "zeros") != "zeros"
+           or any(d != 1 for d in getattr(item.module, "dilation", (1,)))]
     if odd:
         warnings.warn(
             f"the adapter file has no loraplug metadata (PEFT writes it so) and targets "
             f"convolutions with dilation or a non-zero padding_mode: {odd[:5]}. PEFT's A "
             "ignores both (peft#3697); loraplug applies them (so the adapter merges exactly), "
             "so outputs of those layers differ from PEFT's.",
-            LoRAWarning, stacklevel=3,
+            LoRAWarning, stacklevel=4,
         )
 
 
@@ -225,66 +214,6 @@ def _rng_untouched(modules: list[nn.Module]) -> Iterator[None]:
     else:
         with torch.random.fork_rng(devices=[]):
             yield
-
-
-def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
-          extras: dict[str, object], adapter: str) -> tuple[dict[str, tuple], list[str]]:  # type: ignore[type-arg]
-    everything = {clean: module for clean, _, module in candidates(model) if clean}
-    names = sorted(everything)
-    paths = _module_paths(model)
-    dropouts = extras.get("dropout", {})
-    problems: list[str] = []
-    plan: dict[str, tuple] = {}  # type: ignore[type-arg]
-    for path, slots in sorted(entries.items()):
-        module = everything.get(path)
-        if module is None:
-            problems.append(
-                f"{path}: the model has no module of that name.{close_names(path, names)}")
-            continue
-        if isinstance(module, LoRALayer):
-            layer_cls, probe = type(module), module
-        else:
-            found = lookup(type(module))
-            if found is None:
-                problems.append(
-                    f"{path} is a {type_name(type(module))}, which has no LoRA layer; supported: "
-                    f"{supported_types()} and their subclasses."
-                )
-                continue
-            layer_cls, probe = found[0], None
-        if not config.targets(path):
-            problems.append(
-                f"{path}: the file has tensors for it, but target_modules / exclude_modules in "
-                f"{CONFIG_NAME} do not select it."
-            )
-        rank, alpha, source = config.spec(path)
-        dropout = float(dropouts.get(path, config.dropout))  # type: ignore[attr-defined]
-        blockers = _problems(model, path, module, paths[id(module)], rank=rank,
-                             dropout=dropout, adapter=adapter)
-        problems += [message for _, message in blockers]
-        tensors, found_problems = layer_tensors(path, layer_cls, slots)
-        problems += found_problems
-        if tensors is None or any(kind is StateError for kind, _ in blockers):
-            continue
-        if probe is None:
-            probe = layer_cls(module, lookup(type(module))[1])  # type: ignore[index]
-        shape_problem = _expected_shape_problem(path, probe, tensors, rank, source)
-        if shape_problem:
-            problems.append(shape_problem)
-        plan[path] = (module, LayerSpec(rank, alpha), dropout, *tensors)
-    if config.names_explicitly():
-        for path, module in everything.items():
-            if path in entries or not config.targets(path):
-                continue
-            layer_cls = type(module) if isinstance(module, LoRALayer) else \
-                (lookup(type(module)) or (None,))[0]
-            if layer_cls is not None:
-                key_a, key_b = key_names(layer_cls)
-                problems.append(
-                    f"{path}: target_modules selects it, but the file lacks "
-                    f"{path}.{key_a} and {path}.{key_b}."
-                )
-    return plan, problems
 
 
 def load_adapter(
@@ -326,65 +255,131 @@ def load_adapter(
             is taken, or a target layer is merged. One error lists every problem.
 
     Warns:
-        LoRAWarning: the config has fields loraplug does not know (ignored), or a PEFT
+        LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
             file targets dilated or non-zero-padded convolutions, whose adapter PEFT
-            computes differently.
+            computes differently, or a rank exceeds the rank ΔW can have on a layer.
+            Every warning comes before any change, so that with warnings as errors a
+            warning leaves the model as it was.
     """
-    directory, weights_file = _locate(Path(path))
-    where = f"cannot load the adapter in {directory}"
-    raw = _read_config(directory / CONFIG_NAME)
-    state, metadata = _read_weights(weights_file)
+    directory, weights_file = locate(Path(path))
+    raw = read_config(directory / CONFIG_NAME)
+    state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
     problems = [f"{CONFIG_NAME}: {p}" for p in config_problems]
-    extras, found = _read_metadata(metadata)
+    extras, found = read_metadata(metadata)
     problems += found
-    mismatched = _pair_problems(raw, metadata)
     adapter = name if name is not None else str(extras.get("adapter", "default"))
-    try:
-        validate_hyperparameters(rank=1, alpha=1.0, dropout=0.0, name=adapter, init="kaiming")
-    except LoRAError as err:
-        problems.append(str(err))
-    if adapter in adapter_names(model):
-        problems.append(
-            f"the model already has an adapter named {adapter!r}; load under another name "
-            f"(name='...') or delete it first with loraplug.delete_adapter(model, {adapter!r})."
-        )
+    problems += _name_problems(model, adapter)
     everything = {clean for clean, _, _ in candidates(model) if clean}
     entries, others, found = index_keys(state, everything)
     problems += found + other_key_problems(model, state, others)
     if not entries and not found:
         problems.append(f"{weights_file.name} holds no tensors.")
-    plan: dict[str, tuple] = {}  # type: ignore[type-arg]
+    plan: dict[str, _Planned] = {}
     if config is not None:
         plan, found = _plan(model, config, entries, extras, adapter)
         problems += found
     if problems or config is None:
-        raise AdapterFileError(report(where, problems))
-    if mismatched:
-        warnings.warn(" ".join(mismatched), LoRAWarning, stacklevel=2)
-    if unknown:
-        warnings.warn(
-            f"{directory / CONFIG_NAME} has fields loraplug does not know: {unknown}; they were "
-            "ignored. If they change the adapter's math, outputs will differ from the writer's.",
-            LoRAWarning, stacklevel=2,
+        raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
+    _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
+    with _rng_untouched([item.module for item in plan.values()]):
+        layers = inject_layers(
+            model, {p: item.module for p, item in plan.items()},
+            {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",
+            use_rslora=config.use_rslora, freeze_base=freeze_base,
         )
-    if "loraplug" not in extras:
-        _geometry_warning(plan)
-
-    by_dropout: dict[float, dict[str, nn.Module]] = defaultdict(dict)
-    for layer_path, (module, _, dropout, _a, _b) in plan.items():
-        by_dropout[dropout][layer_path] = module
-    specs = {layer_path: spec for layer_path, (_, spec, *_rest) in plan.items()}
-    layers: dict[str, LoRALayer] = {}
-    with _rng_untouched([module for module, *_rest in plan.values()]):
-        for dropout, modules in sorted(by_dropout.items()):
-            layers.update(inject_layers(
-                model, modules, specs, name=adapter, dropout=dropout, init="kaiming",
-                use_rslora=config.use_rslora, freeze_base=freeze_base,
-            ))
     with torch.no_grad():
         for layer_path, layer in layers.items():
-            *_rest, a, b = plan[layer_path]
-            layer.lora_A[adapter].copy_(a)
-            layer.lora_B[adapter].copy_(b)
+            layer.lora_A[adapter].copy_(plan[layer_path].a)
+            layer.lora_B[adapter].copy_(plan[layer_path].b)
     return sorted(layers)
+
+
+def load_adapter_state_dict(
+    model: nn.Module, state: Mapping[str, Tensor], *, name: str = "default"
+) -> list[str]:
+    """Copy tensors from ``state`` into the existing adapter ``name``, in place.
+
+    The counterpart of :func:`adapter_state_dict` (and of PEFT's
+    ``set_peft_model_state_dict``): the adapter must already be on the model, injected
+    with the hyperparameters it was trained with; this only replaces its A and B
+    values. Keys may carry PEFT's ``base_model.model.`` prefix. Tensors are converted to
+    the adapter's dtype and device.
+
+    Every key, shape and dtype is checked first; on any problem nothing changes.
+
+    Args:
+        model: a model carrying adapter ``name``.
+        state: ``key -> tensor`` as :func:`adapter_state_dict` returns it.
+        name: the adapter to fill.
+
+    Returns:
+        The sorted names of the layers that were loaded.
+
+    Raises:
+        AdapterFileError: the model lacks adapter ``name``; ``state`` has missing or
+            unexpected keys, wrong shapes or non-float values; or the adapter is merged
+            (its weights would go stale): ``unmerge`` first. All problems are listed.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> trained, fresh = nn.Sequential(nn.Linear(4, 3)), nn.Sequential(nn.Linear(4, 3))
+        >>> for model in (trained, fresh):
+        ...     _ = lp.inject_lora(model, target="0", rank=2)
+        >>> _ = torch.nn.init.ones_(trained[0].lora_B["default"])
+        >>> lp.load_adapter_state_dict(fresh, lp.adapter_state_dict(trained))
+        ['0']
+        >>> fresh[0].lora_B["default"].sum().item()
+        6.0
+    """
+    where = f"load_adapter_state_dict(name={name!r})"
+    if not isinstance(state, Mapping):
+        raise AdapterFileError(
+            f"{where}: state is a {type(state).__name__}; expected a mapping key -> tensor as "
+            "loraplug.adapter_state_dict returns it."
+        )
+    layers = {path: layer for path, layer in lora_layers(model) if name in layer.adapter_names}
+    problems: list[str] = []
+    if not layers:
+        problems.append(
+            f"the model has no adapter {name!r} (it has {adapter_names(model)}); inject it first "
+            "with loraplug.inject_lora(..., name=...) using the rank and alpha it was trained "
+            "with, or use loraplug.load_adapter for a saved directory."
+        )
+    everything = {clean for clean, _, _ in candidates(model) if clean}
+    entries, others, found = index_keys(state, everything)
+    problems += found + other_key_problems(model, state, others)
+    loaded: dict[str, tuple[LoRALayer, Tensor, Tensor]] = {}
+    for path, slots, layer in _matched(entries, layers, problems,
+                                       f"the model has no layer with adapter {name!r} there."):
+        tensors, found = layer_tensors(path, type(layer), slots)
+        problems += found
+        if tensors is None:
+            continue
+        a, b = tensors
+        want = (tuple(layer.lora_A[name].shape), tuple(layer.lora_B[name].shape))
+        if (tuple(a.shape), tuple(b.shape)) != want:
+            problems.append(
+                f"{path}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} in the state; adapter "
+                f"{name!r} (rank {layer.rank[name]}) has A {want[0]}, B {want[1]}."
+            )
+        loaded[path] = (layer, a, b)
+    for path, layer in layers.items():
+        if path not in entries:
+            key_a, key_b = key_names(type(layer))
+            problems.append(f"{path}: missing keys {path}.{key_a} and {path}.{key_b}.")
+    merged = [path for path, layer in layers.items() if name in layer.merged_adapters]
+    if merged:
+        problems.append(
+            f"adapter {name!r} is merged into {merged[:5]}; new values would leave those merged "
+            "weights stale. Call loraplug.unmerge(model) first."
+        )
+    if problems:
+        raise AdapterFileError(_report(where, problems))
+    with torch.no_grad():
+        for layer, a, b in loaded.values():
+            layer.lora_A[name].copy_(a)
+            layer.lora_B[name].copy_(b)
+    return sorted(loaded)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._adapters import _check_names, _layers_or_raise
+from ._adapters import check_names, layers_or_raise
 from ._errors import ConfigError, StateError
 from ._layer import LoRALayer
 
@@ -32,6 +33,9 @@ class Route:
     order; rows whose adapter the layer lacks (or ``None``) compute the base alone.
     """
 
+    #: Each row its own adapter: no single adapted weight exists (see _owner_reads.py).
+    per_row = True
+
     def __init__(self, names: Sequence[str | None], available: Sequence[str]) -> None:
         slot_of: dict[str, int] = {}
         for n in names:
@@ -39,8 +43,8 @@ class Route:
                 slot_of[n] = len(slot_of)
         self.rows = len(names)
         self.slots = tuple(slot_of)
-        chosen = [i for i, n in enumerate(names) if n in slot_of]
-        slot = [slot_of[names[i]] for i in chosen]  # type: ignore[index]
+        picked = [(i, slot_of[n]) for i, n in enumerate(names) if n is not None and n in slot_of]
+        chosen, slot = [i for i, _ in picked], [j for _, j in picked]
         # None for the common cases: every row has an adapter / row i uses slot i.
         self._chosen = None if len(chosen) == self.rows else chosen
         self._slot = None if slot == list(range(len(self.slots))) else slot
@@ -52,9 +56,10 @@ class Route:
             # Normal tensors even when first made under inference_mode: a later call
             # with autograd may save them for backward.
             with torch.inference_mode(False):
-                self._indices[device] = tuple(  # type: ignore[assignment]
+                chosen, slot = (
                     None if v is None else torch.tensor(v, dtype=torch.long, device=device)
                     for v in (self._chosen, self._slot))
+                self._indices[device] = chosen, slot
         return self._indices[device]
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:
@@ -89,7 +94,8 @@ def _stacked(layer: LoRALayer, slots: tuple[str, ...]) -> tuple[Tensor, Tensor]:
     # A and B of every slot stacked on a new first dimension (a fresh copy each call, so
     # never stale and differentiable). Smaller ranks are padded with zeros: zero rows of
     # A, zero columns of B, an exact no-op.
-    store_a, store_b = layer._modules["lora_A"]._parameters, layer._modules["lora_B"]._parameters
+    registry: dict[str, Any] = layer._modules  # direct lookups: see LoRALayer._tensor
+    store_a, store_b = registry["lora_A"]._parameters, registry["lora_B"]._parameters
     rank = max(layer.rank[n] for n in slots)
     if all(layer.rank[n] == rank for n in slots):
         return torch.stack([store_a[n] for n in slots]), torch.stack([store_b[n] for n in slots])
@@ -111,6 +117,23 @@ def _dropout_per_row(x: Tensor, p: list[float], slot: Tensor | None) -> Tensor:
     keep = 1.0 - torch.tensor(p, dtype=x.dtype, device=x.device)
     keep = (keep if slot is None else keep[slot]).view(-1, *([1] * (x.dim() - 1)))
     return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def _refuse_unroutable(layers: list[tuple[str, LoRALayer]]) -> None:
+    # Layers whose rows cannot each take their own adapter.
+    for what, bad in (
+        ("are merged; call loraplug.unmerge(model) first",
+         [n for n, layer in layers if layer.merged]),
+        ("have adapters disabled (inside disable_adapters); use the block outside it",
+         [n for n, layer in layers if layer.adapters_disabled]),
+        ("compute through their weight (their class overrides forward), which cannot differ "
+         "per row; exclude them when injecting",
+         [n for n, layer in layers if layer.through_weight]),
+        ("are of a layer type without routed_lora; implement it to mix adapters per row",
+         [n for n, layer in layers if not layer._forms.routed]),
+    ):
+        if bad:
+            raise StateError(f"adapter_per_sample: layers {bad[:5]} {what}.")
 
 
 @contextmanager
@@ -156,28 +179,15 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
             f"adapter_per_sample needs a non-empty list with one adapter name (or None for the "
             f"base model) per row of the batch; received {names!r}. E.g. ['a', 'b', None]."
         )
-    layers = _layers_or_raise(model, "adapter_per_sample")
-    _check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
-    for what, bad in (
-        ("are merged; call loraplug.unmerge(model) first",
-         [n for n, layer in layers if layer.merged]),
-        ("have adapters disabled (inside disable_adapters); use the block outside it",
-         [n for n, layer in layers if layer.adapters_disabled]),
-        ("compute through their weight (their class overrides forward), which cannot differ "
-         "per row; exclude them when injecting",
-         [n for n, layer in layers if layer.through_weight]),
-        ("are of a layer type without routed_lora; implement it to mix adapters per row",
-         [n for n, layer in layers
-          if type(layer).routed_lora is LoRALayer.routed_lora]),
-    ):
-        if bad:
-            raise StateError(f"adapter_per_sample: layers {bad[:5]} {what}.")
+    layers = layers_or_raise(model, "adapter_per_sample")
+    check_names(model, sorted({n for n in names if n is not None}), "adapter_per_sample")
+    _refuse_unroutable(layers)
     names = list(names)
-    before = [layer._route for _, layer in layers]
+    before = [layer._detour for _, layer in layers]
     for _, layer in layers:
-        layer._route = Route(names, layer.adapter_names)
+        layer._detour = Route(names, layer.adapter_names)
     try:
         yield
     finally:
         for (_, layer), route in zip(layers, before):
-            layer._route = route
+            layer._detour = route

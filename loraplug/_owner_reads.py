@@ -15,11 +15,14 @@ function, its adapters train, and merged equals unmerged. Everywhere else (a tra
 script, an optimizer, loraplug itself) ``layer.weight`` is the parameter, as always.
 
 How the read is found: a LoRA layer keeps its weight in its parameter registry, so the
-attribute goes through ``__getattr__``, which the layer's own forward never uses (it
-reads the registry directly): nothing is added to the layer's hot path. In
-``__getattr__``, the caller's frame says where the read comes from: loraplug's own
-code, code running inside an ``nn.Module`` call (a ``Module.__call__`` frame up the
-stack), or neither. Under ``torch.compile`` every read is inside the compiled forward.
+attribute goes through ``__getattr__``; the built-in layers' forwards read the registry
+directly, and while a layer's own forward runs (a flag it sets), its reads (a
+``base_forward`` written against ``self.weight``) get the parameter. Otherwise the
+frames above the read say where it comes from: code running inside an ``nn.Module``
+call (a ``Module.__call__`` frame up the stack) counts, unless code that manages
+parameters comes first (loraplug itself, torch.distributed's FSDP2 hooks). Under
+``torch.compile`` every read is inside the compiled forward: loraplug's compiled paths
+read the registry, never the attribute.
 """
 
 from __future__ import annotations
@@ -35,22 +38,29 @@ _CALL_FRAMES = frozenset(
     getattr(nn.Module, name).__code__ for name in ("_call_impl", "_wrapped_call_impl")
     if hasattr(nn.Module, name)
 )
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: Code that manages parameters rather than computing with them: loraplug itself, and
+#: torch.distributed (FSDP2 looks its parameters up by name in its pre-forward hooks).
+_MANAGERS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "distributed") + os.sep,
+)
 
 
 def read_in_forward(depth: int = 2) -> bool:
     """Whether the attribute read ``depth`` frames above this call runs in a forward.
 
     ``depth`` 2 is the code that read the attribute when called from ``__getattr__``.
-    Reads by loraplug's own code are never counted.
+    Walking up from it, the read counts when an ``nn.Module.__call__`` frame comes before
+    any code of loraplug or torch.distributed.
     """
     if torch.compiler.is_compiling():
-        return False
+        return True
     frame = sys._getframe(depth)
-    if frame.f_code.co_filename.startswith(_PACKAGE):
-        return False
     while frame is not None:
-        if frame.f_code in _CALL_FRAMES:
+        code = frame.f_code
+        if code in _CALL_FRAMES:
             return True
+        if code.co_filename.startswith(_MANAGERS):
+            return False
         frame = frame.f_back
     return False

@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._layer import LoRALayer, compute_dtype
+from ._compile import gated_adapters
+from ._layer import LoRALayer
+from ._products import Scale, add_matmul
 
 #: The host's child that holds its parameter layers, one per adapted parameter name.
 SLOT = "lora_parameters"
@@ -51,12 +53,13 @@ class LoRAParameter(LoRALayer):
 
     def __init__(self, host: LoRAParameterHost, parameter_name: str) -> None:
         owner = host.base_layer
+        # Set before nn.Module's init: LoRALayer's init reads the weight.
+        self.__dict__["_host"] = host
+        self.__dict__["parameter_name"] = parameter_name
         # No tensors to adopt: the parameter stays registered on the host under its name.
         super().__init__(nn.Module(), type(owner))
         self.__dict__["base_layer"] = owner
-        self.__dict__["_host"] = host
-        self.parameter_name = parameter_name
-        self.through_weight = True
+        self.through_weight = True  # computed by the host, never as a branch
         weight = self.weight
         self.experts = weight.dim() == 3
         self.transposed = self.experts and getattr(owner, "is_transposed", False) is True
@@ -97,34 +100,29 @@ class LoRAParameter(LoRALayer):
             return a_e.transpose(1, 2), b_e.transpose(1, 2)  # (E, in, r) @ (E, r, out)
         return b_e, a_e  # (E, out, r) @ (E, r, in)
 
-    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: float) -> None:
+    def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
         """``target += scale · ΔW`` in place; ``target`` shaped like the parameter."""
-        lhs, rhs = self._factors(a.to(target.dtype), b.to(target.dtype))
-        if not target.is_contiguous():
-            target.add_((lhs @ rhs).view(target.shape), alpha=scale)
+        lhs, rhs = self._factors(a, b)
+        if not target.is_contiguous():  # e.g. a transposed parameter: through a copy
+            delta = torch.zeros(target.shape, dtype=target.dtype, device=target.device)
+            self.add_delta(delta, a, b, scale)
+            target.add_(delta)
         elif self.experts:
-            target.baddbmm_(lhs, rhs, alpha=scale)
+            add_matmul(target, lhs, rhs, scale)  # (E, out, r) @ (E, r, in), batched
         else:
-            target.view(target.shape[0], -1).addmm_(lhs, rhs, alpha=scale)
+            add_matmul(target.view(target.shape[0], -1), lhs, rhs, scale)
 
-    def adapted_weight(self) -> Tensor:
+    def adapted_weight(self) -> Tensor | None:
         """``W + Σ s·ΔW`` over the live adapters, differentiable in A and B.
 
-        Computed in :func:`compute_dtype` (float32 for half weights), cast back once.
+        Computed in float32 for half-precision weights and cast back once; ``None`` when
+        no adapter is live.
         """
-        weight = self.weight
-        dtype = compute_dtype(weight.dtype)
-        acc = weight.to(dtype)
-        for name in self._live:
-            a, b = self._adapter(name)
-            lhs, rhs = self._factors(a.to(dtype), b.to(dtype))
-            scale = self.scaling[name]
-            if self.experts:
-                acc = torch.baddbmm(acc, lhs, rhs, alpha=scale)
-            else:
-                acc = torch.addmm(acc.reshape(acc.shape[0], -1), lhs, rhs,
-                                  alpha=scale).view(weight.shape)
-        return acc.to(weight.dtype)
+        if torch.compiler.is_compiling():  # adapter state as tensors: see _compile.py
+            names, scales = gated_adapters(self)
+        else:
+            names, scales = self._live, self.scaling
+        return self._adapted_weight(names, scales) if names else None
 
     def add_adapter(self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float,
                     use_rslora: bool = False) -> None:
@@ -132,23 +130,6 @@ class LoRAParameter(LoRALayer):
         if self.experts:  # A stacks the experts' ranks: (E·r, in)
             self.rank[name] = a.shape[0] // self.weight.shape[0]
             self.set_scale(name, alpha)
-
-    # ----------------------------------------------------------- today's hooks
-    def delta_weight(self, name: str) -> Tensor:
-        weight = self.weight
-        target = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
-        a, b = self._adapter(name)
-        self.add_delta(target, a, b, self.scaling[name])
-        return target
-
-    def _add_delta(self, target: Tensor, name: str, sign: int) -> None:
-        a, b = self._adapter(name)
-        self.add_delta(target, a, b, sign * self.scaling[name])
-
-    def lora_forward(self, x: Tensor, name: str) -> Tensor:
-        raise NotImplementedError(
-            "a parameter's adapter acts through its owner's forward (LoRAParameterHost); it "
-            "has no low-rank branch of its own.")
 
     def forward(self, *args: object, **kwargs: object) -> Tensor:
         raise NotImplementedError(
@@ -191,8 +172,11 @@ class LoRAParameterHost(nn.Module):
         self.lora_parameters = nn.ModuleDict()
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        swapped = {name: layer.adapted_weight()
-                   for name, layer in self._modules[SLOT]._modules.items() if layer._live}
+        swapped = {}
+        for name, layer in self._modules[SLOT]._modules.items():
+            weight = layer.adapted_weight()
+            if weight is not None:
+                swapped[name] = weight
         owner = self.__dict__["base_layer"]
         if not swapped:
             return owner(*args, **kwargs)

@@ -32,7 +32,7 @@ from ._errors import ConfigError, LoRAError, StateError, TargetError
 from ._layer import LoRALayer
 from ._parameter import SLOT, LoRAParameter, LoRAParameterHost
 from ._registry import type_name
-from ._targeting import candidates
+from ._targeting import candidates, set_module
 
 ParamPattern = Union[str, "re.Pattern[str]", Callable[[str, Tensor], bool]]
 ParamSpec = Union[ParamPattern, Sequence[ParamPattern]]
@@ -237,8 +237,7 @@ def attach_parameter(model: nn.Module, owner: nn.Module, layer: LoRAParameter,
     host = layer.host
     if host is not owner:
         for path in paths:
-            parent_path, _, leaf = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, leaf, host)
+            set_module(model, path, host)
     slot = host._modules[SLOT]
     if layer.parameter_name not in slot._modules:
         slot[layer.parameter_name] = layer

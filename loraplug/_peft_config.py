@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeGuard, TypeVar
 
 #: Fields that must hold a neutral value, with the reason they cannot be honoured.
 _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
@@ -67,6 +68,8 @@ _IGNORED = frozenset({
 #: Initialisations that leave the base weights alone (others rewrite W when created).
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
+T = TypeVar("T")
+
 #: PEFT's shorthand for "every linear layer but the output layer"; PEFT expands it
 #: before saving, so a file holding it names its layers through its tensor keys.
 ALL_LINEAR = "all-linear"
@@ -105,9 +108,10 @@ class PeftLoRAConfig:
         """Whether PEFT would put this adapter on module ``name``."""
         if self.exclude_modules is not None and matches(self.exclude_modules, name):
             return False
-        if self.target_modules in (None, ALL_LINEAR):
+        targets = self.target_modules
+        if targets is None or targets == ALL_LINEAR:
             return True
-        return matches(self.target_modules, name)  # type: ignore[arg-type]
+        return matches(targets, name)
 
 
 def matches(spec: tuple[str, ...] | str, name: str) -> bool:
@@ -125,7 +129,7 @@ def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     return None
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
 
@@ -157,7 +161,12 @@ def _module_spec(raw: dict, key: str, problems: list[str]) -> tuple[str, ...] | 
     return None
 
 
-def _pattern(raw: dict, key: str, valid, expected: str, problems: list[str]) -> dict:  # type: ignore[no-untyped-def]
+def _positive_number(value: object) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _pattern(raw: dict, key: str, problems: list[str], *, valid: Callable[[object], bool],
+             expected: str) -> dict:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         problems.append(f"{key} is {value!r}; expected an object mapping name patterns to values.")
@@ -169,6 +178,16 @@ def _pattern(raw: dict, key: str, valid, expected: str, problems: list[str]) -> 
         if not valid(item):
             problems.append(f"{key}[{pattern!r}] is {item!r}; expected {expected}.")
     return dict(value)
+
+
+def _refused(raw: dict) -> list[str]:
+    """The fields whose value would change the math in a way loraplug cannot follow."""
+    found = []
+    for name, (neutral, why) in _REFUSED.items():
+        value = raw.get(name)
+        if value not in neutral and value != [] and value != {}:
+            found.append(f"{name} is {value!r}: {why}.")
+    return found
 
 
 def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[str]]:
@@ -192,7 +211,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     if not _rank_ok(rank):
         problems.append(f"r is {rank!r}; expected a positive integer.")
     alpha = raw.get("lora_alpha", 8)
-    if not (_is_number(alpha) and alpha > 0):
+    if not _positive_number(alpha):
         problems.append(f"lora_alpha is {alpha!r}; expected a finite number > 0.")
     dropout = raw.get("lora_dropout", 0.0)
     if not (_is_number(dropout) and 0 <= dropout < 1):
@@ -200,9 +219,10 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     use_rslora = raw.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         problems.append(f"use_rslora is {use_rslora!r}; expected true or false.")
-    rank_pattern = _pattern(raw, "rank_pattern", _rank_ok, "a positive integer", problems)
-    alpha_pattern = _pattern(raw, "alpha_pattern", lambda v: _is_number(v) and v > 0,
-                             "a finite number > 0", problems)
+    rank_pattern = _pattern(raw, "rank_pattern", problems, valid=_rank_ok,
+                            expected="a positive integer")
+    alpha_pattern = _pattern(raw, "alpha_pattern", problems, valid=_positive_number,
+                             expected="a finite number > 0")
     targets = _module_spec(raw, "target_modules", problems)
     excludes = _module_spec(raw, "exclude_modules", problems)
     init = raw.get("init_lora_weights", True)
@@ -213,10 +233,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
             "convert it with PEFT first (save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...))."
         )
-    for name, (neutral, why) in _REFUSED.items():
-        value = raw.get(name)
-        if value not in neutral and value != [] and value != {}:
-            problems.append(f"{name} is {value!r}: {why}.")
+    problems += _refused(raw)
     layers = raw.get("layers_to_transform")
     unknown = sorted(
         k for k, v in raw.items()
@@ -233,7 +250,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     return config, [], unknown
 
 
-def _most_common(values: list) -> object:  # type: ignore[type-arg]
+def _most_common(values: list[T]) -> T:
     return Counter(values).most_common(1)[0][0]
 
 

@@ -3,6 +3,7 @@
 Lookups walk the base type's method resolution order, so a subclass of ``nn.Linear``
 finds the layer registered for ``nn.Linear``; the most specific registered ancestor
 wins, which lets a user register a dedicated layer for their own subclass.
+:func:`lora_layer_for` is the one place a LoRA layer is built around a module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from torch import nn
 
-from ._errors import ConfigError
+from ._errors import ConfigError, TargetError
 
 if TYPE_CHECKING:
     from ._layer import LoRALayer
@@ -68,8 +69,8 @@ def register_lora_layer(base_type: type[nn.Module]) -> Callable[[L], L]:
         if not (isinstance(layer_cls, type) and issubclass(layer_cls, LoRALayer)):
             raise ConfigError(
                 f"register_lora_layer({base_type.__name__}) decorated {layer_cls!r}; expected a "
-                "subclass of loraplug.LoRALayer that implements base_forward, lora_forward, "
-                "delta_weight and adapter_shapes."
+                "subclass of loraplug.LoRALayer that implements base_forward, adapter_shapes, "
+                "add_lora and add_delta (see docs/extending.md)."
             )
         _REGISTRY[base_type] = layer_cls
         return layer_cls
@@ -104,6 +105,30 @@ def lookup(module_type: type[nn.Module]) -> tuple[type[LoRALayer], type[nn.Modul
         if layer_cls is not None:
             return layer_cls, ancestor
     return None
+
+
+def lora_layer_for(module: nn.Module) -> LoRALayer:
+    """The LoRA layer that carries ``module``'s adapters.
+
+    A LoRA layer is its own; any other module gets a new layer of its registered class,
+    wrapped around it but placed nowhere: injection puts it into the model, while
+    checks (valid ranks, adapter shapes) use it as a throw-away probe.
+
+    Raises:
+        TargetError: no LoRA layer is registered for the module's type.
+    """
+    from ._layer import LoRALayer
+
+    if isinstance(module, LoRALayer):
+        return module
+    found = lookup(type(module))
+    if found is None:
+        raise TargetError(
+            f"{type_name(type(module))} has no LoRA layer; supported: {supported_types()} and "
+            "their subclasses. Register one with loraplug.register_lora_layer."
+        )
+    layer_cls, registered = found
+    return layer_cls(module, registered)
 
 
 def lora_layer_type(module_type: type[nn.Module]) -> type[LoRALayer] | None:

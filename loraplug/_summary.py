@@ -93,7 +93,7 @@ def summary(model: nn.Module) -> LoRASummary:
             base_type=type_name(type(layer.base_layer)),
             shape=tuple(layer.weight.shape),
             adapters=tuple((n, layer.rank[n], layer.alpha[n]) for n in layer.adapter_names),
-            active=tuple(n for n in layer.active_adapters if n in layer.adapter_names),
+            active=layer.held_active,
             merged=layer.merged,
             lora_parameters=sum(p.numel() for s in (layer.lora_A, layer.lora_B)
                                 for p in s.values()),

@@ -11,7 +11,8 @@ A target is one of, or a list of:
 
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
-inside a LoRA layer (its adapters, dropouts) are never candidates.
+inside a LoRA layer (its adapters, dropouts) are never candidates. This module also
+finds and replaces modules by path.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -38,6 +40,21 @@ _COMPILE_PREFIX = "_orig_mod."
 def clean_name(name: str) -> str:
     """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path each module object is reachable at, by ``id`` (shared modules have several)."""
+    paths: dict[int, list[str]] = defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(path)
+    return paths
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the real (uncleaned) ``path`` inside ``model``."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
 
 
 def candidates(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
@@ -126,6 +143,26 @@ class Selection:
     unsupported: dict[str, str] = field(default_factory=dict)
 
 
+class _Patterns:
+    """Patterns with their matchers, remembering which of them ever matched."""
+
+    def __init__(self, patterns: list[Pattern]) -> None:
+        self.patterns = patterns
+        self.matchers = [_matcher(p) for p in patterns]
+        self.hit = [False] * len(patterns)
+
+    def match(self, name: str, module: nn.Module) -> bool:
+        # Every pattern is tried on every module, so that each one's hits are known.
+        found = False
+        for i, matcher in enumerate(self.matchers):
+            if matcher(name, module):
+                self.hit[i] = found = True
+        return found
+
+    def missed(self) -> list[Pattern]:
+        return [p for p, hit in zip(self.patterns, self.hit) if not hit]
+
+
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
     """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
 
@@ -139,45 +176,19 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
             "target=nn.Linear."
         )
-    excludes = _as_list(exclude)
-    inc = [(p, _matcher(p)) for p in includes]
-    exc = [(p, _matcher(p)) for p in excludes]
+    inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
     everything = list(candidates(model))
-    names = [name for name, _, _ in everything if name]
-    hit_inc = [False] * len(inc)
-    hit_exc = [False] * len(exc)
     picked: list[tuple[str, str, nn.Module]] = []
     seen: set[int] = set()
     for name, path, module in everything:
-        included = False
-        for i, (_, match) in enumerate(inc):
-            if match(name, module):
-                hit_inc[i] = included = True
+        included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
-        excluded = False
-        for i, (_, match) in enumerate(exc):
-            if match(name, module):
-                hit_exc[i] = excluded = True
+        excluded = exc.match(name, module)
         if included and not excluded and id(module) not in seen:
             seen.add(id(module))  # a shared module is wrapped once, under its first name
             picked.append((name, path, module))
-
-    missing = [p for (p, _), hit in zip(inc, hit_inc) if not hit]
-    missing_exc = [p for (p, _), hit in zip(exc, hit_exc) if not hit]
-    if missing or missing_exc:
-        present = sorted({type_name(type(m)) for _, _, m in everything})
-        lines = []
-        for kind, group in (("target", missing), ("exclude", missing_exc)):
-            for p in group:
-                hint = (f" Module types present: {present}." if isinstance(p, type)
-                        else _suggest(p, names))
-                lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
-        raise TargetError(
-            "\n".join(lines) + "\nPatterns are globs over full dotted names from "
-            "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
-            "target) shows what a target selects."
-        )
-
+    if inc.missed() or exc.missed():
+        raise _unmatched(everything, inc.missed(), exc.missed())
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):
@@ -186,6 +197,27 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "replaced in place. Wrap it in a container, e.g. model = nn.Sequential(model), "
             "or target its children."
         )
+    return _selection(picked)
+
+
+def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],
+               missing_exc: list[Pattern]) -> TargetError:
+    names = [name for name, _, _ in everything if name]
+    present = sorted({type_name(type(m)) for _, _, m in everything})
+    lines = []
+    for kind, group in (("target", missing), ("exclude", missing_exc)):
+        for p in group:
+            hint = (f" Module types present: {present}." if isinstance(p, type)
+                    else _suggest(p, names))
+            lines.append(f"{kind} pattern {describe(p)} matches no module.{hint}")
+    return TargetError(
+        "\n".join(lines) + "\nPatterns are globs over full dotted names from "
+        "model.named_modules() (e.g. 'encoder.*.q_proj'); loraplug.find_targets(model, "
+        "target) shows what a target selects."
+    )
+
+
+def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
     selection = Selection()
     for name, path, module in sorted(picked, key=lambda item: item[0]):
         if isinstance(module, LoRALayer) or lookup(type(module)) is not None:
@@ -203,3 +235,34 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "loraplug.register_lora_layer."
         )
     return selection
+
+
+def find_targets(
+    model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
+) -> list[str]:
+    """Return the sorted names ``inject_lora`` would wrap, without changing anything.
+
+    Raises the same errors as :func:`inject_lora` for the targets themselves. A layer
+    whose owner reads its weight instead of calling it is a target like any other: the
+    owner is handed ``W + ΔW`` (see the concepts page).
+
+    Args:
+        model: any ``nn.Module``; not changed.
+        target: glob(s), compiled regex(es), module type(s) or a predicate
+            ``(name, module) -> bool``; see the targeting docs.
+        exclude: patterns, as for ``target``, to leave out.
+
+    Returns:
+        The sorted names of the layers that would receive an adapter.
+
+    Raises:
+        TargetError: a pattern matches nothing, or nothing supported matched.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> lp.find_targets(model, nn.Linear, exclude="2")
+        ['0']
+    """
+    return list(select(model, target, exclude).modules)

@@ -17,7 +17,7 @@ from strategies import randomize_adapters
 from torch import nn
 
 import loraplug as lp
-from loraplug import _files
+from loraplug import _save
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_failure_while_writing_keeps_the_old_files(tmp_path: Path,
         Path(path).write_bytes(b"partial")
         raise Interrupted  # anything, even a BaseException, mid-write
 
-    monkeypatch.setattr(_files, "save_file", half_write)
+    monkeypatch.setattr(_save, "save_file", half_write)
     with pytest.raises(Interrupted):
         lp.save_merged(model, tmp_path / "adapter_model.safetensors")
     assert files_of(tmp_path) == before  # same names (no temp files left), same bytes
@@ -57,7 +57,7 @@ def test_failure_while_writing_keeps_the_old_files(tmp_path: Path,
     def failing(tensors, metadata=None):  # type: ignore[no-untyped-def]
         raise MemoryError
 
-    monkeypatch.setattr(_files, "serialize", failing)
+    monkeypatch.setattr(_save, "serialize", failing)
     with pytest.raises(MemoryError):
         lp.save_adapter(model, tmp_path)
     assert files_of(tmp_path) == before

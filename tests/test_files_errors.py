@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,28 @@ def test_config_fields_that_cannot_be_honoured(saved: tuple[Path, nn.Module], ch
     path, base = saved
     edit_config(path, **changes)
     refused(base, path, r"nothing was changed:\n  - adapter_config.json: " + match)
+
+
+def test_warnings_as_errors_leave_a_mixed_dropout_load_unchanged(tmp_path: Path) -> None:
+    # Layers with different dropouts used to be injected group by group, so a warning for
+    # a later group came after the first group was already in the model.
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = copy.deepcopy(base)
+    with pytest.warns(lp.LoRAWarning, match="the rank exceeds"):
+        lp.inject_lora(model, target="0", rank=3, dropout=0.0)
+        lp.inject_lora(model, target="1", rank=3, dropout=0.1)
+    lp.save_adapter(model, tmp_path)
+    before = snapshot(base)
+    with pytest.warns(lp.LoRAWarning) as caught:
+        lp.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [str(w.message) for w in caught] == [
+        "the rank exceeds the rank ΔW can have on 1 (rank 3, at most 2); the extra parameters "
+        "add cost without capacity. Consider a smaller rank."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lp.LoRAWarning)
+        with pytest.raises(lp.LoRAWarning, match=r"the rank exceeds the rank ΔW can have on 1 "):
+            lp.load_adapter(base, tmp_path)
+    assert_unchanged(base, before)
 
 
 def test_every_problem_is_reported_at_once(saved: tuple[Path, nn.Module]) -> None:

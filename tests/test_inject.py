@@ -310,6 +310,18 @@ def test_register_rejects_non_modules_and_non_layers() -> None:
         lp.register_lora_layer(nn.Linear)(object)  # type: ignore[arg-type]
 
 
+def test_the_layer_for_a_module_wraps_it_without_placing_it() -> None:
+    from loraplug._registry import lora_layer_for
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    layer = lora_layer_for(model[0])
+    assert isinstance(layer, lp.LoRALinear) and layer.base_layer is model[0]
+    assert type(model[0]) is nn.Linear and lora_layer_for(layer) is layer
+    with pytest.raises(lp.TargetError, match=r"nn.LayerNorm has no LoRA layer; supported: "
+                                             r"\[.*'nn.Linear'.*register_lora_layer"):
+        lora_layer_for(model[1])
+
+
 # ---------------------------------------------------------------- portability
 def test_pickle_deepcopy_and_torch_save_round_trip() -> None:
     model = small_net()

@@ -159,8 +159,8 @@ def test_exclude_is_checked_against_every_module() -> None:
     assert lp.find_targets(model, "head", exclude="layers.*") == ["head"]
 
 
-def test_find_targets_refuses_what_inject_refuses() -> None:
+def test_find_targets_selects_a_layer_its_owner_reads() -> None:
+    # nn.MultiheadAttention reads out_proj.weight: it is handed W + ΔW (test_owner_reads).
     model = nn.Module()
     model.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(lp.TargetError, match=r"'attn.out_proj': its owner nn.MultiheadAttention"):
-        lp.find_targets(model, nn.Linear)
+    assert lp.find_targets(model, nn.Linear) == ["attn.out_proj"]

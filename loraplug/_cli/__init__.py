@@ -31,13 +31,13 @@ from ._targets import cmd_targets
 # --------------------------------------------------------------------------- entry point
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``loraplug`` command."""
-    from .. import __version__
+    from .._version import VERSION
 
     model_help = ("torchvision:NAME (built without weights) or package.module:callable "
                   "(returns an nn.Module)")
     parser = _Parser(prog="loraplug", description="LoRA adapters for any PyTorch model: see "
                      "what a target wraps, inspect adapter files, merge adapters into weights.")
-    parser.add_argument("--version", action="version", version=f"loraplug {__version__}")
+    parser.add_argument("--version", action="version", version=f"loraplug {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("targets", help="list a model's layers and what a target would wrap",

@@ -73,7 +73,7 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
         if not callable(obj):
             raise CLIError(f"{spec} is a {type(obj).__name__}; expected a callable that "
                            "returns an nn.Module, or an nn.Module")
-        builder = obj  # type: ignore[assignment]
+        builder = obj
     model = None
     if meta:
         try:
@@ -91,7 +91,7 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
     return model
 
 
-def _pattern(text: str) -> object:
+def _pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
     """A command-line target: a glob, ``re:REGEX`` or ``type:CLASS``."""
     if text.startswith("re:"):
         try:
@@ -122,7 +122,7 @@ def _shape(module: nn.Module) -> str:
     return "×".join(map(str, tensors[0].shape)) if tensors else ""
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]], right: Sequence[int] = ()) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:

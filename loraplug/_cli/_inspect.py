@@ -10,20 +10,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# The readers load_adapter uses, so that inspect sees a file exactly as loading does.
+from .._format import (
+    CONFIG_NAME,
+    index_keys,
+    locate,
+    read_adapter_weights,
+    read_config,
+    read_metadata,
+)
+from .._peft_config import parse_config
 from ._common import _dims, _one_line, _size, _table
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    # The readers load_adapter uses, so that inspect sees a file exactly as loading does.
-    from .._adapter_state import CONFIG_NAME, index_keys
-    from .._load import _locate, _read_config, _read_metadata, _read_weights
-    from .._peft_config import parse_config
-
-    directory, weights_file = _locate(Path(args.adapter_dir))
-    raw = _read_config(directory / CONFIG_NAME)
-    state, metadata = _read_weights(weights_file)
+    directory, weights_file = locate(Path(args.adapter_dir))
+    raw = read_config(directory / CONFIG_NAME)
+    state, metadata = read_adapter_weights(weights_file)
     config, problems, unknown = parse_config(raw)
-    extras, found = _read_metadata(metadata)
+    extras, found = read_metadata(metadata)
     problems += found
     entries, others, found = index_keys(state, set())
     problems += found

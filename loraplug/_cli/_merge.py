@@ -3,57 +3,54 @@
 from __future__ import annotations
 
 import argparse
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeGuard
 
-import torch
 from torch import Tensor
 
+from .._format import UnreadableWeights, read_weights
 from ._common import CLIError, _size, build_model
 
+_NOT_A_STATE_DICT = "--weights {path} holds a {held}, not a state dict (key -> tensor)"
 
-# --------------------------------------------------------------------------- merge
+
 def _load_checkpoint(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise CLIError(f"--weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise CLIError(f"--weights {path} is not a readable safetensors file ({err})") from err
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # The tensor-only unpickler names the class it refused ("GLOBAL posix.system");
-        # other failures mean the bytes are not a torch file at all.
-        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
-        if not detail:
-            raise CLIError(f"--weights {path} is not a readable torch file") from err
-        raise CLIError(
-            f"refused to load {path}: it holds objects other than tensors ({detail}), and "
-            "unpickling those can run arbitrary code. Save the model's state_dict() alone, or "
-            "as safetensors"
-        ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CLIError(f"--weights {path} is not a readable torch file ({err})") from err
+        state, _ = read_weights(path)
+    except UnreadableWeights as err:
+        raise CLIError(_unreadable(err)) from err.__cause__
+    if _is_state_dict(state):
+        return state
     # Training checkpoints often nest the weights: {"state_dict": {...}, "epoch": ...}.
-    if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
-        for key in ("state_dict", "model", "model_state_dict"):
-            inner = state.get(key)
-            if isinstance(inner, Mapping) and all(isinstance(v, Tensor) for v in inner.values()):
-                return inner
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CLIError(f"--weights {path} holds a {type(state).__name__}, not a state dict "
-                       "(key -> tensor)")
-    return state
+    for key in ("state_dict", "model", "model_state_dict"):
+        inner = state.get(key)
+        if _is_state_dict(inner):
+            return inner
+    raise CLIError(_NOT_A_STATE_DICT.format(path=path, held=type(state).__name__))
+
+
+def _unreadable(err: UnreadableWeights) -> str:
+    if err.reason == "mapping":
+        return _NOT_A_STATE_DICT.format(path=err.path, held=err.detail)
+    if err.reason == "refused" and err.detail:
+        return (f"refused to load {err.path}: it holds objects other than tensors "
+                f"({err.detail}), and unpickling those can run arbitrary code. Save the "
+                "model's state_dict() alone, or as safetensors")
+    kind = "safetensors" if err.reason == "safetensors" else "torch"
+    detail = f" ({err.detail})" if err.detail else ""
+    return f"--weights {err.path} is not a readable {kind} file{detail}"
+
+
+def _is_state_dict(value: object) -> TypeGuard[Mapping[str, Tensor]]:
+    return isinstance(value, Mapping) and all(isinstance(v, Tensor) for v in value.values())
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .._files import load_adapter, save_merged
+    from .._load import load_adapter
+    from .._save import save_merged
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

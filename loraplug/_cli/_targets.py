@@ -7,7 +7,7 @@ import math
 
 from torch import nn
 
-from .._registry import lookup, supported_types, type_name
+from .._registry import lookup, lora_layer_for, supported_types, type_name
 from ._common import CLIError, _pattern, _shape, _table, build_model
 
 
@@ -30,8 +30,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
             continue
         mark, params = "", ""
         if name in chosen:
-            layer_cls, registered = found  # type: ignore[misc]
-            probe = layer_cls(module, registered)
+            probe = lora_layer_for(module)
             why = probe.check_rank(args.rank)
             shape_a, shape_b = probe.adapter_shapes(args.rank)
             count = math.prod(shape_a) + math.prod(shape_b)

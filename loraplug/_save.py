@@ -1,29 +1,15 @@
-"""Adapter files: save and load adapters in PEFT's layout, and save merged checkpoints.
+"""Saving: adapters in PEFT's layout (with their state dict), and merged checkpoints.
 
-An adapter directory holds two files, exactly as PEFT writes them:
-
-- ``adapter_config.json``: ``peft_type``, ``r``, ``lora_alpha``, ``target_modules``,
-  ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ... (see ``_peft_config``);
-- ``adapter_model.safetensors``: for each layer at ``<path>``, the tensors
-  ``base_model.model.<path>.lora_A.weight`` (r, in…) and ``….lora_B.weight`` (out, r…),
-  or ``….lora_embedding_A`` (r, V) and ``….lora_embedding_B`` (d, r) for embeddings.
-  What PEFT has no field for (the adapter's name, per-layer dropout, the loraplug
-  version) is kept in the safetensors metadata under ``loraplug.*``.
-
-Loading reads PEFT's files and ours alike, checks every key, shape and config field
-against the model, and reports every problem in one :class:`AdapterFileError` before
-anything changes. Nothing is ever unpickled: ``.bin`` files go through
-``torch.load(weights_only=True)``.
-
-This module saves; the rest of persistence lives beside it: ``_adapter_state`` (key
-names, ``adapter_state_dict``, ``load_adapter_state_dict``), ``_load`` (reading
-directories, ``load_adapter``), ``_peft_config`` (the config, PEFT's rules) and
-``_atomic`` (atomic writes).
+``save_adapter`` writes the two files of an adapter directory (see ``_format``) so that
+PEFT and :func:`load_adapter` read them; ``adapter_state_dict`` is the same tensors in
+memory. ``save_merged`` writes a plain state dict of the original architecture. Every
+write is atomic (``_atomic``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +17,11 @@ from safetensors.torch import save as serialize
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ._adapter_state import (
+from ._adapters import check_mergeable, check_names, lora_layers
+from ._atomic import bytes_writer, write_atomically
+from ._distributed import gather_full, run_on_main
+from ._errors import AdapterFileError
+from ._format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     META_ADAPTER,
@@ -42,26 +32,60 @@ from ._adapter_state import (
     PAIRED_FIELDS,
     PEFT_PREFIX,
     WEIGHTS_NAME,
-    adapter_layers,
-    adapter_state_dict,
-    load_adapter_state_dict,
+    key_names,
 )
-from ._adapters import check_mergeable, lora_layers
-from ._atomic import bytes_writer, write_atomically
-from ._distributed import gather_full, run_on_main
-from ._errors import AdapterFileError
-from ._inject import _module_paths
-from ._load import load_adapter
+from ._layer import LoRALayer
 from ._peft_config import build_config
-from ._targeting import candidates, clean_name
-
-__all__ = ["adapter_state_dict", "load_adapter", "load_adapter_state_dict", "save_adapter",
-           "save_merged"]
+from ._targeting import candidates, clean_name, module_paths
+from ._version import VERSION
 
 
-def _write(files: dict[Path, object], action: str) -> None:
+def _adapter_layers(model: nn.Module, name: str, action: str) -> list[tuple[str, LoRALayer]]:
+    check_names(model, [name], action)
+    return [(path, layer) for path, layer in lora_layers(model) if name in layer.adapter_names]
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """Return adapter ``name``'s tensors under PEFT's key names.
+
+    Keys are ``<path>.lora_A.weight`` (shape ``(r, in…)``) and ``<path>.lora_B.weight``
+    (``(out, r…)``) for Linear and convolution layers, ``<path>.lora_embedding_A``
+    (``(r, V)``) and ``<path>.lora_embedding_B`` (``(d, r)``) for embeddings, where
+    ``<path>`` is the layer's module name (without ``torch.compile``'s ``_orig_mod.``).
+    These are the keys of PEFT's ``get_peft_model_state_dict`` on a model injected
+    without a ``PeftModel`` wrapper. The tensors are detached and share storage with
+    the parameters, as ``state_dict()`` does.
+
+    Args:
+        model: a model carrying adapter ``name``.
+        name: the adapter to export.
+
+    Returns:
+        A dict ``key -> tensor``, two entries per layer.
+
+    Raises:
+        AdapterError: the model has no adapter ``name``.
+
+    Example:
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Embedding(5, 4))
+        >>> _ = lp.inject_lora(model, target=["0", "1"], rank=2)
+        >>> {k: tuple(v.shape) for k, v in lp.adapter_state_dict(model).items()}
+        {'0.lora_A.weight': (2, 4), '0.lora_B.weight': (3, 2),
+         '1.lora_embedding_A': (2, 5), '1.lora_embedding_B': (4, 2)}
+    """
+    state: dict[str, Tensor] = {}
+    for path, layer in _adapter_layers(model, name, "adapter_state_dict"):
+        key_a, key_b = key_names(type(layer))
+        state[f"{path}.{key_a}"] = layer.lora_A[name].detach()
+        state[f"{path}.{key_b}"] = layer.lora_B[name].detach()
+    return state
+
+
+def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
     try:
-        write_atomically(files)  # type: ignore[arg-type]
+        write_atomically(files)
     except OSError as err:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
@@ -109,7 +133,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
         ...     lp.load_adapter(fresh, tmp)
         ['0']
     """
-    layers = adapter_layers(model, name, "save_adapter")
+    layers = _adapter_layers(model, name, "save_adapter")
     rslora = {layer.use_rslora[name] for _, layer in layers}
     if len(rslora) > 1:
         mixed = sorted(path for path, layer in layers if layer.use_rslora[name])
@@ -124,9 +148,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names)
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in adapter_state_dict(model, name).items()}
-    from . import __version__
-
-    metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: __version__,
+    metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
                 META_ADAPTER: name}
     metadata[META_CONFIG] = json.dumps({k: config.get(k) for k in PAIRED_FIELDS}, sort_keys=True)
     if len({dropout for _, _, dropout in specs.values()}) > 1:
@@ -186,7 +208,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     """
     layers = lora_layers(model)
     check_mergeable(model, layers, "save_merged")
-    paths = _module_paths(model)
+    paths = module_paths(model)
     state = model.state_dict()
     with torch.no_grad():
         for _, layer in layers:

@@ -1,0 +1,120 @@
+"""The named adapters one LoRA layer carries, and which of them it computes.
+
+:class:`AdapterSet` is the bookkeeping half of :class:`loraplug.LoRALayer`, free of any
+math: A and B of each adapter (``lora_A``, ``lora_B``), its rank, alpha, scaling and
+dropout, the active, merged and disabled state, and ``_live``, the adapters the forward
+computes, resolved whenever that state changes rather than on every call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from ._compile import sync_gates
+from ._errors import StateError
+
+
+class AdapterSet(nn.Module):
+    """Named low-rank adapters and their state; :class:`loraplug.LoRALayer` adds the math."""
+
+    supports_dropout: ClassVar[bool]  # set by LoRALayer
+    _lora_scales: Tensor  # the gates of the compiled forward: see _compile.py
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+        self._live: tuple[str, ...] = ()  # what the forward computes
+
+    def add_adapter(
+        self, name: str, a: Tensor, b: Tensor, *, alpha: float, dropout: float,
+        use_rslora: bool = False,
+    ) -> None:
+        """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated).
+
+        The scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+        """
+        rank = a.shape[0]
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        p = dropout if self.supports_dropout else 0.0
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.rank[name] = rank
+        self.use_rslora[name] = bool(use_rslora)
+        self.dropout[name] = p
+        self.set_scale(name, alpha)
+        self._refresh()
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (the layer must not have it merged)."""
+        if name in self.merged_adapters:
+            raise StateError(
+                f"adapter {name!r} is merged into this layer's weight; call unmerge() first."
+            )
+        for registry in (self.lora_A, self.lora_B, self.lora_dropout):
+            del registry[name]
+        for store in (self.rank, self.alpha, self.scaling, self.use_rslora, self.dropout):
+            del store[name]
+        self._refresh()
+
+    def set_scale(self, name: str, alpha: float) -> None:
+        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``)."""
+        if name in self.merged_adapters:
+            raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
+        self.alpha[name] = float(alpha)
+        rank = self.rank[name]
+        self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
+        sync_gates(self)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Ask for ``names`` to be computed; names this layer lacks are ignored."""
+        if self.merged_adapters:
+            raise StateError(
+                f"this layer has {list(self.merged_adapters)} merged; unmerge before "
+                "switching adapters."
+            )
+        self.active_adapters = tuple(names)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Compute the base module alone while ``disabled`` is true."""
+        if disabled and self.merged_adapters:
+            raise StateError(
+                f"this layer has {list(self.merged_adapters)} merged into its weight; "
+                "unmerge before disabling adapters."
+            )
+        self.adapters_disabled = bool(disabled)
+        self._refresh()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of the adapters this layer carries, in the order they were added."""
+        return tuple(self.rank)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is folded into ``weight``."""
+        return bool(self.merged_adapters)
+
+    @property
+    def held_active(self) -> tuple[str, ...]:
+        """The active adapters this layer holds, in activation order, merged or not."""
+        return tuple(n for n in self.active_adapters if n in self.rank)
+
+    def _refresh(self) -> None:
+        # The adapters the forward computes, resolved once here instead of every call.
+        self._live = () if self.merged_adapters or self.adapters_disabled else self.held_active
+        sync_gates(self)
