@@ -293,6 +293,7 @@ def inject_layers(
     params = stage_parameters({q: t for q, t in modules.items() if isinstance(t, ParameterTarget)})
     for qualname, module in modules.items():
         spec = specs[qualname]
+        layer: LoRALayer
         if isinstance(module, ParameterTarget):
             layer, module = params[qualname], module.owner
         else:

@@ -240,7 +240,7 @@ class LoRALayer(AdapterSet):
         else:
             names, scales = self._live, self.scaling
         if not names:
-            return self._parameters["weight"]
+            return self._tensor("weight")
         if getattr(self._detour, "per_row", False):
             raise StateError(
                 "adapter_per_sample: a module reads this layer's weight in its own forward "

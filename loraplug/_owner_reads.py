@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ def read_in_forward(depth: int = 2) -> bool:
     """
     if torch.compiler.is_compiling():
         return True
-    frame = sys._getframe(depth)
+    frame: FrameType | None = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
         if code in _CALL_FRAMES:

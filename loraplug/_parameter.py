@@ -28,6 +28,9 @@ puts the owner back.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -70,7 +73,7 @@ class LoRAParameter(LoRALayer):
         return self.__dict__["_host"]
 
     @property
-    def weight(self) -> Tensor:  # type: ignore[override]
+    def weight(self) -> Tensor:
         """The adapted parameter, as registered on the host."""
         return self.__dict__["_host"]._parameters[self.parameter_name]
 
@@ -118,6 +121,8 @@ class LoRAParameter(LoRALayer):
         Computed in float32 for half-precision weights and cast back once; ``None`` when
         no adapter is live.
         """
+        names: tuple[str, ...]
+        scales: Mapping[str, Scale]
         if torch.compiler.is_compiling():  # adapter state as tensors: see _compile.py
             names, scales = gated_adapters(self)
         else:
@@ -173,7 +178,7 @@ class LoRAParameterHost(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> object:
         swapped = {}
-        for name, layer in self._modules[SLOT]._modules.items():
+        for name, layer in self.layers().items():
             weight = layer.adapted_weight()
             if weight is not None:
                 swapped[name] = weight
@@ -182,14 +187,12 @@ class LoRAParameterHost(nn.Module):
             return owner(*args, **kwargs)
         return torch.func.functional_call(owner, swapped, args, kwargs)
 
-    def layer(self, name: str) -> LoRAParameter:
-        """The parameter layer of ``name``, created (without adapters) on first use."""
-        layers = self._modules[SLOT]
-        if name not in layers._modules:
-            layers[name] = LoRAParameter(self, name)
-        return layers[name]  # type: ignore[return-value]
+    def layers(self) -> dict[str, LoRAParameter]:
+        """Parameter name -> its layer."""
+        registry: dict[str, Any] = self._modules
+        return registry[SLOT]._modules
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRAParameterHost:
         super()._apply(fn, recurse)
         self.sync_base()
         return self
@@ -208,7 +211,7 @@ class LoRAParameterHost(nn.Module):
         self.__dict__["base_layer"].train(mode)
         return self
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         # The owner's own attributes (num_experts, is_transposed, ...) read through.
         try:
             return super().__getattr__(name)

@@ -24,7 +24,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 from torch import Tensor, nn
 
@@ -55,8 +55,14 @@ class ParameterTarget:
     def layer(self) -> LoRAParameter | None:
         """The parameter's LoRA layer, when it already has one."""
         if isinstance(self.owner, LoRAParameterHost):
-            return self.owner._modules[SLOT]._modules.get(self.parameter)  # type: ignore[return-value]
+            return self.owner.layers().get(self.parameter)
         return None
+
+    @property
+    def value(self) -> Tensor:
+        """The parameter itself."""
+        params: dict[str, Any] = self.owner._parameters
+        return params[self.parameter]
 
 
 def parameter_candidates(model: nn.Module) -> dict[str, ParameterTarget]:
@@ -91,7 +97,7 @@ def _matcher(pattern: ParamPattern) -> Callable[[str, Tensor], bool]:
 
 def _as_list(spec: ParamSpec) -> list[ParamPattern]:
     if isinstance(spec, (str, re.Pattern)) or callable(spec):
-        return [spec]  # type: ignore[list-item]
+        return [spec]
     if isinstance(spec, Sequence) and spec:
         return list(spec)
     raise TargetError(
@@ -124,7 +130,7 @@ def select_parameters(model: nn.Module, spec: ParamSpec) -> ParameterSelection:
     selection = ParameterSelection()
     for name in sorted(everything):
         target = everything[name]
-        value = target.owner._parameters[target.parameter]
+        value = target.value
         picked = False
         for i, match in enumerate(matchers):
             if match(name, value):
@@ -200,7 +206,7 @@ def parameter_problems(target: ParameterTarget, *, adapter: str,
         found.append((StateError, (
             f"{name!r} has {list(layer.merged_adapters)} merged; call loraplug.unmerge(model) "
             "before adding an adapter.")))
-    if owner._parameters[target.parameter].is_meta:
+    if target.value.is_meta:
         found.append((StateError, (
             f"{name!r} is on the meta device (no data); materialise the model first, e.g. "
             "model.to_empty(device='cpu') and load its weights, then inject.")))
@@ -238,6 +244,6 @@ def attach_parameter(model: nn.Module, owner: nn.Module, layer: LoRAParameter,
     if host is not owner:
         for path in paths:
             set_module(model, path, host)
-    slot = host._modules[SLOT]
-    if layer.parameter_name not in slot._modules:
-        slot[layer.parameter_name] = layer
+    layers: nn.ModuleDict = getattr(host, SLOT)
+    if layer.parameter_name not in layers:
+        layers[layer.parameter_name] = layer
