@@ -150,6 +150,10 @@ class LoRALayer(AdapterSet):
         """The largest rank ΔW can have; a larger adapter rank only wastes parameters."""
         return min(self.weight.shape[0], self.weight[0].numel())
 
+    def weight_home(self) -> tuple[nn.Module, str]:
+        """The module that registers ``weight`` in the model, and its key there."""
+        return self, "weight"
+
     def check_rank(self, rank: int) -> str | None:
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None

@@ -38,6 +38,13 @@ from ._format import (
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
+from ._parameter import LoRAParameter, LoRAParameterHost
+from ._parameter_targeting import (
+    ParameterTarget,
+    parameter_names,
+    parameter_problems,
+    peft_parameter_targets,
+)
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
@@ -50,7 +57,7 @@ T = TypeVar("T")
 class _Planned:
     """One layer of a file to load: where it goes, its hyperparameters and its tensors."""
 
-    module: nn.Module
+    module: nn.Module | ParameterTarget
     spec: LayerSpec
     a: Tensor
     b: Tensor
@@ -110,13 +117,41 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     return _Planned(module, spec, *tensors), problems
 
 
+def _plan_parameters(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
+                     dropouts: dict[str, float], adapter: str) -> tuple[
+                         dict[str, _Planned], list[str]]:
+    """The plan for ``target_parameters``; their entries are taken out of ``entries``."""
+    plan: dict[str, _Planned] = {}
+    problems: list[str] = []
+    for key_path, target in peft_parameter_targets(model, config.target_parameters).items():
+        slots = entries.pop(key_path, None)
+        if slots is None:
+            problems.append(f"{target.name}: target_parameters selects it, but the file lacks "
+                            f"{key_path}.lora_A.weight and {key_path}.lora_B.weight.")
+            continue
+        rank, alpha, source = config.spec(target.name)
+        spec = LayerSpec(rank, alpha, float(dropouts.get(target.name, config.dropout)))
+        blockers = parameter_problems(target, adapter=adapter, dropout=spec.dropout)
+        problems += [message for _, message in blockers]
+        tensors, found = layer_tensors(key_path, LoRAParameter, slots)
+        problems += found
+        if tensors is None or blockers:
+            continue
+        probe = target.layer or LoRAParameter(LoRAParameterHost(target.owner), target.parameter)
+        shape_problem = _expected_shape_problem(key_path, probe, tensors, rank, source)
+        if shape_problem:
+            problems.append(shape_problem)
+        plan[target.name] = _Planned(target, spec, *tensors)
+    return plan, problems
+
+
 def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
           extras: FileExtras, adapter: str) -> tuple[dict[str, _Planned], list[str]]:
     everything = {clean: module for clean, _, module in candidates(model) if clean}
     paths = module_paths(model)
     dropouts = extras.get("dropout", {})
-    problems: list[str] = []
-    plan: dict[str, _Planned] = {}
+    entries = dict(entries)
+    plan, problems = _plan_parameters(model, config, entries, dropouts, adapter)
     for path, slots, module in _matched(entries, everything, problems,
                                         "the model has no module of that name."):
         planned, found = _plan_layer(
@@ -282,7 +317,8 @@ def load_adapter(
     if problems or config is None:
         raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
     _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
-    with _rng_untouched([item.module for item in plan.values()]):
+    with _rng_untouched([item.module.owner if isinstance(item.module, ParameterTarget)
+                         else item.module for item in plan.values()]):
         layers = inject_layers(
             model, {p: item.module for p, item in plan.items()},
             {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",
@@ -340,7 +376,9 @@ def load_adapter_state_dict(
             f"{where}: state is a {type(state).__name__}; expected a mapping key -> tensor as "
             "loraplug.adapter_state_dict returns it."
         )
-    layers = {path: layer for path, layer in lora_layers(model) if name in layer.adapter_names}
+    carrying = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapter_names]
+    params = parameter_names(carrying, name)  # a parameter's tensors sit under PEFT's path
+    layers = {params[path][0] if path in params else path: layer for path, layer in carrying}
     problems: list[str] = []
     if not layers:
         problems.append(

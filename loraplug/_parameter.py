@@ -77,6 +77,9 @@ class LoRAParameter(LoRALayer):
         """The adapted parameter, as registered on the host."""
         return self.__dict__["_host"]._parameters[self.parameter_name]
 
+    def weight_home(self) -> tuple[nn.Module, str]:
+        return self.host, self.parameter_name
+
     # ----------------------------------------------------------- layout
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = tuple(self.weight.shape)

@@ -247,3 +247,41 @@ def attach_parameter(model: nn.Module, owner: nn.Module, layer: LoRAParameter,
     layers: nn.ModuleDict = getattr(host, SLOT)
     if layer.parameter_name not in layers:
         layers[layer.parameter_name] = layer
+
+
+def parameter_names(layers: Sequence[tuple[str, LoRALayer]],
+                    adapter: str) -> dict[str, tuple[str, str]]:
+    """Layer path -> (path of its tensors in PEFT's files, full parameter name), for the
+    parameter layers of ``layers`` that carry ``adapter``.
+
+    PEFT nests the parameters of one module in registration order (see the module
+    docstring), so a layer's key path depends on which of its host's parameters carry
+    the adapter.
+    """
+    groups: dict[int, list[tuple[str, LoRAParameter]]] = {}
+    for path, layer in layers:
+        if isinstance(layer, LoRAParameter) and adapter in layer.adapter_names:
+            groups.setdefault(id(layer.host), []).append((path, layer))
+    names: dict[str, tuple[str, str]] = {}
+    for group in groups.values():
+        owner_name = group[0][0].rpartition(f".{SLOT}.")[0]
+        host = group[0][1].host
+        targets = [ParameterTarget(owner_name, host, layer.parameter_name) for _, layer in group]
+        keys = peft_paths(targets)
+        for (path, _), target in zip(group, targets):
+            names[path] = (keys[target.name], target.name)
+    return names
+
+
+def peft_parameter_targets(model: nn.Module,
+                           entries: Sequence[str]) -> dict[str, ParameterTarget]:
+    """PEFT's ``target_parameters`` resolved in ``model``: key path -> parameter target.
+
+    An entry names a parameter whose full name equals it or ends with ``"." + entry``
+    (PEFT's rule); each matched parameter's tensors sit at :func:`peft_paths`.
+    """
+    everything = parameter_candidates(model)
+    picked = [t for name, t in everything.items()
+              if name in entries or any(name.endswith("." + e) for e in entries)]
+    return {key: next(t for t in picked if t.name == name)
+            for name, key in peft_paths(picked).items()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
 
@@ -40,7 +40,6 @@ _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
         "modules_to_save stores full copies of modules; load those weights with "
         "model.load_state_dict")),
     "trainable_token_indices": ((None,), "trainable_token_indices is not supported"),
-    "target_parameters": ((None,), "target_parameters (LoRA on bare parameters) is not supported"),
     "layer_replication": ((None,), "layer_replication changes the model's layers"),
     "use_qalora": ((False, None), "QALoRA is not supported"),
     "alora_invocation_tokens": ((None,), "activated LoRA (aLoRA) is not supported"),
@@ -62,7 +61,7 @@ _IGNORED = frozenset({
     "layers_pattern", "init_lora_weights", "task_type", "auto_mapping", "peft_version",
     "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "qalora_group_size",
+    "qalora_group_size", "target_parameters",
 })
 
 #: Initialisations that leave the base weights alone (others rewrite W when created).
@@ -90,6 +89,8 @@ class PeftLoRAConfig:
     #: ``layers_to_transform`` narrows the targets to some layer indices; then the
     #: tensor keys, not ``target_modules`` alone, say which layers exist.
     layers_restricted: bool = False
+    #: Bare parameters adapted through the weight (PEFT's rule: full name or "."-suffix).
+    target_parameters: tuple[str, ...] = ()
 
     def spec(self, name: str) -> tuple[int, float, str]:
         """(rank, alpha, where the rank came from) for module ``name``, as PEFT resolves it."""
@@ -225,6 +226,10 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
                              expected="a finite number > 0")
     targets = _module_spec(raw, "target_modules", problems)
     excludes = _module_spec(raw, "exclude_modules", problems)
+    parameters = raw.get("target_parameters") or []
+    if not (isinstance(parameters, list) and all(isinstance(p, str) for p in parameters)):
+        problems.append(f"target_parameters is {parameters!r}; expected a list of parameter "
+                        "names.")
     init = raw.get("init_lora_weights", True)
     if init not in _SAFE_INITS:
         problems.append(
@@ -246,6 +251,7 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
         target_modules=targets, exclude_modules=excludes, rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         layers_restricted=layers not in (None, []),
+        target_parameters=tuple(parameters),
     )
     return config, [], unknown
 
@@ -265,7 +271,8 @@ def _overmatches(wanted: set[str], others: Iterable[str]) -> bool:
 
 
 def build_config(
-    layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str]
+    layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str],
+    parameters: Collection[str] = (),
 ) -> dict[str, object]:
     """The ``adapter_config.json`` for layers ``{name: (rank, alpha, dropout)}``.
 
@@ -273,15 +280,18 @@ def build_config(
     anchored ``rank_pattern``/``alpha_pattern`` entry (``^`` + escaped name) that matches
     that layer alone. ``target_modules`` is the sorted list of layer names, or an
     alternation regex when PEFT's suffix rule would also pick other modules of the model.
+    The names in ``parameters`` are bare parameters: they go to ``target_parameters``,
+    and ``lora_dropout`` is 0 then (PEFT refuses dropout there; per-layer dropout lives
+    in the file's metadata).
     """
     names = sorted(layers)
     rank = _most_common([layers[n][0] for n in names])
     alpha = _most_common([layers[n][1] for n in names])
-    dropout = _most_common([layers[n][2] for n in names])
-    wanted = set(names)
-    targets: list[str] | str = names
-    if _overmatches(wanted, all_names):
-        targets = "|".join(re.escape(n) for n in names)
+    dropout = 0.0 if parameters else _most_common([layers[n][2] for n in names])
+    modules = [n for n in names if n not in parameters]
+    targets: list[str] | str = modules
+    if _overmatches(set(modules), all_names):
+        targets = "|".join(re.escape(n) for n in modules)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -303,6 +313,7 @@ def build_config(
         "layers_to_transform": None,
         "layers_pattern": None,
         "modules_to_save": None,
+        "target_parameters": sorted(parameters) or None,
         "inference_mode": True,
     }
 

@@ -35,6 +35,7 @@ from ._format import (
     key_names,
 )
 from ._layer import LoRALayer
+from ._parameter_targeting import parameter_names
 from ._peft_config import build_config
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
@@ -52,6 +53,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     (``(out, r…)``) for Linear and convolution layers, ``<path>.lora_embedding_A``
     (``(r, V)``) and ``<path>.lora_embedding_B`` (``(d, r)``) for embeddings, where
     ``<path>`` is the layer's module name (without ``torch.compile``'s ``_orig_mod.``).
+    A bare parameter's adapter is keyed by its module's name, with PEFT's
+    ``base_layer.`` nesting when several parameters of one module carry it (see
+    :class:`LoRAParameter`).
     These are the keys of PEFT's ``get_peft_model_state_dict`` on a model injected
     without a ``PeftModel`` wrapper. The tensors are detached and share storage with
     the parameters, as ``state_dict()`` does.
@@ -76,10 +80,13 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
          '1.lora_embedding_A': (2, 5), '1.lora_embedding_B': (4, 2)}
     """
     state: dict[str, Tensor] = {}
-    for path, layer in _adapter_layers(model, name, "adapter_state_dict"):
+    layers = _adapter_layers(model, name, "adapter_state_dict")
+    params = parameter_names(layers, name)
+    for path, layer in layers:
         key_a, key_b = key_names(type(layer))
-        state[f"{path}.{key_a}"] = layer.lora_A[name].detach()
-        state[f"{path}.{key_b}"] = layer.lora_B[name].detach()
+        where = params[path][0] if path in params else path
+        state[f"{where}.{key_a}"] = layer.lora_A[name].detach()
+        state[f"{where}.{key_b}"] = layer.lora_B[name].detach()
     return state
 
 
@@ -142,16 +149,18 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
             "layers; PEFT's config has one use_rslora per adapter. Save the two groups as "
             "separate adapters."
         )
-    specs = {path: (layer.rank[name], layer.alpha[name], layer.dropout[name])
-             for path, layer in layers}
+    params = parameter_names(layers, name)
+    specs = {params[path][1] if path in params else path:
+             (layer.rank[name], layer.alpha[name], layer.dropout[name]) for path, layer in layers}
     all_names = [clean for clean, _, _ in candidates(model) if clean]
-    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names)
+    config = build_config(specs, use_rslora=rslora.pop(), all_names=all_names,
+                          parameters={full for _, full in params.values()})
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in adapter_state_dict(model, name).items()}
     metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
                 META_ADAPTER: name}
     metadata[META_CONFIG] = json.dumps({k: config.get(k) for k in PAIRED_FIELDS}, sort_keys=True)
-    if len({dropout for _, _, dropout in specs.values()}) > 1:
+    if any(dropout != config["lora_dropout"] for _, _, dropout in specs.values()):
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     directory = Path(path)
@@ -218,7 +227,9 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                 for adapter in layer.adapter_names:
                     state.pop(f"{prefix}lora_A.{adapter}", None)
                     state.pop(f"{prefix}lora_B.{adapter}", None)
-                state[f"{prefix}weight"] = weight
+            owner, key = layer.weight_home()
+            for real in paths[id(owner)]:
+                state[f"{real}.{key}" if real else key] = weight
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():
