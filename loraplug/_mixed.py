@@ -126,8 +126,8 @@ def _refuse_unroutable(layers: list[tuple[str, LoRALayer]]) -> None:
          [n for n, layer in layers if layer.merged]),
         ("have adapters disabled (inside disable_adapters); use the block outside it",
          [n for n, layer in layers if layer.adapters_disabled]),
-        ("compute through their weight (their class overrides forward), which cannot differ "
-         "per row; exclude them when injecting",
+        ("compute through their weight (their class overrides forward, or they adapt a bare "
+         "parameter), which cannot differ per row; exclude them when injecting",
          [n for n, layer in layers if layer.through_weight]),
         ("are of a layer type without routed_lora; implement it to mix adapters per row",
          [n for n, layer in layers if not layer._forms.routed]),

@@ -150,3 +150,13 @@ def test_reads_outside_a_forward_get_the_parameter() -> None:
     x = torch.randn(2, 4)
     with lp.disable_adapters(model):  # nothing live: the owner reads W itself
         assert torch.equal(model(x), F.linear(x, layer._parameters["weight"], layer.bias))
+
+
+def test_an_owner_read_cannot_differ_per_row() -> None:
+    model = nn.Sequential(Reader(nn.Linear(4, 3)))
+    lp.inject_lora(model, target="0.layer", rank=2)
+    lp.inject_lora(model, target="0.layer", rank=2, name="b")
+    randomize_adapters(model)
+    with pytest.raises(lp.StateError, match="one weight cannot differ per row"), \
+            lp.adapter_per_sample(model, ["default", "b"]):
+        model(torch.randn(2, 4))

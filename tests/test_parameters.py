@@ -181,3 +181,52 @@ def test_parameter_patterns_that_match_nothing_are_named() -> None:
         lp.inject_lora(model, target_parameters="0.bias", rank=2)
     with pytest.raises(lp.TargetError, match="not a glob"):
         lp.inject_lora(model, target_parameters=[nn.Linear], rank=2)
+
+
+def test_target_or_target_parameters_is_required() -> None:
+    with pytest.raises(lp.ConfigError, match=r"needs target .* or target_parameters"):
+        lp.inject_lora(nn.Sequential(nn.Linear(2, 2)), rank=1)
+
+
+def test_parameter_refusals_name_the_parameter_and_change_nothing() -> None:
+    class Clash(ParamLinear):
+        lora_parameters = None  # where loraplug keeps a host's layers
+
+    model = nn.Sequential(nn.Linear(3, 3), Clash(3, 2), ParamLinear(3, 2))
+    lp.inject_lora(model, target="0", rank=1)
+    lp.inject_lora(model, target_parameters="2.weight", rank=1)
+    lp.merge(model)
+    before = [(n, id(m)) for n, m in model.named_modules()]
+    for spec, error, message in (
+        ("0.weight", lp.TargetError, r"'0.weight' belongs to '0', already a LoRALinear"),
+        ("1.weight", lp.TargetError, r"'1' \(.*Clash\) has its own attribute 'lora_parameters'"),
+        ("2.weight", lp.StateError, r"'2.weight' has \['default'\] merged"),
+    ):
+        with pytest.raises(error, match=message):
+            lp.inject_lora(model, target_parameters=spec, rank=1, name="other")
+    with pytest.raises(lp.ConfigError, match=r"'2.weight' already has an adapter named 'default'"):
+        lp.inject_lora(model, target_parameters="2.weight", rank=1)
+    assert [(n, id(m)) for n, m in model.named_modules()] == before
+    root = ParamLinear(3, 2)
+    with pytest.raises(lp.TargetError, match=r"'weight' is a parameter of the model itself"):
+        lp.inject_lora(root, target_parameters="weight", rank=1)
+    with torch.device("meta"):
+        meta = nn.Sequential(ParamLinear(3, 2))
+    with pytest.raises(lp.StateError, match=r"'0.weight' is on the meta device"):
+        lp.inject_lora(meta, target_parameters="0.weight", rank=1)
+
+
+def test_a_parameter_layer_is_not_called_itself() -> None:
+    model = nn.Sequential(ParamLinear(3, 2))
+    lp.inject_lora(model, target_parameters="0.weight", rank=1)
+    with pytest.raises(NotImplementedError, match="its host runs the owner's forward"):
+        model[0].lora_parameters["weight"](torch.randn(1, 3))
+
+
+def test_parameter_layers_refuse_rows_with_their_own_adapter() -> None:
+    model = nn.Sequential(ParamLinear(3, 2))
+    lp.inject_lora(model, target_parameters="0.weight", rank=1)
+    lp.inject_lora(model, target_parameters="0.weight", rank=1, name="b")
+    with pytest.raises(lp.StateError, match="compute through their weight"), \
+            lp.adapter_per_sample(model, ["default", "b"]):
+        pass

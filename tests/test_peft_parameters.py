@@ -10,6 +10,7 @@ nests one wrapper per parameter). Outputs must agree to rtol 1e-5.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -149,3 +150,22 @@ def test_loraplug_target_parameters_file_loads_in_peft(name: str, tmp_path: Path
     lp.load_adapter(again, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(x), ours(x))
+
+
+def test_target_parameters_file_problems_are_reported(tmp_path: Path) -> None:
+    base = _base("MlpUsingParameters")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, target_parameters=["lin0.weight"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for value, message in (
+        (["lin0.weight", "lin1.weight"], r"lin1.weight: target_parameters selects it, but the "
+                                         r"file lacks lin1.lora_A.weight"),
+        ("lin0.weight", r"target_parameters is 'lin0.weight'; expected a list"),
+    ):
+        config_path.write_text(json.dumps({**config, "target_parameters": value}))
+        ours = copy.deepcopy(base)
+        with pytest.raises(lp.AdapterFileError, match=message):
+            lp.load_adapter(ours, tmp_path)
+        assert type(ours.lin0) is LinearUsingParameter
