@@ -118,7 +118,7 @@ def injection_problems(
     why = probe.check_rank(spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
-    if probe.through_weight and spec.dropout > 0:
+    if probe.forward_differs and spec.dropout > 0:
         found.append((ConfigError, (
             f"{name!r} is a {type_name(type(probe.base_layer))} whose forward differs from "
             f"{type_name(probe.registered_type)}'s, so its adapter is applied through the weight "

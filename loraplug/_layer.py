@@ -60,9 +60,11 @@ class LoRALayer(AdapterSet):
             ``use_rslora``).
         active_adapters: the names the model asked for (a layer computes those it has).
         merged_adapters: the adapters folded into ``weight`` right now, in order.
-        through_weight: whether the wrapped module's ``forward`` differs from the
-            registered type's, so the layer runs that forward on ``W + ΔW`` instead of
-            adding the branch to ``base_forward``.
+        forward_differs: whether the wrapped module's ``forward`` differs from the
+            registered type's, so only that forward run on ``W + ΔW`` is right.
+        through_weight: whether the forward runs ``W + ΔW`` through the base math
+            instead of adding the branch to ``base_forward``: when ``forward_differs``,
+            or where a layer type finds it cheaper (grouped convolutions).
     """
 
     #: Methods of the base type whose override in a subclass changes the math; when a
@@ -98,10 +100,11 @@ class LoRALayer(AdapterSet):
         # None on the usual path. Else the forward that replaces this layer's: a Route
         # inside adapter_per_sample, or NamedBranch for a layer type of named forms.
         self._detour: Detour | None = NamedBranch() if self._forms.named_branch else None
-        self.through_weight = any(
+        self.forward_differs = any(
             getattr(type(base), m, None) is not getattr(registered_type, m, None)
             for m in self.forward_methods
         )
+        self.through_weight = self.forward_differs
         self.configure(base)
 
     # ----------------------------------------------------------- per-type hooks
@@ -149,6 +152,27 @@ class LoRALayer(AdapterSet):
     def max_rank(self) -> int:
         """The largest rank ΔW can have; a larger adapter rank only wastes parameters."""
         return min(self.weight.shape[0], self.weight[0].numel())
+
+    def file_tensors(self, a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor] | None:
+        """A and B read from a file for rank ``rank``, in a layout this layer computes;
+        ``None`` when their shapes fit none (a layer type may convert other layouts)."""
+        want_a, want_b = self.adapter_shapes(rank)
+        if (tuple(a.shape), tuple(b.shape)) == (tuple(want_a), tuple(want_b)):
+            return a, b
+        return None
+
+    @torch.no_grad()
+    def load_tensors(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Give adapter ``name`` the values ``a``, ``b`` from :meth:`file_tensors`, in its
+        dtype and on its device; a layout of other shapes replaces its parameters."""
+        for registry, value in ((self.lora_A, a), (self.lora_B, b)):
+            current = registry[name]
+            if current.shape == value.shape:
+                current.copy_(value)
+            else:
+                value = value.to(device=current.device, dtype=current.dtype).clone()
+                registry[name] = nn.Parameter(value, requires_grad=current.requires_grad)
+        self._refresh()
 
     def weight_home(self) -> tuple[nn.Module, str]:
         """The module that registers ``weight`` in the model, and its key there."""

@@ -111,10 +111,11 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     problems += found
     if tensors is None or any(kind is StateError for kind, _ in blockers):
         return None, problems
-    shape_problem = _expected_shape_problem(path, lora_layer_for(module), tensors, rank, source)
-    if shape_problem:
-        problems.append(shape_problem)
-    return _Planned(module, spec, *tensors), problems
+    fitted, shape_problem = _fitted(path, lora_layer_for(module), tensors, rank, source)
+    if fitted is None:
+        problems.append(str(shape_problem))
+        return None, problems
+    return _Planned(module, spec, *fitted), problems
 
 
 def _plan_parameters(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
@@ -138,10 +139,11 @@ def _plan_parameters(model: nn.Module, config: PeftLoRAConfig, entries: dict[str
         if tensors is None or blockers:
             continue
         probe = target.layer or LoRAParameter(LoRAParameterHost(target.owner), target.parameter)
-        shape_problem = _expected_shape_problem(key_path, probe, tensors, rank, source)
-        if shape_problem:
-            problems.append(shape_problem)
-        plan[target.name] = _Planned(target, spec, *tensors)
+        fitted, shape_problem = _fitted(key_path, probe, tensors, rank, source)
+        if fitted is None:
+            problems.append(str(shape_problem))
+            continue
+        plan[target.name] = _Planned(target, spec, *fitted)
     return plan, problems
 
 
@@ -171,29 +173,20 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
     return plan, problems
 
 
-def _expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],
-                            rank: int, source: str) -> str | None:
+def _fitted(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor], rank: int,
+            source: str) -> tuple[tuple[Tensor, Tensor] | None, str | None]:
+    """The file's (A, B) in a layout ``probe`` computes, or the reason they fit none."""
+    fitted = probe.file_tensors(*got, rank)
+    if fitted is not None:
+        return fitted, None
     want_a, want_b = probe.adapter_shapes(rank)
     a, b = tuple(got[0].shape), tuple(got[1].shape)
-    if (a, b) == (tuple(want_a), tuple(want_b)):
-        return None
-    groups = getattr(probe, "groups", 1)
-    if groups > 1 and len(a) == len(want_a) and a[1] == want_a[1] * groups and a[2:] == want_a[2:]:
-        return (
-            f"{path}: lora_A has shape {a}, PEFT's layout for a grouped convolution "
-            f"(groups={groups}), where A reads all {a[1]} input channels; loraplug's A is "
-            f"grouped too, shape {tuple(want_a)} (r, in/groups, k…), so that ΔW is block "
-            "diagonal like the weight and merges exactly. PEFT's A mixes channels across "
-            "groups, which no grouped convolution weight can express, so this adapter cannot "
-            "be loaded. Exclude grouped convolutions when training with PEFT, or train this "
-            "layer with loraplug."
-        )
     message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
                f"A {tuple(want_a)} and B {tuple(want_b)}")
-    if a and probe.adapter_shapes(a[0]) == (a, b):
-        return message + (f"; the tensors have rank {a[0]}, so {source} in {CONFIG_NAME} "
-                          "disagrees with the weights.")
-    return message + "; the file was saved for a layer of another shape."
+    if a and probe.file_tensors(*got, a[0]) is not None:
+        return None, message + (f"; the tensors have rank {a[0]}, so {source} in "
+                                f"{CONFIG_NAME} disagrees with the weights.")
+    return None, message + "; the file was saved for a layer of another shape."
 
 
 def _name_problems(model: nn.Module, adapter: str) -> list[str]:
@@ -324,10 +317,8 @@ def load_adapter(
             {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",
             use_rslora=config.use_rslora, freeze_base=freeze_base,
         )
-    with torch.no_grad():
-        for layer_path, layer in layers.items():
-            layer.lora_A[adapter].copy_(plan[layer_path].a)
-            layer.lora_B[adapter].copy_(plan[layer_path].b)
+    for layer_path, layer in layers.items():
+        layer.load_tensors(adapter, plan[layer_path].a, plan[layer_path].b)
     return sorted(layers)
 
 

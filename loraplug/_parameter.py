@@ -62,7 +62,7 @@ class LoRAParameter(LoRALayer):
         # No tensors to adopt: the parameter stays registered on the host under its name.
         super().__init__(nn.Module(), type(owner))
         self.__dict__["base_layer"] = owner
-        self.through_weight = True  # computed by the host, never as a branch
+        self.forward_differs = self.through_weight = True  # the host computes it
         weight = self.weight
         self.experts = weight.dim() == 3
         self.transposed = self.experts and getattr(owner, "is_transposed", False) is True

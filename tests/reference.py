@@ -34,21 +34,22 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = N
 
 
 def delta(kind: str, a: Tensor, b: Tensor, scaling: float, groups: int = 1) -> Tensor:
-    """ΔW in float64 from raw adapter tensors (formulas from docs/concepts.md)."""
+    """ΔW in float64 from raw adapter tensors (formulas from docs/concepts.md).
+
+    ``groups`` does not change a convolution's ΔW: A is shared by the groups and B is
+    per output channel, over the weight's matrix view (out, in/g·k…).
+    """
     a, b = a.double(), b.double()
     if kind == "linear":
         return scaling * b @ a
     if kind == "embedding":
         return scaling * (b @ a).t()
-    # conv: per group, (out/g, r/g) @ (r/g, in/g·k) -> (out/g, in/g·k)
+    # conv, any groups: (out, r) @ (r, in/g·k…) over the weight's matrix view (out, in/g·k…),
+    # element by element: ΔW[o, c, k…] = s · Σ_j B[o, j] · A[j, c, k…].
     out, r = b.shape[0], a.shape[0]
-    kernel = a.shape[1:]
-    rows = []
-    for g in range(groups):
-        bg = b[g * out // groups:(g + 1) * out // groups].reshape(out // groups, r // groups)
-        ag = a[g * r // groups:(g + 1) * r // groups].reshape(r // groups, -1)
-        rows.append(bg @ ag)
-    return scaling * torch.cat(rows).reshape(out, *kernel)
+    flat = a.reshape(r, -1)
+    rows = [sum(b.reshape(out, r)[o, j] * flat[j] for j in range(r)) for o in range(out)]
+    return scaling * torch.stack(rows).reshape(out, *a.shape[1:])
 
 
 def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:

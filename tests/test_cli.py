@@ -139,7 +139,7 @@ def lora_params(shape: tuple[int, ...], rank: int) -> int:
 
 
 def rows_of(out: str) -> dict[str, list[str]]:
-    """layer -> [mark, type, weight, LoRA, params] from the targets table."""
+    """layer -> [mark, type, weight, LoRA, params, path] from the targets table."""
     rows = {}
     for line in out.splitlines()[2:]:
         if not line.strip():
@@ -192,14 +192,23 @@ def test_targets_without_pattern_lists_every_layer(capsys: pytest.CaptureFixture
     assert "1 layers can take LoRA" in out and "pass --target PATTERN" in out
 
 
-def test_targets_reports_a_rank_the_layer_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+def test_targets_counts_a_grouped_conv_at_any_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    # A shared by the 2 groups (3 · 2·3·3), B per output channel (8 · 3).
     code, out, _ = run(capsys, "targets", "test_cli:grouped_model", "-t", "0", "-r", "3")
-    assert code == 1
-    assert rows_of(out)["0"][0] == "!"
-    assert "inject_lora would refuse the 1 layer(s) marked !:" in out
-    assert re.search(r"^! 0: groups=2 needs a rank divisible by 2", out, re.M)
-    with pytest.raises(lp.ConfigError, match="groups=2 needs a rank divisible by 2"):
-        lp.inject_lora(grouped_model(), target="0", rank=3)
+    assert code == 0
+    row = rows_of(out)["0"]
+    assert row[0] == "*" and row[-2:] == [f"{3 * 18 + 8 * 3}", "weight"]
+
+
+def test_targets_shows_the_path_and_bare_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "head",
+                       "-p", "attn.in_proj_weight", "-r", "2")
+    assert code == 0
+    rows = rows_of(out)
+    assert rows["head"][-1] == "branch"
+    assert rows["attn.in_proj_weight"][0] == "*" and rows["attn.in_proj_weight"][-2:] == [
+        f"{2 * (8 + 24)}", "weight"]
+    assert "2 layers selected (*)" in out
 
 
 def attention_model() -> nn.Module:
@@ -225,14 +234,14 @@ def test_targets_warns_when_rank_exceeds_the_layer(capsys: pytest.CaptureFixture
 def test_targets_accepts_a_module_instance(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:INSTANCE", "-t", "0", "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "yes", "4"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "yes", "4", "branch"]}
 
 
 def test_targets_builds_for_real_when_meta_fails(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:needs_real_data", "-t", "type:nn.Linear",
                        "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "yes", "5"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "yes", "5", "branch"]}
 
 
 # --------------------------------------------------------------------------- inspect

@@ -69,13 +69,12 @@ def test_bad_hyperparameters_raise_config_error_and_change_nothing(kwargs, match
     assert_same(before, snapshot(model))
 
 
-def test_grouped_conv_rank_must_divide_and_nothing_changes() -> None:
+def test_grouped_conv_takes_any_rank() -> None:
+    # A (r, in/g, k…) shared by the groups and B (out, r, 1…): no rank is refused.
     model = small_net()
-    before = snapshot(model)
-    with pytest.raises(lp.ConfigError, match=r"'2' \(nn.Conv2d\): groups=2 needs a rank divisible"
-                                             r" by 2.*received rank=3. Use rank=4"):
-        lp.inject_lora(model, target=[nn.Linear, nn.Conv2d], rank=3)
-    assert_same(before, snapshot(model))
+    assert lp.inject_lora(model, target=[nn.Linear, nn.Conv2d], rank=3) == ["0", "2", "4", "6"]
+    assert model[2].lora_A["default"].shape == (3, 2, 3, 3)
+    assert model[2].lora_B["default"].shape == (4, 3, 1, 1)
 
 
 def test_duplicate_adapter_name_is_refused_and_nothing_changes() -> None:

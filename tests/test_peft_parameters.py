@@ -169,3 +169,50 @@ def test_target_parameters_file_problems_are_reported(tmp_path: Path) -> None:
         with pytest.raises(lp.AdapterFileError, match=message):
             lp.load_adapter(ours, tmp_path)
         assert type(ours.lin0) is LinearUsingParameter
+
+
+# --------------------------------------------------------------------------- grouped convs
+class Conv2dGroups(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(90, 288)
+        self.conv2d = nn.Conv2d(16, 16, 3, groups=8)
+        self.lin1 = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin0(x.float().flatten()).reshape(2, 16, 3, 3)
+        return torch.log_softmax(self.lin1(torch.relu(self.conv2d(h)).flatten(1)), dim=-1)
+
+
+class Conv2dGroups2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(16, 32, 3, padding=1, groups=2)
+        self.lin0 = nn.Linear(12800, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # its own input, as in PEFT's test
+        h = torch.arange(9 * 16 * 20 * 20).view(9, 16, 20, 20).float()
+        return torch.log_softmax(self.lin0(torch.relu(self.conv2d(h)).flatten(1)), dim=-1)
+
+
+@pytest.mark.parametrize("build", [Conv2dGroups, Conv2dGroups2])
+def test_peft_grouped_conv_files_load_and_go_back(build: type[nn.Module], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = build().eval()
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="groups > 1"):
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            target_modules=["conv2d"], init_lora_weights=False)).eval()  # r=8, PEFT's default
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = copy.deepcopy(base)
+    assert lp.load_adapter(ours, tmp_path / "peft") == ["conv2d"]
+    x = _inputs()
+    with torch.no_grad():
+        _assert_same(ours(x), theirs(x), base(x))
+    with pytest.raises(lp.StateError, match="whose ΔW is not block diagonal"):
+        lp.merge(ours)
+    lp.save_adapter(ours, tmp_path / "ours")
+    with pytest.warns(UserWarning, match="groups > 1"):
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        _assert_same(ours(x), again.eval()(x), base(x))
