@@ -5,7 +5,7 @@ the merged one (relative error ≤ 1e-5 in float32); ``unload`` restores the mod
 for bit; and PEFT reads the saved adapter with equal outputs, restricted to the layers
 PEFT computes the same way (ungrouped convolutions and linear layers that their owners
 call; grouped convolutions, owners that read a child's weight and convolution subclasses
-with their own padding are loraplug's alone).
+with their own padding, which PEFT cannot even build, are loraplug's alone).
 """
 
 from __future__ import annotations
@@ -146,16 +146,15 @@ def test_every_conv_and_linear_at_rank_4(case: str) -> None:
 
 
 def peft_computes_the_same(model: nn.Module) -> Callable[[str, nn.Module], bool]:
-    """Layers PEFT adapts as loraplug does: called by their owners, ungrouped, plain forward."""
+    """Layers PEFT adapts as loraplug does: called by their owners, ungrouped, plain types."""
     read = {f"{owner}.{leaf}" for owner, m in model.named_modules()
             for leaf in ("qkv", "proj") if type(m).__name__ == "ShiftedWindowAttention"}
 
     def ok(name: str, module: nn.Module) -> bool:
         if name in read or not isinstance(module, (nn.Conv2d, nn.Linear)):
             return False
-        if isinstance(module, nn.Conv2d):
-            plain = type(module).forward is nn.Conv2d.forward or module.kernel_size == (1, 1)
-            return module.groups == 1 and plain
+        if isinstance(module, nn.Conv2d):  # PEFT builds its A as type(module)(...)
+            return type(module) is nn.Conv2d and module.groups == 1
         return True
     return ok
 

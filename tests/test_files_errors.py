@@ -473,3 +473,18 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path: Path) -> 
                                              r"config but was"):
         lp.load_adapter(zoo(), torn)
     lp.load_adapter(zoo(), tmp_path / "new")  # an intact pair loads without a warning
+
+
+def test_earlier_grouped_conv_layout_loads_with_the_same_delta(tmp_path: Path) -> None:
+    # loraplug's earlier grouped layout: A (r, in/g, k…) split by group, B (out, r/g, 1…);
+    # group G used rows G·r/g … of A. It loads as A shared, B zero outside each group.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    a, b = torch.randn(2, 2, 3, 3), torch.randn(6, 1, 1, 1)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"]}))
+    save_file({"0.lora_A.weight": a, "0.lora_B.weight": b}, tmp_path / "adapter_model.safetensors")
+    lp.load_adapter(model, tmp_path)
+    blocks = [b[3 * g:3 * g + 3].reshape(3, 1) @ a[g].reshape(1, -1) for g in range(2)]
+    expected = torch.cat(blocks).reshape(6, 2, 3, 3)
+    torch.testing.assert_close(model[0].delta_weight("default"), expected)
