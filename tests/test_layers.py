@@ -310,3 +310,17 @@ def test_failed_inject_leaves_the_model_unchanged(case: Case, fault: str) -> Non
     assert before[0] == after[0] and before[2] == after[2] and before[3] == after[3]
     assert before[1].keys() == after[1].keys()
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+@given(conv_cases(), st.sampled_from(["eval", "train"]))
+@example(depthwise_conv(), "eval")
+def test_conv_without_gradients_matches_dense_reference(case: Case, mode: str) -> None:
+    """Without gradients a conv may compute through W + ΔW (cheaper): the same function."""
+    base = copy.deepcopy(case.base)
+    _inject(case)
+    randomize_adapters(case.model)
+    getattr(case.model, mode)()
+    ref = _reference(case, base, ["default"])
+    with torch.no_grad():
+        out = case.model(case.x)
+    assert_close(out, ref, case.base.weight.dtype, scale=_scale(ref))
