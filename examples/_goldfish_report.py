@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import textwrap
+from dataclasses import dataclass
+
 from PIL import Image, ImageDraw, ImageFont
 
 GOLDFISH = 1
+
+
+@dataclass(frozen=True)
+class Article:
+    """The article whose method the example reproduces, as the outputs cite it."""
+
+    title: str = "LoRA原理与实现--PyTorch自己搭建LoRA模型"
+    english: str = "LoRA, how it works and how to build it yourself in PyTorch"
+    method: str = "B·A·flatten(x)"
+    did: str = ("fine-tuned a frozen ImageNet VGG19 with a rank-10 adapter on the flattened "
+                "input image, logits = VGG19(x) + B·A·flatten(x), until five illustrated "
+                "goldfish were classified \"goldfish\"")
+
+    @property
+    def intro(self) -> str:
+        """What the console prints first: the article, what it did, what this run does."""
+        text = (f'The article "{self.title}" ("{self.english}") {self.did}. This run repeats '
+                "that and puts loraplug's inject_lora beside it.")
+        return textwrap.fill(text, width=92)
+
+    @property
+    def legend(self) -> str:
+        """The picture's citation; its default font has Latin glyphs only."""
+        return (f'article = the input-level adapter {self.method} of "{self.english}" (an '
+                "article in Chinese), which trained it on a frozen VGG19 until five "
+                "illustrated goldfish were classified goldfish.")
+
+
+ARTICLE = Article()
 TITLES = {
     "training": "Training fish (the only images trained on)",
     "held_out": "New fish (never trained on)",
     "controls": "Controls (not fish: their labels should not change)",
 }
-METHODS = {"input_level": "article: input-level B·A·x", "inject_lora": "loraplug: inject_lora"}
+METHODS = {"input_level": f"article: input-level {ARTICLE.method}",
+           "inject_lora": "loraplug: inject_lora"}
 
 
 def short(label: str, width: int = 22) -> str:
@@ -90,7 +123,7 @@ def draw_report(images: dict, report: dict, categories: list[str]) -> Image.Imag
     height = PAD
     for items in images.values():
         height += 28 + -(-len(items) // COLS) * cell_h
-    height += 3 * LINE
+    height += 4 * LINE
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     y = PAD
@@ -115,6 +148,7 @@ def draw_report(images: dict, report: dict, categories: list[str]) -> Image.Imag
                 draw.text((x0, y0 + THUMB + 2 + k * LINE), text, fill=colour, font=font)
         y += -(-len(items) // COLS) * cell_h
     legend = ("green: fish called goldfish / control kept its label;  red: not.  "
-              "article = input-level B·A·flatten(x);  loraplug = inject_lora on the last layers.")
+              "loraplug = inject_lora on the last layers.")
     draw.text((PAD, y + LINE), legend, fill=BLACK, font=font)
+    draw.text((PAD, y + 2 * LINE), ARTICLE.legend, fill=BLACK, font=font)
     return sheet

@@ -1,5 +1,8 @@
-"""loraplug: LoRA adapters for any PyTorch model.
+"""loraplug: LoRA adapters for PyTorch's Linear, Conv1d/2d/3d and Embedding layers.
 
+Put adapters into a model, train them, merge them, save them as PEFT-format files.
+
+Example:
     >>> import torch
     >>> from torch import nn
     >>> import loraplug as lp

@@ -12,10 +12,24 @@ import math
 from collections.abc import Iterable
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ._compile import sync_gates
-from ._errors import StateError
+from ._errors import ConfigError, StateError
+
+#: Adapters are keys of these containers; torch refuses keys that shadow their attributes.
+_CONTAINERS = (nn.ParameterDict(), nn.ModuleDict())
+
+
+def usable_name(name: object) -> bool:
+    """Whether ``name`` can name an adapter, that is, key its parameters and modules.
+
+    Any non-empty string without dots that is not an attribute of ``nn.ParameterDict``
+    or ``nn.ModuleDict`` (``keys``, ``copy``, ``training``, ``__init__``, ...).
+    """
+    return isinstance(name, str) and bool(name) and "." not in name \
+        and not any(hasattr(c, name) for c in _CONTAINERS)
 
 
 class AdapterSet(nn.Module):
@@ -46,7 +60,12 @@ class AdapterSet(nn.Module):
         """Attach adapter ``name`` with tensors ``a``, ``b`` (already validated).
 
         The scaling is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+
+        Raises:
+            ConfigError: ``name`` cannot name an adapter (see :func:`usable_name`).
         """
+        if not usable_name(name):  # checked first: a refused key leaves nothing behind
+            raise ConfigError(f"{name!r} cannot name an adapter; see loraplug.inject_lora.")
         rank = a.shape[0]
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
@@ -56,6 +75,19 @@ class AdapterSet(nn.Module):
         self.use_rslora[name] = bool(use_rslora)
         self.dropout[name] = p
         self.set_scale(name, alpha)
+        self._refresh()
+
+    @torch.no_grad()
+    def load_tensors(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Give adapter ``name`` the values ``a``, ``b`` from ``file_tensors``, in its
+        dtype and on its device; a layout of other shapes replaces its parameters."""
+        for registry, value in ((self.lora_A, a), (self.lora_B, b)):
+            current = registry[name]
+            if current.shape == value.shape:
+                current.copy_(value)
+            else:
+                value = value.to(device=current.device, dtype=current.dtype).clone()
+                registry[name] = nn.Parameter(value, requires_grad=current.requires_grad)
         self._refresh()
 
     def remove_adapter(self, name: str) -> None:
@@ -71,7 +103,15 @@ class AdapterSet(nn.Module):
         self._refresh()
 
     def set_scale(self, name: str, alpha: float) -> None:
-        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``)."""
+        """Change adapter ``name``'s alpha (and so its scaling ``alpha / r``).
+
+        Raises:
+            ConfigError: ``alpha`` is not a finite number > 0 (as ``inject_lora`` asks).
+            StateError: the adapter is merged.
+        """
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not 0 < alpha < math.inf:
+            raise ConfigError(f"alpha must be a finite number > 0; received {alpha!r}.")
         if name in self.merged_adapters:
             raise StateError(f"adapter {name!r} is merged; call unmerge() before changing alpha.")
         self.alpha[name] = float(alpha)

@@ -10,17 +10,22 @@ import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
-from ._layer import LoRALayer
-from ._targeting import clean_name
+from ._layer import LoRALayer, refuse_nonfinite
+from ._targeting import check_model, clean_name
+from ._weights import merge_problem, shared_memory, staging_problem, weight_home
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order."""
+    """(name, layer) for each LoRA layer in ``model``, each layer once, in module order.
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``.
+    """
+    check_model(model)
     return [(clean_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
@@ -95,15 +100,8 @@ def _name_list(names: object, action: str) -> list[str]:
 
 
 def shared_weights(model: nn.Module, layers: list[tuple[str, LoRALayer]]) -> dict[str, list[str]]:
-    """LoRA layer name -> other modules holding the same weight Parameter (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for path, module in model.named_modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(clean_name(path))
-    return {name: [o for o in owners.get(id(layer.weight), []) if o != name]
-            for name, layer in layers
-            if len(owners.get(id(layer.weight), [])) > 1}
+    """LoRA layer name -> other modules whose tensors share memory with its weight (tied)."""
+    return shared_memory(model, layers, clean_name)
 
 
 def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
@@ -113,18 +111,30 @@ def refuse_tied(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: s
         listing = "; ".join(f"{n!r} with {others}" for n, others in list(tied.items())[:5])
         raise StateError(
             f"{action}: the weight of {listing} is shared (tied), so merging would change the "
-            "other modules too. Keep these adapters unmerged, or untie the weights first "
-            "(e.g. module.weight = nn.Parameter(module.weight.clone()))."
+            "other modules too (one Parameter, or tensors sharing memory). Keep these adapters "
+            "unmerged, or untie the weights first (e.g. module.weight = "
+            "nn.Parameter(module.weight.clone()))."
         )
 
 
-def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str) -> None:
+def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], action: str, *,
+                    to_file: bool = False) -> None:
     """Raise unless the active adapters of ``layers`` can be folded into their weights.
 
-    Refused: layer types that cannot merge (``merge_refusal``), layers sharded by FSDP2,
-    weights tied to other modules, disabled adapters.
+    Refused: layer types that cannot merge (``merge_refusal``), weights computed by hooks,
+    parametrizations that cannot hold the merged weight, layers sharded by FSDP2,
+    weights sharing memory with other modules, disabled adapters. ``to_file``: the
+    merged weights go to a file under the ``weight`` keys, which a parametrized layer
+    does not have.
     """
-    refusing = [(n, layer.merge_refusal) for n, layer in layers if layer.merge_refusal]
+    refusing = [(n, why) for n, layer in layers if (why := merge_problem(layer))]
+    if to_file:
+        refusing += [(n, _PARAMETRIZED_TO_FILE) for n, layer in layers
+                     if weight_home(layer) == "parametrized"]
+    else:
+        refusing += [(n, why) for n, layer in layers if not layer.merged and layer.held_active
+                     and weight_home(layer) == "parametrized"
+                     and (why := staging_problem(layer, layer.merged_weight()))]
     if refusing:
         raise StateError(
             f"{action}: layers {[n for n, _ in refusing][:5]} cannot be merged: {refusing[0][1]}"
@@ -137,6 +147,13 @@ def check_mergeable(model: nn.Module, layers: list[tuple[str, LoRALayer]], actio
             f"{action}: adapters are disabled on {disabled[:5]} (inside disable_adapters); "
             "call it outside that block."
         )
+
+
+_PARAMETRIZED_TO_FILE = (
+    "the weight is computed by a parametrization (torch.nn.utils.parametrize), so a file of "
+    "the original architecture holds parametrizations.weight.* and no weight key to write. "
+    "Call loraplug.merge(model) (or unload(model, merge=True)) and save model.state_dict()."
+)
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -212,6 +229,11 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for (_, layer), flag in zip(layers, before):
             layer.set_disabled(flag)
+        # Layers that got their first adapter inside the block leave it with the others.
+        inside = {id(layer) for _, layer in layers}
+        for _, layer in lora_layers(model):
+            if id(layer) not in inside:
+                layer.set_disabled(all(before))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -249,6 +271,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
             "adapters); call loraplug.unmerge(model) first."
         )
+    # Inside adapter_per_sample each layer routes rows to the adapters in its route's slots.
+    routed = [n for n, layer in layers if name in getattr(layer._detour, "slots", ())]
+    if routed:
+        raise StateError(
+            f"delete_adapter: adapter {name!r} is in use inside adapter_per_sample on "
+            f"{routed[:5]}; delete it after the with block."
+        )
     active = [n for n in active_adapters(model) if n != name]
     for _, layer in layers:
         if name in layer.adapter_names:
@@ -276,8 +305,10 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
     Raises:
         StateError: the model has no LoRA layers, a layer type cannot merge
             (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
-            weight is not finite, a LoRA layer's weight is tied to another module's, or
-            FSDP2 has sharded the LoRA layers (nothing is changed then).
+            weight is not finite, a LoRA layer's weight is tied to another module's (or
+            shares its memory), is computed by a hook, or is parametrized by something
+            that cannot hold the merged weight, or FSDP2 has sharded the LoRA layers
+            (nothing is changed then).
 
     Example:
         >>> import torch
@@ -289,7 +320,8 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
         >>> x = torch.randn(3, 4)
         >>> before = model(x)
         >>> lp.merge(model)
-        >>> torch.allclose(model(x), before, atol=1e-6)
+        >>> with torch.no_grad():  # inference: merged adapters cannot train
+        ...     torch.allclose(model(x), before, atol=1e-6)
         True
     """
     layers = layers_or_raise(model, "merge")
@@ -301,14 +333,11 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
     staged = []
     for name, layer in layers:
         new = layer.stage_merge()
-        if new is None:
-            continue
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merge(safe=True): merging {list(layer.held_active)} into {name!r} gives NaN "
-                "or inf weights; no layer was changed. Check that adapter's tensors."
-            )
-        staged.append((layer, new))
+        if new is not None:
+            refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} into "
+                             f"{name!r} gives NaN or inf weights; no layer was changed. Check "
+                             "that adapter's tensors.")
+            staged.append((layer, new))
     for layer, new in staged:
         layer.commit_merge(new)
 
@@ -316,9 +345,11 @@ def merge(model: nn.Module, *, safe: bool = False) -> None:
 def unmerge(model: nn.Module) -> None:
     """Take merged adapters out of the base weights again, in place; a no-op if none are.
 
-    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. In float32 the round
-    trip restores ``W`` to within a few ulps, not bit for bit; ``unload(merge=False)`` on a
-    never-merged model returns bit-identical weights.
+    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. The round trip is not
+    bit for bit: each element comes back within one ulp of the larger of ``|W|`` and
+    ``|W + ΔW|``, which for a weight near zero is many of its own ulps (see
+    docs/concepts.md). ``unload(merge=False)`` on a never-merged model returns
+    bit-identical weights.
 
     Args:
         model: a model with LoRA layers.

@@ -29,9 +29,7 @@ class LoRAEmbedding(LoRALayer):
     never changes ``W`` outside ``merge``). Dropout is not applied: inputs are indices.
 
     Example:
-        >>> from typing import cast
-
-import torch
+        >>> import torch
         >>> from torch import nn
         >>> import loraplug as lp
         >>> model = nn.Sequential(nn.Embedding(10, 4))

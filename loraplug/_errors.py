@@ -17,8 +17,9 @@ class LoRAError(Exception):
 class ConfigError(LoRAError, ValueError):
     """An argument is invalid: a hyperparameter, or an adapter name malformed or taken.
 
-    A rank, alpha or dropout out of range or of the wrong type, a name that is not an
-    identifier, or one a target layer already carries (``inject_lora``).
+    A rank, alpha or dropout out of range or of the wrong type, a name torch cannot use
+    as a key or one a target layer already carries (``inject_lora``), a ``model`` that is
+    not a module, a ``path`` that is not a path.
     """
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ._adapter_set import usable_name
 from ._adapters import active_adapters, check_mergeable, lora_layers
-from ._errors import ConfigError, LoRAError, LoRAWarning, StateError
+from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
+from ._hooks import swap_hooks
 from ._layer import LoRALayer
 from ._parameter import LoRAParameter
 from ._parameter_targeting import (
@@ -17,11 +19,12 @@ from ._parameter_targeting import (
     ParamSpec,
     attach_parameter,
     parameter_problems,
-    select_parameters,
+    select_targets,
     stage_parameters,
 )
 from ._registry import lora_layer_for, type_name
-from ._targeting import TargetSpec, module_paths, select, set_module
+from ._targeting import TargetSpec, module_paths, set_module
+from ._weights import reading_weights
 
 
 @dataclass(frozen=True)
@@ -34,17 +37,18 @@ class LayerSpec:
 
 
 def validate_name(name: object) -> str:
-    """Check an adapter name: a non-empty identifier without dots.
+    """Check an adapter name: any non-empty string without dots that torch can use as a key.
 
     Raises:
         ConfigError: ``name`` is not such a string.
     """
-    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
+    if not usable_name(name):
         raise ConfigError(
-            f"adapter name must be a non-empty identifier without dots; received {name!r}. "
-            "Use names like 'default' or 'style_b'."
+            f"adapter name must be a non-empty string without dots that is not an attribute "
+            f"of nn.ModuleDict or nn.ParameterDict (such as 'keys', 'copy' or 'training'); "
+            f"received {name!r}. Use names like 'default', 'style_b' or 'adapter-2'."
         )
-    return name
+    return str(name)
 
 
 def validate_hyperparameters(
@@ -82,6 +86,21 @@ def validate_hyperparameters(
     return rank, float(alpha), float(dropout), name, str(init)
 
 
+def check_flags(**flags: object) -> None:
+    """Check that each flag is True or False (not a truthy string such as "no").
+
+    Raises:
+        ConfigError: a flag is something else.
+    """
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
+
+
+#: What a LoRA layer registers itself beside the wrapped module's tensors.
+_LAYER_REGISTRIES = ("lora_A", "lora_B", "lora_dropout", "_lora_scales")
+
+
 def injection_problems(
     model: nn.Module, name: str, module: nn.Module, paths: list[str], spec: LayerSpec, *,
     adapter: str,
@@ -115,6 +134,15 @@ def injection_problems(
             "e.g. model.to_empty(device='cpu') and load its weights, then inject.")))
         return found
     probe = lora_layer_for(module)
+    taken = [] if probe is module else [
+        n for n in (*module._parameters, *module._buffers, *module._modules)
+        if n in vars(probe) or n in _LAYER_REGISTRIES]
+    if taken:
+        found.append((TargetError, (
+            f"{name!r} ({type_name(type(module))}) has parameters, buffers or children named "
+            f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
+            "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
+            f"leave the layer out (exclude=[{name!r}]).")))
     why = probe.check_rank(spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
@@ -164,7 +192,8 @@ def inject_lora(
         alpha: scaling numerator; the update is scaled by ``alpha / rank``. ``None`` means
             ``alpha = rank`` (scaling 1).
         dropout: probability in [0, 1) of dropping inputs to the low-rank branch.
-        name: the adapter's name (an identifier without dots).
+        name: the adapter's name: a string without dots, not an attribute name of
+            ``nn.ParameterDict`` (such as "keys").
         exclude: patterns, as for ``target``, to leave out.
         init: ``"kaiming"`` (Kaiming-uniform A, zero B) or ``"gaussian"`` (N(0, 1/r) A).
         use_rslora: scale by ``alpha / sqrt(rank)`` instead (rank-stabilised LoRA).
@@ -207,45 +236,12 @@ def inject_lora(
     rank, alpha_value, dropout, name, init = validate_hyperparameters(
         rank=rank, alpha=alpha, dropout=dropout, name=name, init=init
     )
-    for flag, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be True or False; received {value!r}.")
-    chosen = _chosen(model, target, exclude, target_parameters)
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
+    chosen = select_targets(model, target, exclude, target_parameters)
     specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in chosen}
     inject_layers(model, chosen, specs, name=name, init=init,
                   use_rslora=use_rslora, freeze_base=freeze_base)
     return list(chosen)
-
-
-def _chosen(model: nn.Module, target: TargetSpec | None, exclude: TargetSpec | None,
-            target_parameters: ParamSpec | None) -> dict[str, nn.Module | ParameterTarget]:
-    # The modules and parameters inject_lora adapts, by name, sorted; warns of skips.
-    if target is None and target_parameters is None:
-        raise ConfigError(
-            "inject_lora needs target (modules, e.g. target=nn.Linear) or target_parameters "
-            "(bare parameters, e.g. target_parameters=['*.experts.gate_up_proj']), or both."
-        )
-    chosen: dict[str, nn.Module | ParameterTarget] = {}
-    if target is not None:
-        selection = select(model, target, exclude)
-        if selection.unsupported:
-            skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
-            warnings.warn(
-                f"inject_lora skipped matched modules of unsupported types: {skipped}. Register "
-                "a LoRA layer for a type with loraplug.register_lora_layer, adapt its weight "
-                "with target_parameters=['<name>.weight'], or narrow the target.",
-                LoRAWarning, stacklevel=3,
-            )
-        chosen.update(selection.modules)
-    if target_parameters is not None:
-        params = select_parameters(model, target_parameters)
-        if params.unsupported:
-            warnings.warn(
-                "inject_lora skipped matched parameters of fewer than 2 dimensions, which have "
-                f"no low-rank update: {sorted(params.unsupported)}.", LoRAWarning, stacklevel=3,
-            )
-        chosen.update(params.parameters)
-    return dict(sorted(chosen.items()))
 
 
 @dataclass(frozen=True)
@@ -276,7 +272,25 @@ def inject_layers(
     given before any change, so that warnings-as-errors change nothing either); returns
     the LoRA layers by name. Hyperparameters must already be validated.
     """
+    check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     paths = module_paths(model)
+    with reading_weights(m.owner if isinstance(m, ParameterTarget) else m
+                         for m in modules.values()):
+        staged = _stage(model, modules, specs, paths, name=name, init=init)
+    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
+    if freeze_base:
+        lora = {id(p) for _, layer in lora_layers(model)
+                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
+        for p in model.parameters():
+            if id(p) not in lora:
+                p.requires_grad_(False)
+    return {qualname: item.layer for qualname, item in staged.items()}
+
+
+def _stage(model: nn.Module, modules: dict[str, nn.Module | ParameterTarget],
+           specs: dict[str, LayerSpec],
+           paths: dict[int, list[str]], *, name: str, init: str) -> dict[str, _Staged]:
+    # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
         if isinstance(module, ParameterTarget):
@@ -287,8 +301,6 @@ def inject_layers(
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
-
-    # Build every new layer and adapter before touching the model.
     staged: dict[str, _Staged] = {}
     params = stage_parameters({q: t for q, t in modules.items() if isinstance(t, ParameterTarget)})
     for qualname, module in modules.items():
@@ -305,16 +317,9 @@ def inject_layers(
         warnings.warn(
             f"the rank exceeds the rank ΔW can have on {', '.join(too_large)}; the extra "
             "parameters add cost without capacity. Consider a smaller rank.",
-            LoRAWarning, stacklevel=3,
+            LoRAWarning, stacklevel=4,
         )
-    _attach(model, list(staged.values()), paths, name=name, use_rslora=use_rslora)
-    if freeze_base:
-        lora = {id(p) for _, layer in lora_layers(model)
-                for store in (layer.lora_A, layer.lora_B) for p in store.values()}
-        for p in model.parameters():
-            if id(p) not in lora:
-                p.requires_grad_(False)
-    return {qualname: item.layer for qualname, item in staged.items()}
+    return staged
 
 
 def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]], *,
@@ -336,6 +341,7 @@ def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]]
         if isinstance(layer, LoRAParameter):
             attach_parameter(model, item.module, layer, paths[id(item.module)])
         elif layer is not item.module:
+            swap_hooks(item.module, layer)  # the module's hooks run on the layer now
             for path in paths[id(item.module)]:
                 set_module(model, path, layer)
     if active == [name]:
@@ -361,7 +367,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
 
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
-            weight is tied to another module's, or on a model sharded by FSDP2.
+            weight is tied to another module's, computed by a hook or parametrized by
+            something that cannot hold the merged weight, or on a model sharded by FSDP2.
 
     Example:
         >>> from torch import nn
@@ -384,6 +391,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         layer.sync_base()
         # A parameter's layer leaves with its host, which hands back the owner.
         host = layer.host if isinstance(layer, LoRAParameter) else layer
+        if host is layer:
+            swap_hooks(layer.base_layer, layer)  # hooks go back to the module
         for path in paths[id(host)]:
             set_module(model, path, host.base_layer)
     return model

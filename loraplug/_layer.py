@@ -33,8 +33,9 @@ from ._adapter_set import AdapterSet
 from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
 from ._named_forms import NamedBranch, forms_of
-from ._owner_reads import read_in_forward
+from ._owner_reads import ReadableWeight
 from ._products import Scale, compute_dtype
+from ._weights import before_loading, merge_problem, warn_training_merged, weight_home, write_weight
 
 
 class Detour(Protocol):
@@ -43,7 +44,13 @@ class Detour(Protocol):
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
 
 
-class LoRALayer(AdapterSet):
+def refuse_nonfinite(weight: Tensor, message: str) -> None:
+    """Raise :class:`StateError` with ``message`` when ``weight`` holds NaN or inf."""
+    if not torch.isfinite(weight).all():
+        raise StateError(message)
+
+
+class LoRALayer(ReadableWeight, AdapterSet):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
     ``y = base(x) + Σ_a s_a · B_a A_a dropout_a(x)`` over the active adapters a, with
@@ -157,26 +164,8 @@ class LoRALayer(AdapterSet):
         """A and B read from a file for rank ``rank``, in a layout this layer computes;
         ``None`` when their shapes fit none (a layer type may convert other layouts)."""
         want_a, want_b = self.adapter_shapes(rank)
-        if (tuple(a.shape), tuple(b.shape)) == (tuple(want_a), tuple(want_b)):
-            return a, b
-        return None
-
-    @torch.no_grad()
-    def load_tensors(self, name: str, a: Tensor, b: Tensor) -> None:
-        """Give adapter ``name`` the values ``a``, ``b`` from :meth:`file_tensors`, in its
-        dtype and on its device; a layout of other shapes replaces its parameters."""
-        for registry, value in ((self.lora_A, a), (self.lora_B, b)):
-            current = registry[name]
-            if current.shape == value.shape:
-                current.copy_(value)
-            else:
-                value = value.to(device=current.device, dtype=current.dtype).clone()
-                registry[name] = nn.Parameter(value, requires_grad=current.requires_grad)
-        self._refresh()
-
-    def weight_home(self) -> tuple[nn.Module, str]:
-        """The module that registers ``weight`` in the model, and its key there."""
-        return self, "weight"
+        fits = (tuple(a.shape), tuple(b.shape)) == (tuple(want_a), tuple(want_b))
+        return (a, b) if fits else None
 
     def check_rank(self, rank: int) -> str | None:
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
@@ -202,16 +191,6 @@ class LoRALayer(AdapterSet):
         return delta
 
     # ----------------------------------------------------------- forward
-    def forward(self, x: Tensor) -> Tensor:
-        # While the layer's own forward runs, its code (a base_forward that reads
-        # self.weight) gets the parameter; modules around it get W + ΔW (_owner_reads.py).
-        state = self.__dict__
-        state["_in_forward"] = True
-        try:
-            return self._forward(x)
-        finally:
-            state["_in_forward"] = False
-
     def _forward(self, x: Tensor) -> Tensor:
         if self._detour is not None:
             return self._detour.forward(self, x)
@@ -220,6 +199,8 @@ class LoRALayer(AdapterSet):
             names, scales = gated_adapters(self)
         else:
             names, scales = self._live, self.scaling
+        if not names and self.merged_adapters and self.training:
+            warn_training_merged(self)  # off the hot path: only a merged layer gets here
         if self.through_weight:
             return self._forward_through_weight(x, names, scales)
         out = self.base_forward(x)
@@ -258,24 +239,6 @@ class LoRALayer(AdapterSet):
         """``(lora_A[name], lora_B[name])``, looked up directly."""
         registry: dict[str, Any] = self._modules
         return registry["lora_A"]._parameters[name], registry["lora_B"]._parameters[name]
-
-    def _weight_for_reader(self) -> Tensor:
-        # The weight a module sees when it reads it in its own forward: the adapted one.
-        names: tuple[str, ...]
-        scales: Mapping[str, Scale]
-        if torch.compiler.is_compiling():
-            names, scales = gated_adapters(self)
-        else:
-            names, scales = self._live, self.scaling
-        if not names:
-            return self._tensor("weight")
-        if getattr(self._detour, "per_row", False):
-            raise StateError(
-                "adapter_per_sample: a module reads this layer's weight in its own forward "
-                "instead of calling the layer, and one weight cannot differ per row. Leave "
-                "this layer out of the adapters used per row."
-            )
-        return self._adapted_weight(names, scales)
 
     # ----------------------------------------------------------- new adapters
     def new_adapter(self, rank: int, init: str) -> tuple[Tensor, Tensor]:
@@ -350,17 +313,17 @@ class LoRALayer(AdapterSet):
         if weight is None:
             self._fold(names, 1)
         else:
-            self.weight.copy_(weight)
+            write_weight(self, weight)
         self.merged_adapters = names
         self._refresh()
 
     @torch.no_grad()
     def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self.weight
-        if compute_dtype(weight.dtype) == weight.dtype:
+        weight = self._tensor("weight")
+        if compute_dtype(weight.dtype) == weight.dtype and weight_home(self) == "stored":
             self._accumulate(weight, names, self.scaling, sign)
-        else:
-            weight.copy_(self._adapted_weight(names, self.scaling, sign))
+        else:  # through a float32 copy, or through a parametrization (_weights.py)
+            write_weight(self, self._adapted_weight(names, self.scaling, sign))
 
     def merge(self, *, safe: bool = False) -> None:
         """Fold the active adapters into ``weight`` in place; a no-op when already merged.
@@ -371,12 +334,14 @@ class LoRALayer(AdapterSet):
             safe: check that the merged weight is finite before writing it.
 
         Raises:
-            StateError: the layer type cannot merge (:attr:`merge_refusal`), adapters are
-                disabled, or ``safe`` is set and the merged weight has NaN or inf; the
-                weight is left as it was.
+            StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
+                cannot take it (computed by a hook, or parametrized by something that
+                cannot hold it), adapters are disabled, or ``safe`` is set and the merged
+                weight has NaN or inf; the weight is left as it was.
         """
-        if self.merge_refusal is not None:
-            raise StateError(f"a {type(self).__name__} cannot be merged: {self.merge_refusal}")
+        why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
+        if why is not None:
+            raise StateError(f"a {type(self).__name__} cannot be merged: {why}")
         if self.adapters_disabled:
             raise StateError(
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
@@ -387,15 +352,11 @@ class LoRALayer(AdapterSet):
                 self.commit_merge()
             return
         new = self.stage_merge()
-        if new is None:
-            return
-        if not torch.isfinite(new).all():
-            raise StateError(
-                f"merging {list(self.held_active)} gives a weight with NaN or inf values; the "
-                "weight was left unmerged. Check the adapter tensors (torch.isfinite) before "
-                "merging."
-            )
-        self.commit_merge(new)
+        if new is not None:
+            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
+                             "inf values; the weight was left unmerged. Check the adapter "
+                             "tensors (torch.isfinite) before merging.")
+            self.commit_merge(new)
 
     def unmerge(self) -> None:
         """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
@@ -412,6 +373,10 @@ class LoRALayer(AdapterSet):
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        before_loading(self, state_dict, prefix)  # a merged flag that stays true
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def sync_base(self) -> None:
         """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""
         base = self.__dict__["base_layer"]
@@ -425,22 +390,6 @@ class LoRALayer(AdapterSet):
         super().train(mode)
         self.__dict__["base_layer"].train(mode)
         return self
-
-    def __getattr__(self, name: str) -> Any:
-        # A module that reads this layer's weight in its forward instead of calling the
-        # layer is handed W + Σ s·ΔW (see _owner_reads.py); other reads get the parameter.
-        state = self.__dict__
-        if name == "weight" and not state.get("_in_forward") \
-                and "weight" in state["_parameters"] and read_in_forward():
-            return self._weight_for_reader()
-        # Attributes of the base module (in_features, kernel_size, ...) read through.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

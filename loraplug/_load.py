@@ -26,6 +26,7 @@ from ._format import (
     CONFIG_NAME,
     FileExtras,
     Slots,
+    fitted_tensors,
     index_keys,
     key_names,
     layer_tensors,
@@ -35,6 +36,7 @@ from ._format import (
     read_adapter_weights,
     read_config,
     read_metadata,
+    report,
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
@@ -45,11 +47,12 @@ from ._parameter_targeting import (
     parameter_problems,
     peft_parameter_targets,
 )
+from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
 from ._targeting import candidates, module_paths
+from ._weights import reading_weights
 
-_MAX_LINES = 40
 T = TypeVar("T")
 
 
@@ -61,14 +64,6 @@ class _Planned:
     spec: LayerSpec
     a: Tensor
     b: Tensor
-
-
-def _report(where: str, problems: list[str]) -> str:
-    shown = problems[:_MAX_LINES]
-    lines = [f"{where}; nothing was changed:", *(f"  - {p}" for p in shown)]
-    if len(problems) > len(shown):
-        lines.append(f"  ... and {len(problems) - len(shown)} more")
-    return "\n".join(lines)
 
 
 def _matched(entries: dict[str, Slots], targets: dict[str, T], problems: list[str],
@@ -111,7 +106,7 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     problems += found
     if tensors is None or any(kind is StateError for kind, _ in blockers):
         return None, problems
-    fitted, shape_problem = _fitted(path, lora_layer_for(module), tensors, rank, source)
+    fitted, shape_problem = fitted_tensors(path, lora_layer_for(module), tensors, rank, source)
     if fitted is None:
         problems.append(str(shape_problem))
         return None, problems
@@ -139,7 +134,7 @@ def _plan_parameters(model: nn.Module, config: PeftLoRAConfig, entries: dict[str
         if tensors is None or blockers:
             continue
         probe = target.layer or LoRAParameter(LoRAParameterHost(target.owner), target.parameter)
-        fitted, shape_problem = _fitted(key_path, probe, tensors, rank, source)
+        fitted, shape_problem = fitted_tensors(key_path, probe, tensors, rank, source)
         if fitted is None:
             problems.append(str(shape_problem))
             continue
@@ -171,22 +166,6 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
             problems.append(f"{path}: target_modules selects it, but the file lacks "
                             f"{path}.{key_a} and {path}.{key_b}.")
     return plan, problems
-
-
-def _fitted(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor], rank: int,
-            source: str) -> tuple[tuple[Tensor, Tensor] | None, str | None]:
-    """The file's (A, B) in a layout ``probe`` computes, or the reason they fit none."""
-    fitted = probe.file_tensors(*got, rank)
-    if fitted is not None:
-        return fitted, None
-    want_a, want_b = probe.adapter_shapes(rank)
-    a, b = tuple(got[0].shape), tuple(got[1].shape)
-    message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
-               f"A {tuple(want_a)} and B {tuple(want_b)}")
-    if a and probe.file_tensors(*got, a[0]) is not None:
-        return None, message + (f"; the tensors have rank {a[0]}, so {source} in "
-                                f"{CONFIG_NAME} disagrees with the weights.")
-    return None, message + "; the file was saved for a layer of another shape."
 
 
 def _name_problems(model: nn.Module, adapter: str) -> list[str]:
@@ -281,6 +260,7 @@ def load_adapter(
             shapes disagree with ``r``/``rank_pattern`` or with the layer; a config field
             cannot be honoured (``use_dora``, ``bias``, ``modules_to_save``, ...); the name
             is taken, or a target layer is merged. One error lists every problem.
+        ConfigError: ``path`` is not a path, or ``freeze_base`` not a bool.
 
     Warns:
         LoRAWarning: the config has fields loraplug does not know (ignored), a PEFT
@@ -289,7 +269,7 @@ def load_adapter(
             Every warning comes before any change, so that with warnings as errors a
             warning leaves the model as it was.
     """
-    directory, weights_file = locate(Path(path))
+    directory, weights_file = locate(as_path(path, "load_adapter"))
     raw = read_config(directory / CONFIG_NAME)
     state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
@@ -305,10 +285,11 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        plan, found = _plan(model, config, entries, extras, adapter)
+        with reading_weights(model.modules()):  # spectral_norm: reads must not iterate
+            plan, found = _plan(model, config, entries, extras, adapter)
         problems += found
     if problems or config is None:
-        raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
+        raise AdapterFileError(report(f"cannot load the adapter in {directory}", problems))
     _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
     with _rng_untouched([item.module.owner if isinstance(item.module, ParameterTarget)
                          else item.module for item in plan.values()]):
@@ -406,7 +387,7 @@ def load_adapter_state_dict(
             "weights stale. Call loraplug.unmerge(model) first."
         )
     if problems:
-        raise AdapterFileError(_report(where, problems))
+        raise AdapterFileError(report(where, problems))
     with torch.no_grad():
         for layer, a, b in loaded.values():
             layer.lora_A[name].copy_(a)

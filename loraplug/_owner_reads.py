@@ -29,10 +29,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from ._compile import gated_adapters
+from ._errors import StateError
+
+if TYPE_CHECKING:
+    from ._layer import LoRALayer
+    from ._products import Scale
 
 #: The frames of ``nn.Module.__call__``: a read below one of them happens in a forward.
 _CALL_FRAMES = frozenset(
@@ -65,3 +74,61 @@ def read_in_forward(depth: int = 2) -> bool:
             return False
         frame = frame.f_back
     return False
+
+
+def weight_for_reader(layer: LoRALayer) -> Tensor:
+    """The weight a module sees when it reads ``layer.weight`` in its own forward:
+    ``W + Σ s·ΔW`` over the live adapters (all of them, gated, under ``torch.compile``)."""
+    names: tuple[str, ...]
+    scales: Mapping[str, Scale]
+    if torch.compiler.is_compiling():
+        names, scales = gated_adapters(layer)
+    else:
+        names, scales = layer._live, layer.scaling
+    if not names:
+        return layer._tensor("weight")
+    if getattr(layer._detour, "per_row", False):
+        raise StateError(
+            "adapter_per_sample: a module reads this layer's weight in its own forward "
+            "instead of calling the layer, and one weight cannot differ per row. Leave "
+            "this layer out of the adapters used per row."
+        )
+    return layer._adapted_weight(names, scales)
+
+
+class ReadableWeight(nn.Module):
+    """The part of :class:`loraplug.LoRALayer` that other code's reads of ``weight`` see.
+
+    ``forward`` marks the layer's own forward as running (its reads get the parameter)
+    around ``_forward``, the layer's computation; ``__getattr__`` hands ``W + ΔW`` to a
+    module that reads the weight in its forward, and reads the base module's attributes
+    (``in_features``, ``kernel_size``, ...) through.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.__dict__
+        state["_in_forward"] = True
+        try:
+            return self._forward(x)
+        finally:
+            state["_in_forward"] = False
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def weight_key(self) -> tuple[nn.Module, str]:
+        """The module that registers ``weight`` in the model, and its key there."""
+        return self, "weight"
+
+    def __getattr__(self, name: str) -> Any:
+        state = self.__dict__
+        if name == "weight" and not state.get("_in_forward") \
+                and "weight" in state["_parameters"] and read_in_forward():
+            return weight_for_reader(self)  # type: ignore[arg-type]
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = state.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)

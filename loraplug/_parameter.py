@@ -49,6 +49,23 @@ class LoRAParameter(LoRALayer):
         parameter_name: the adapted parameter's name in its owner (``"gate_up_proj"``).
         experts: whether the parameter is a 3-D stack of expert matrices.
         transposed: experts stored (E, in, out) (the owner's ``is_transposed``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import loraplug as lp
+        >>> class Experts(nn.Module):  # 4 experts, each a (6, 5) matrix
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = nn.Parameter(torch.randn(4, 6, 5))
+        ...     def forward(self, x):  # x (4, tokens, 5) -> (4, tokens, 6)
+        ...         return torch.bmm(x, self.w.transpose(1, 2))
+        >>> model = nn.Sequential(Experts())
+        >>> lp.inject_lora(model, target_parameters="0.w", rank=2)
+        ['0.w']
+        >>> layer = model[0].lora_parameters["w"]
+        >>> layer.lora_A["default"].shape, layer.lora_B["default"].shape  # E·r
+        (torch.Size([8, 5]), torch.Size([6, 8]))
     """
 
     forward_methods = ()
@@ -77,7 +94,7 @@ class LoRAParameter(LoRALayer):
         """The adapted parameter, as registered on the host."""
         return self.__dict__["_host"]._parameters[self.parameter_name]
 
-    def weight_home(self) -> tuple[nn.Module, str]:
+    def weight_key(self) -> tuple[nn.Module, str]:
         return self.host, self.parameter_name
 
     # ----------------------------------------------------------- layout

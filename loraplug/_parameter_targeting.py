@@ -22,17 +22,18 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from torch import Tensor, nn
 
-from ._errors import ConfigError, LoRAError, StateError, TargetError
+from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._layer import LoRALayer
 from ._parameter import SLOT, LoRAParameter, LoRAParameterHost
 from ._registry import type_name
-from ._targeting import candidates, set_module
+from ._targeting import TargetSpec, candidates, select, set_module
 
 ParamPattern = Union[str, "re.Pattern[str]", Callable[[str, Tensor], bool]]
 ParamSpec = Union[ParamPattern, Sequence[ParamPattern]]
@@ -285,3 +286,41 @@ def peft_parameter_targets(model: nn.Module,
               if name in entries or any(name.endswith("." + e) for e in entries)]
     return {key: next(t for t in picked if t.name == name)
             for name, key in peft_paths(picked).items()}
+
+
+def select_targets(
+    model: nn.Module, target: TargetSpec | None, exclude: TargetSpec | None,
+    target_parameters: ParamSpec | None,
+) -> dict[str, nn.Module | ParameterTarget]:
+    """The modules and parameters ``inject_lora`` adapts, by name, sorted; warns of skips.
+
+    Raises:
+        ConfigError: neither ``target`` nor ``target_parameters`` is given.
+        TargetError: a pattern matches nothing, or nothing supported matched.
+    """
+    if target is None and target_parameters is None:
+        raise ConfigError(
+            "inject_lora needs target (modules, e.g. target=nn.Linear) or target_parameters "
+            "(bare parameters, e.g. target_parameters=['*.experts.gate_up_proj']), or both."
+        )
+    chosen: dict[str, nn.Module | ParameterTarget] = {}
+    if target is not None:
+        selection = select(model, target, exclude)
+        if selection.unsupported:
+            skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
+            warnings.warn(
+                f"inject_lora skipped matched modules of unsupported types: {skipped}. Register "
+                "a LoRA layer for a type with loraplug.register_lora_layer, adapt its weight "
+                "with target_parameters=['<name>.weight'], or narrow the target.",
+                LoRAWarning, stacklevel=3,
+            )
+        chosen.update(selection.modules)
+    if target_parameters is not None:
+        params = select_parameters(model, target_parameters)
+        if params.unsupported:
+            warnings.warn(
+                "inject_lora skipped matched parameters of fewer than 2 dimensions, which have "
+                f"no low-rank update: {sorted(params.unsupported)}.", LoRAWarning, stacklevel=3,
+            )
+        chosen.update(params.parameters)
+    return dict(sorted(chosen.items()))

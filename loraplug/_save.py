@@ -36,6 +36,7 @@ from ._format import (
 )
 from ._layer import LoRALayer
 from ._parameter_targeting import parameter_names
+from ._paths import as_path
 from ._peft_config import build_config
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
@@ -127,6 +128,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
         AdapterError: the model has no adapter ``name``.
         AdapterFileError: the adapter uses rsLoRA on some layers only (PEFT's config has
             one ``use_rslora``), or the files cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import tempfile
@@ -163,7 +165,7 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
     if any(dropout != config["lora_dropout"] for _, _, dropout in specs.values()):
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    directory = Path(path)
+    directory = as_path(path, "save_adapter")
 
     def write() -> None:
         try:
@@ -199,9 +201,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         path: the ``.safetensors`` file to write.
 
     Raises:
-        StateError: adapters are disabled (inside ``disable_adapters``), or the model is
-            sharded by FSDP2 (merge on one process).
+        StateError: adapters are disabled (inside ``disable_adapters``), the model is
+            sharded by FSDP2 (merge on one process), or a weight is tied, parametrized or
+            computed by a hook.
         AdapterFileError: the file cannot be written.
+        ConfigError: ``path`` is not a path.
 
     Example:
         >>> import os, tempfile, torch
@@ -216,7 +220,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         ['0.bias', '0.weight']
     """
     layers = lora_layers(model)
-    check_mergeable(model, layers, "save_merged")
+    check_mergeable(model, layers, "save_merged", to_file=True)
     paths = module_paths(model)
     state = model.state_dict()
     with torch.no_grad():
@@ -227,7 +231,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                 for adapter in layer.adapter_names:
                     state.pop(f"{prefix}lora_A.{adapter}", None)
                     state.pop(f"{prefix}lora_B.{adapter}", None)
-            owner, key = layer.weight_home()
+            owner, key = layer.weight_key()
             for real in paths[id(owner)]:
                 state[f"{real}.{key}" if real else key] = weight
     tensors: dict[str, Tensor] = {}
@@ -239,6 +243,6 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
         value = value.clone() if pointer in storages else value.contiguous()
         storages.add(pointer)
         tensors[clean_name(key)] = value
-    target = Path(path)
+    target = as_path(path, "save_merged")
     _write({target: lambda temp: save_file(tensors, temp, metadata={"format": "pt"})},
            "save_merged")

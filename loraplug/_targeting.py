@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import reprlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Union
 
 from torch import nn
 
-from ._errors import TargetError
+from ._errors import ConfigError, TargetError
 from ._layer import LoRALayer
 from ._registry import lookup, supported_types, type_name
 
@@ -40,6 +41,20 @@ _COMPILE_PREFIX = "_orig_mod."
 def clean_name(name: str) -> str:
     """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` inserts."""
     return name.replace(_COMPILE_PREFIX, "") if _COMPILE_PREFIX in name else name
+
+
+def check_model(model: object) -> None:
+    """Raise unless ``model`` is an ``nn.Module``.
+
+    Raises:
+        ConfigError: it is something else.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be an nn.Module; received {type(model).__name__} "
+            f"{reprlib.repr(model)}. Pass the model object itself (model, not model.state_dict() "
+            "or a path)."
+        )
 
 
 def module_paths(model: nn.Module) -> dict[int, list[str]]:
@@ -170,7 +185,9 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
         TargetError: a pattern matches no module (with close names), the spec is
             malformed, or nothing selected has a registered LoRA layer.
     """
+    check_model(model)
     includes = _as_list(target)
+    _refuse_instances(model, {"target": includes, "exclude": _as_list(exclude)})
     if not includes:
         raise TargetError(
             "target is empty; name the layers to adapt, e.g. target=['classifier.*'] or "
@@ -198,6 +215,20 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
             "or target its children."
         )
     return _selection(picked)
+
+
+def _refuse_instances(model: nn.Module, specs: dict[str, list[Pattern]]) -> None:
+    # A module object is callable, so it would pass for a predicate; name it instead.
+    for kind, patterns in specs.items():
+        for p in patterns:
+            if isinstance(p, nn.Module):
+                names = [clean_name(n) for n, m in model.named_modules() if m is p]
+                hint = (f"It is {names[0]!r} in the model: pass {kind}={names[0]!r}" if names
+                        else "It is not in the model; pass a name from model.named_modules()")
+                raise TargetError(
+                    f"{kind} received a module object ({type_name(type(p))}), not a pattern. "
+                    f"{hint}, or its type ({type_name(type(p))}) for every such module."
+                )
 
 
 def _unmatched(everything: list[tuple[str, str, nn.Module]], missing: list[Pattern],

@@ -56,7 +56,8 @@ def test_merge_merges_the_active_set_and_refuses_to_switch_while_merged() -> Non
     both = run_with(model, ["default", "b"])
     lp.merge(model)
     assert all(layer.merged_adapters == ("default", "b") for layer in (model[0], model[2]))
-    assert_close(model(X), both)
+    with torch.no_grad():  # a merged layer in a training forward warns (it cannot train)
+        assert_close(model(X), both)
     with pytest.raises(lp.StateError, match=r"set_adapter: layers \['0', '2'\] are merged; call "
                                             r"loraplug.unmerge"):
         lp.set_adapter(model, "b")
@@ -219,3 +220,21 @@ def test_tied_weights_refuse_to_merge_and_stay_correct_unmerged() -> None:
                                                   r"shared \(tied\)"):
             call(model)
         assert torch.equal(model(ids), out)
+
+
+def test_a_layer_first_adapted_inside_disable_adapters_is_enabled_after_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    lp.inject_lora(model, target="0", rank=2)
+    with lp.disable_adapters(model):
+        lp.inject_lora(model, target="2", rank=2)  # '2' gets its first adapter here
+        assert model[2].adapters_disabled
+        with lp.disable_adapters(model):  # nested: '2' stays off until the outer block ends
+            pass
+        assert model[2].adapters_disabled
+    assert not model[0].adapters_disabled and not model[2].adapters_disabled
+    randomize_adapters(model)
+    plain = model[2].base_layer(torch.relu(model[0](X)))
+    assert not torch.equal(model(X), plain)  # '2' computes its adapter
+    lp.merge(model)  # and merges it, not "inside disable_adapters"
+    assert model[2].merged_adapters == ("default",)

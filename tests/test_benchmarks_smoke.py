@@ -75,3 +75,19 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
         for stats in mixed["forward"].values():
             _check_stats(stats)
     assert "Mixed adapters in one batch" in stdout
+
+
+def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None:
+    # This checkout against itself: the outputs agree, and every ratio is reported.
+    out = tmp_path / "against.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.against", str(ROOT), "--quick", "--only",
+         "linear-call", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["name"] == "linear-call" and result["difference"] == 0.0
+    for phase in ("forward", "train", "merge_unmerge"):
+        assert result[phase]["this_over_other"] > 0
+    assert "linear-call" in proc.stdout and "this ÷ other" in proc.stdout

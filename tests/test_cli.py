@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,47 @@ def test_python_dash_m_runs_and_fails_cleanly(tmp_path: Path) -> None:
     assert bad.stderr.startswith("loraplug inspect: error: ")
 
 
+# What the `loraplug` console script that pip writes into bin/ runs. Its sys.path starts
+# with bin/, not with the current directory as `python -m loraplug`'s does.
+CONSOLE_SCRIPT = "import sys\nfrom loraplug.__main__ import main\nsys.exit(main())\n"
+
+
+@pytest.mark.parametrize("launcher", ["console script", "python -m"])
+def test_model_builder_in_the_current_directory(tmp_path: Path, launcher: str) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "loraplug").write_text(CONSOLE_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mymodels.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Linear(4, 3))\n")
+    command = [sys.executable, str(tmp_path / "bin" / "loraplug")] \
+        if launcher == "console script" else [sys.executable, "-m", "loraplug"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([*command, "targets", "mymodels:net", "-t", "0", "-r", "1"],
+                        capture_output=True, text=True, env=env, cwd=work, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert re.search(r"^\*\s+0\s+nn\.Linear\s+3×4", ok.stdout, re.M)
+    missing = subprocess.run([*command, "targets", "othermodels:net"], capture_output=True,
+                             text=True, env=env, cwd=work, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr == (
+        "loraplug targets: error: cannot import 'othermodels' for MODEL 'othermodels:net': "
+        f"no module 'othermodels' in the current directory ({work}) or the installed "
+        "packages\n")
+
+
+def test_current_directory_leaves_sys_path_as_it_was(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "here_models.py").write_text(
+        "from torch import nn\n\ndef net():\n    return nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "here_models", raising=False)
+    before = list(sys.path)
+    assert run(capsys, "targets", "here_models:net")[0] == 0
+    assert sys.path == before
+
+
 # --------------------------------------------------------------------------- bad arguments
 BAD_ARGUMENTS = [
     (["bogus"], 2, r"invalid choice: 'bogus'"),
@@ -142,7 +184,7 @@ def rows_of(out: str) -> dict[str, list[str]]:
     """layer -> [mark, type, weight, LoRA, params, path] from the targets table."""
     rows = {}
     for line in out.splitlines()[2:]:
-        if not line.strip():
+        if not line.strip() or ": " in line:  # the legend under the table
             break
         mark, rest = line[:1].strip(), line[1:].split()
         rows[rest[0]] = [mark, *rest[1:]]
@@ -158,7 +200,7 @@ def test_targets_marks_what_inject_would_wrap(capsys: pytest.CaptureFixture[str]
     wrapped = lp.find_targets(model, [nn.Linear, "0"], exclude="4")
     assert sorted(n for n, r in rows.items() if r[0] == "*") == wrapped == ["0", "3"]
     assert set(rows) == {"0", "3", "4"}  # ReLU and Flatten hold no parameters
-    assert rows["0"][1:4] == ["nn.Conv2d", "4×3×3×3", "yes"]
+    assert rows["0"][1:4] == ["nn.Conv2d", "4×3×3×3", "LoRAConv2d"]
     expected = {"0": lora_params((4, 3, 3, 3), 2), "3": lora_params((5, 64), 2)}
     assert {n: int(rows[n][4].replace(",", "")) for n in wrapped} == expected
     # The same numbers from a real injection.
@@ -188,8 +230,9 @@ def test_targets_without_pattern_lists_every_layer(capsys: pytest.CaptureFixture
     code, out, _ = run(capsys, "targets", "test_cli:grouped_model")
     assert code == 0
     rows = rows_of(out)
-    assert rows == {"0": ["", "nn.Conv2d", "8×2×3×3", "yes"], "1": ["", "nn.BatchNorm2d", "8"]}
-    assert "1 layers can take LoRA" in out and "pass --target PATTERN" in out
+    assert rows == {"0": ["", "nn.Conv2d", "8×2×3×3", "LoRAConv2d"],
+                    "1": ["", "nn.BatchNorm2d", "8"]}
+    assert "\n1 layer can take LoRA (nn.Conv1d" in out and "pass --target PATTERN" in out
 
 
 def test_targets_counts_a_grouped_conv_at_any_rank(capsys: pytest.CaptureFixture[str]) -> None:
@@ -225,23 +268,94 @@ def test_targets_selects_a_layer_its_owner_reads(capsys: pytest.CaptureFixture[s
     assert rows_of(out)["attn.out_proj"][0] == "*" and rows_of(out)["head"][0] == "*"
 
 
+def encoder_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = attention_model()
+    model.enc = nn.TransformerEncoderLayer(8, 2, 16)
+    return model
+
+
+class Picky(nn.Linear):
+    """A Linear whose LoRA layer takes even ranks only: a layer type that refuses ranks."""
+
+
+@lp.register_lora_layer(Picky)
+class LoRAPicky(lp.LoRALinear):
+    """LoRA on :class:`Picky`, refusing odd ranks."""
+
+    def check_rank(self, rank: int) -> str | None:
+        return None if rank % 2 == 0 else f"takes even ranks only; received rank={rank}."
+
+
+def picky_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.block = nn.Module()
+    model.block.p1, model.block.p2 = Picky(8, 8), Picky(8, 8)
+    model.head = nn.Linear(8, 4)
+    return model
+
+
+def test_targets_counts_only_what_inject_would_wrap(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "targets", "test_cli:picky_model", "-t", "type:Linear", "-r", "3")
+    assert code == 1
+    rows = rows_of(out)
+    refused = ["block.p1", "block.p2"]
+    assert [n for n, r in rows.items() if r[0] == "!"] == refused
+    assert all(len(rows[n]) == 4 for n in refused)  # no parameters counted for them
+    assert "\n1 layer selected (*); rank 3 adds 36 parameters" in out  # head: 3·8 + 4·3
+    assert "2 more layers selected cannot take it (!)" in out
+    # The advice is for the command line: no Python in it.
+    assert "lambda" not in out and "exclude=" not in out
+    advice = re.search(r"^To go ahead: --rank 4 fits every selected layer; or leave the ! "
+                       r"layers out with (.*)$", out, re.M).group(1)
+    assert advice == "--exclude '*.p1' --exclude '*.p2'"
+    # Following it, nothing is refused, and inject_lora wraps exactly the layers marked *.
+    exclude = re.findall(r"--exclude '([^']+)'", advice)
+    code, out, _ = run(capsys, "targets", "test_cli:picky_model", "-t", "type:Linear",
+                       "-r", "3", *(f"--exclude={p}" for p in exclude))
+    assert code == 0 and "!" not in "".join(r[0] for r in rows_of(out).values())
+    wrapped = lp.inject_lora(picky_model(), target=nn.Linear, exclude=exclude, rank=3)
+    assert [n for n, r in rows_of(out).items() if r[0] == "*"] == wrapped == ["head"]
+
+
+def test_targets_listing_counts_layers_their_owners_read(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # out_proj and the encoder's linear1/linear2 are read by their owners: they take
+    # LoRA like any other layer (the owners read W + ΔW).
+    code, out, _ = run(capsys, "targets", "test_cli:encoder_model")
+    assert code == 0
+    rows = rows_of(out)
+    assert "\n5 layers can take LoRA" in out and not any(r[0] == "!" for r in rows.values())
+    for name, row in rows.items():
+        if len(row) > 3:  # a LoRA layer type
+            assert lp.inject_lora(encoder_model(), target=name, rank=2) == [name]
+
+
+def test_messages_read_as_sentences(capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, err = run(capsys, "targets", "test_cli:encoder_model", "-t", "attn.out_prj")
+    assert ".;" not in err
+    assert re.search(r"Close module names: \[[^]]*\]\. Patterns are globs", err), err
+
+
 def test_targets_warns_when_rank_exceeds_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", MODEL, "-t", "4", "-r", "4")
     assert code == 0
-    assert "! 4: rank 4 exceeds the rank ΔW can have there (2)" in out
+    assert rows_of(out)["4"][0] == "*"  # wrapped all the same
+    assert "note: 4: rank 4 exceeds the rank ΔW can have there (2)" in out
 
 
 def test_targets_accepts_a_module_instance(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:INSTANCE", "-t", "0", "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "yes", "4", "branch"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "LoRALinear", "4", "branch"]}
 
 
 def test_targets_builds_for_real_when_meta_fails(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:needs_real_data", "-t", "type:nn.Linear",
                        "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "yes", "5", "branch"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "LoRALinear", "5", "branch"]}
 
 
 # --------------------------------------------------------------------------- inspect
@@ -395,6 +509,17 @@ def test_merge_reads_safetensors_checkpoints(capsys: pytest.CaptureFixture[str],
     assert_close(plain(x), model(x).detach())
 
 
+def test_merge_counts_in_words(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = tiny_model()
+    lp.inject_lora(model, target="3", rank=1)
+    lp.save_adapter(model, tmp_path / "adapter")
+    save_file(tiny_model().state_dict(), str(tmp_path / "base.safetensors"))
+    _, text, _ = run(capsys, "merge", "--model", MODEL, "--weights",
+                     str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "m.safetensors"))
+    assert f"into 1 layer of {MODEL};" in text
+
+
 class _Payload:
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (os.system, ("echo pwned",))
@@ -458,3 +583,26 @@ def test_inspect_reports_an_invalid_config(capsys: pytest.CaptureFixture[str],
     assert code == 1
     assert "problem: peft_type is 'IA3'; only LoRA adapters" in out
     assert table(out)["fc"][:3] == ["2", "?", "?"]  # no usable config: alpha unknown
+
+
+# --------------------------------------------------------------------------- docs/cli.md
+def documented_targets_sessions() -> list[tuple[list[str], list[str]]]:
+    """(argv, shown output lines) of every ``$ loraplug targets`` block in docs/cli.md."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    sessions = []
+    for block in re.findall(r"```console\n(.*?)```", text, flags=re.S):
+        command, *shown = block.splitlines()
+        if command.startswith("$ loraplug targets "):
+            sessions.append((shlex.split(command)[3:], shown))
+    return sessions
+
+
+@pytest.mark.parametrize(("argv", "shown"), documented_targets_sessions())
+def test_documented_targets_output_is_real(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                           shown: list[str]) -> None:
+    pytest.importorskip("torchvision")
+    _, out, err = run(capsys, "targets", *argv)  # the docs show both, as a terminal does
+    actual = iter((out + err).splitlines())
+    for line in shown:  # in order; "..." stands for lines left out
+        if line.strip() != "...":
+            assert line in actual, f"{line!r} is not in the output, in this order"

@@ -1,4 +1,4 @@
-"""The goldfish example (examples/vgg19_goldfish.py), run as a user runs it.
+"""The goldfish example (examples/goldfish.py), run as a user runs it.
 
 The example runs in a subprocess, offline, with an empty torch hub cache, so it must
 fall back from VGG19 to EfficientNet-Lite0 by itself. Its reported results are then
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -21,8 +24,14 @@ from PIL import Image
 import loraplug as lp
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "vgg19_goldfish.py"
+EXAMPLE = ROOT / "examples" / "goldfish.py"
 GOLDFISH = 1
+
+sys.path.insert(0, str(EXAMPLE.parent))
+try:
+    from _goldfish_report import ARTICLE
+finally:
+    sys.path.remove(str(EXAMPLE.parent))
 
 
 def run_example(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -49,11 +58,26 @@ def lite0_logits(model: torch.nn.Module, images: list[Image.Image]) -> torch.Ten
 def test_goldfish_example_on_efficientnet_lite0(tmp_path: Path) -> None:
     result = run_example(tmp_path, "--held-out", "10", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr[-3000:]
-    # No VGG19 file in the (empty) hub cache: it says where the file goes, then falls back.
+    # No VGG19 file in the (empty) hub cache: one line says so, without paths, and names
+    # the options; then it runs on EfficientNet-Lite0.
     checkpoint = tmp_path / "torch_home" / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
-    assert "VGG19's ImageNet weights are not on this machine" in result.stdout
-    assert str(checkpoint) in result.stdout
+    out = result.stdout
+    assert "Backbone: EfficientNet-Lite0, not the article's VGG19" in out
+    assert "--download" in out and "--weights PATH" in out
+    assert str(tmp_path) not in out.partition("\nwrote ")[0]
     assert not checkpoint.exists()  # nothing was downloaded
+    # The console names the article and what it did before anything else, labels the
+    # adapter table, and reports each training in one line (no progress bar off a terminal).
+    assert out.startswith(ARTICLE.intro)
+    assert f'The article "{ARTICLE.title}" ("{ARTICLE.english}") {ARTICLE.did}.' \
+        in " ".join(out.split())
+    assert re.search(r"^2\. loraplug: inject_lora, rank 8 on EfficientNet-Lite0's last layers "
+                     r"\(loraplug\.summary\):\nlayer ", out, re.M)
+    for method in ("input_level", "inject_lora"):
+        assert re.search(rf"^training {method}: \d+ steps in [\d.]+ s, loss [\d.]+, 5/5 "
+                         "training fish called goldfish$", out, re.M)
+    assert "step/s" not in result.stderr and "%|" not in result.stderr
+    assert f"article: input-level {ARTICLE.method}" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["backbone"] == "EfficientNet-Lite0"
     before = report["before"]
@@ -141,18 +165,24 @@ def test_goldfish_example_vgg19_code_path(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "goldfish_report.png").is_file()
 
 
-def test_input_level_adapter_refuses_to_merge() -> None:
-    """The article's adapter has no base weight: merging says so instead of failing oddly."""
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    """examples/goldfish.py, imported as a module (its main() does not run)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("goldfish_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # its dataclasses look their module up
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     sys.path.insert(0, str(EXAMPLE.parent))
     try:
-        spec.loader.exec_module(example)
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(EXAMPLE.parent))
+    return module
+
+
+def test_input_level_adapter_refuses_to_merge(example: ModuleType) -> None:
+    """The article's adapter has no base weight: merging says so instead of failing oddly."""
 
     class Zeros(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,3 +193,70 @@ def test_input_level_adapter_refuses_to_merge() -> None:
     for call in (lp.merge, lambda m: lp.merge(m, safe=True), lambda m: lp.unload(m, merge=True)):
         with pytest.raises(lp.StateError, match="has no base weight to merge into"):
             call(model)
+
+
+class SlowFirstCall(torch.nn.Module):
+    """A 4 → 1000 classifier whose first forward takes a second, like a cold start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(4, 1000)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(1.0)
+        return self.head(x)
+
+
+def test_training_is_timed_after_a_warm_up(example: ModuleType,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    model = SlowFirstCall()
+    lp.inject_lora(model, target="head", rank=2)
+    x = torch.randn(5, 4)
+    steps, seconds, _ = example.train(model, x, lr=0.5, max_steps=3, desc="t", progress=False)
+    assert seconds < 0.5  # the cold first call was not timed
+    assert model.calls == 1 + steps + 1  # the warm-up, then one forward per step and a last
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    # The warm-up changes nothing: training a twin without it takes the same steps.
+    twin = SlowFirstCall()
+    lp.inject_lora(twin, target="head", rank=2)
+    twin.calls = 1  # no cold start
+    target = torch.full((5,), example.GOLDFISH)
+    optimiser = torch.optim.Adam([p for p in twin.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(twin(x), target).backward()
+        optimiser.step()
+    assert torch.equal(twin.head.lora_B["default"], model.head.lora_B["default"])
+    assert capsys.readouterr().out.startswith(f"training t: {steps} steps in ")
+
+
+def test_progress_bar_ends_at_the_steps_taken(example: ModuleType,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    model = SlowFirstCall()
+    model.calls = 1
+    lp.inject_lora(model, target="head", rank=2)
+    x = torch.ones(5, 4) + 0.01 * torch.randn(5, 4)  # five alike: they become goldfish soon
+    steps, _, _ = example.train(model, x, lr=0.5, max_steps=100, desc="t", progress=True)
+    assert 0 < steps < 100
+    out, err = capsys.readouterr()
+    assert out == ""  # the bar says it all
+    last = err.rstrip("\n").rsplit("\r", 1)[-1]
+    assert re.match(rf"training t: 100%\|[^|]*\| {steps}/{steps} ", last), last
+    assert err.endswith("\n")  # left on its own line: what is printed next starts a new one
+
+
+def test_every_output_names_the_article_and_its_method(example: ModuleType) -> None:
+    assert example.ARTICLE is ARTICLE
+    METHODS = example.METHODS
+    assert ARTICLE.method == "B·A·flatten(x)"
+    assert ARTICLE.method in METHODS["input_level"]  # the console tables
+    assert ARTICLE.method in ARTICLE.legend and ARTICLE.english in ARTICLE.legend  # picture
+    assert ARTICLE.title in ARTICLE.intro and ARTICLE.did in " ".join(ARTICLE.intro.split())
+    for page in (ROOT / "docs" / "index.md", ROOT / "README.md", EXAMPLE):
+        text = page.read_text()
+        assert ARTICLE.title in text, page
+        assert "B·A·x" not in text, page

@@ -69,7 +69,8 @@ def test_the_page_layer_matches_the_dense_reference(
     torch.testing.assert_close(y, _dense(layer, x, names))
     weight = layer.weight.detach().clone()
     lp.merge(model, safe=True)
-    torch.testing.assert_close(model(x), y)
+    with torch.no_grad():  # a merged layer in a training forward warns (it cannot train)
+        torch.testing.assert_close(model(x), y)
     for name in names:
         torch.testing.assert_close(layer.delta_weight(name),
                                    layer.scaling[name] * (layer.lora_B[name]

@@ -1,4 +1,4 @@
-"""The code in docs/files.md and docs/migrating.md runs as written."""
+"""The code in docs/files.md, docs/migrating.md and docs/transformers.md runs as written."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ def python_blocks(name: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (DOCS / name).read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("name", ["files.md", "migrating.md"])
+@pytest.mark.parametrize("name", ["files.md", "migrating.md", "transformers.md"])
 def test_documented_code_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(name)
     assert blocks
-    if any("import peft" in block for block in blocks):
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        pytest.importorskip("peft")
+    for package in ("peft", "transformers"):
+        if any(re.search(rf"^(from|import) {package}\b", b, re.M) for b in blocks):
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+            pytest.importorskip(package)
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
     for block in blocks:  # one namespace: later blocks build on earlier ones

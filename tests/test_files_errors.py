@@ -369,7 +369,7 @@ def test_loading_into_merged_layers_or_a_taken_name(saved: tuple[Path, nn.Module
     lp.unmerge(base)
     lp.merge(base)
     refused(base, path, r"'conv1' has \['default'\] merged; call loraplug.unmerge", name="second")
-    refused(base, path, r"adapter name must be a non-empty identifier", name="a.b")
+    refused(base, path, r"adapter name must be a non-empty string without dots", name="a.b")
 
 
 def test_a_name_taken_on_other_layers_is_refused(saved: tuple[Path, nn.Module]) -> None:

@@ -484,3 +484,19 @@ def test_a_block_serves_inference_mode_and_training_calls() -> None:
         out.sum().backward()
     torch.testing.assert_close(out.detach(), first)
     assert model[0].lora_B["b"].grad is not None and model[0].lora_B["a"].grad is not None
+
+
+def test_deleting_a_routed_adapter_inside_the_block_is_refused() -> None:
+    torch.manual_seed(0)
+    model = _ab_model()
+    randomize_adapters(model)
+    x = torch.randn(3, 4)
+    with lp.adapter_per_sample(model, ["b", None, "b"]):
+        expected = model(x)
+        with pytest.raises(lp.StateError, match=r"delete_adapter: adapter 'b' is in use inside "
+                                                r"adapter_per_sample on \['0'\]; delete it "
+                                                r"after the with block"):
+            lp.delete_adapter(model, "b")
+        lp.delete_adapter(model, "a")  # not routed in this block: fine
+        assert torch.equal(model(x), expected)
+    lp.delete_adapter(model, "b")

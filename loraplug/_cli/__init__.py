@@ -11,7 +11,8 @@
   loads with ``load_state_dict``.
 
 MODEL is ``torchvision:NAME`` (built without pretrained weights) or
-``package.module:callable`` (called without arguments; a module instance works too).
+``package.module:callable`` (called without arguments; a module instance works too),
+imported from the current directory first, then from the installed packages.
 Files are read with safetensors or ``torch.load(weights_only=True)``; nothing is
 unpickled. Errors print one line and exit with status 1 (2 for bad arguments).
 """
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from .._errors import LoRAError
-from ._common import CLIError, _one_line, _Parser
+from ._common import CLIError, Parser, one_line
 from ._inspect import cmd_inspect
 from ._merge import cmd_merge
 from ._targets import cmd_targets
@@ -36,10 +37,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     model_help = ("torchvision:NAME (built without weights) or package.module:callable "
                   "(returns an nn.Module)")
-    parser = _Parser(prog="loraplug", description="LoRA adapters for any PyTorch model: see "
-                     "what a target wraps, inspect adapter files, merge adapters into weights.")
+    parser = Parser(prog="loraplug", description="LoRA adapters for PyTorch models: see what "
+                     "a target wraps, inspect adapter files, merge adapters into weights.")
     parser.add_argument("--version", action="version", version=f"loraplug {VERSION}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("targets", help="list a model's layers and what a target would wrap",
                        description="List every layer of MODEL with its type and weight shape; "
@@ -97,10 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = f"loraplug {args.command}"
         return int(args.run(args))
     except CLIError as err:
-        print(f"{command}: error: {_one_line(str(err))}", file=sys.stderr)
+        print(f"{command}: error: {one_line(str(err))}", file=sys.stderr)
         return err.code
     except (LoRAError, OSError) as err:
-        print(f"{command}: error: {_one_line(str(err))}", file=sys.stderr)
+        print(f"{command}: error: {one_line(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)

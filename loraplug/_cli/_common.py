@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,24 +22,52 @@ class CLIError(Exception):
         self.code = code
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
+    """A message's lines as one: sentences run on, list items are joined with "; "."""
     parts = [line.strip().removeprefix("- ").strip() for line in str(message).splitlines()]
-    return "; ".join(p for p in parts if p).replace(":;", ":")
+    text = ""
+    for part in filter(None, parts):
+        if text:
+            text += " " if text.endswith((".", ":", "?", "!")) else "; "
+        text += part
+    return text
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     # argparse prints the usage block before its error; one line is easier to read.
     def error(self, message: str) -> None:  # type: ignore[override]
         raise CLIError(f"{message} (see {self.prog} --help)", code=2)
 
 
 # --------------------------------------------------------------------------- models
+@contextlib.contextmanager
+def _current_directory_first() -> Iterator[None]:
+    # `python -m loraplug` imports from the current directory and the console script
+    # would not (its sys.path starts with its bin/ directory): both look there first.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def build_model(spec: str, *, meta: bool = False) -> nn.Module:
     """Build the model ``spec`` names: ``torchvision:NAME`` or ``package.module:callable``.
 
-    With ``meta``, the model is first built on the meta device (shapes only: fast, no
-    memory); a builder that cannot run there is built on the CPU instead.
+    ``package.module`` is imported from the current directory first, then from the
+    installed packages. With ``meta``, the model is first built on the meta device
+    (shapes only: fast, no memory); a builder that cannot run there is built on the CPU
+    instead.
     """
+    with _current_directory_first():
+        return _build_model(spec, meta=meta)
+
+
+def _build_model(spec: str, *, meta: bool) -> nn.Module:
     source, sep, name = spec.partition(":")
     if not sep or not source or not name:
         raise CLIError(
@@ -62,7 +93,11 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
         try:
             module = importlib.import_module(source)
         except ImportError as err:
-            raise CLIError(f"cannot import {source!r} for MODEL {spec!r}: {err}") from err
+            reason = str(err)
+            if isinstance(err, ModuleNotFoundError) and err.name == source.partition(".")[0]:
+                reason = (f"no module {err.name!r} in the current directory ({os.getcwd()}) "
+                          "or the installed packages")
+            raise CLIError(f"cannot import {source!r} for MODEL {spec!r}: {reason}") from err
         obj: object = module
         for part in name.split("."):
             if not hasattr(obj, part):
@@ -91,7 +126,7 @@ def build_model(spec: str, *, meta: bool = False) -> nn.Module:
     return model
 
 
-def _pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
+def parse_pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
     """A command-line target: a glob, ``re:REGEX`` or ``type:CLASS``."""
     if text.startswith("re:"):
         try:
@@ -116,13 +151,13 @@ def _pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
 
 
 # --------------------------------------------------------------------------- targets
-def _shape(module: nn.Module) -> str:
+def weight_shape(module: nn.Module) -> str:
     weight = module._parameters.get("weight")
     tensors = [weight] if weight is not None else list(module.parameters(recurse=False))
     return "×".join(map(str, tensors[0].shape)) if tensors else ""
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def fmt(row: Sequence[str]) -> str:
@@ -133,7 +168,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def _size(n: float) -> str:
+def byte_size(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -141,5 +176,10 @@ def _size(n: float) -> str:
     return ""  # unreachable
 
 
-def _dims(t: Tensor) -> str:
+def count_of(n: int, noun: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def dims(t: Tensor) -> str:
     return "×".join(map(str, t.shape))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,21 +22,14 @@ from .._format import (
     read_metadata,
 )
 from .._peft_config import parse_config
-from ._common import _dims, _one_line, _size, _table
+from ._common import byte_size, dims, one_line, table
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    directory, weights_file = locate(Path(args.adapter_dir))
-    raw = read_config(directory / CONFIG_NAME)
-    state, metadata = read_adapter_weights(weights_file)
-    config, problems, unknown = parse_config(raw)
-    extras, found = read_metadata(metadata)
-    problems += found
-    entries, others, found = index_keys(state, set())
-    problems += found
-
+def _print_header(directory: Path, weights_file: Path, raw: object, extras: Mapping[str, Any],
+                  metadata: Mapping[str, str], unknown: list[str]) -> None:
+    """Where the adapter is, who wrote it, and the config fields that shape it."""
     print(f"adapter   {directory}")
-    print(f"weights   {weights_file.name} ({_size(weights_file.stat().st_size)})")
+    print(f"weights   {weights_file.name} ({byte_size(weights_file.stat().st_size)})")
     if "loraplug" in extras:
         print(f"written   by loraplug {metadata.get('loraplug.version', '?')} (file format "
               f"{metadata.get('loraplug.format')}); adapter name {extras.get('adapter', '?')!r}")
@@ -50,6 +45,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("config    " + "  ".join(shown))
     if unknown:
         print(f"config    fields loraplug ignores: {unknown}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    directory, weights_file = locate(Path(args.adapter_dir))
+    raw = read_config(directory / CONFIG_NAME)
+    state, metadata = read_adapter_weights(weights_file)
+    config, problems, unknown = parse_config(raw)
+    extras, found = read_metadata(metadata)
+    problems += found
+    entries, others, found = index_keys(state, set())
+    problems += found
+
+    _print_header(directory, weights_file, raw, extras, metadata, unknown)
 
     rows, params, nbytes, bad = [], 0, 0, []
     for path, slots in sorted(entries.items()):
@@ -76,17 +84,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         size = a.numel() * a.element_size() + b.numel() * b.element_size()
         params += a.numel() + b.numel()
         nbytes += size
-        rows.append((path, str(rank), alpha_text, scaling_text, _dims(a), _dims(b), dtype,
-                     _size(size), "yes" if finite else "NO"))
+        rows.append((path, str(rank), alpha_text, scaling_text, dims(a), dims(b), dtype,
+                     byte_size(size), "yes" if finite else "NO"))
     print()
     if rows:
-        print(_table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
+        print(table(("layer", "rank", "alpha", "scaling", "A", "B", "dtype", "size", "finite"),
                      rows, right=(1, 2, 3, 7)))
     layers = f"{len(rows)} layer{'s' if len(rows) != 1 else ''}"
-    print(f"\n{layers}, {params:,} parameters, {_size(nbytes)} of tensors; "
+    print(f"\n{layers}, {params:,} parameters, {byte_size(nbytes)} of tensors; "
           + ("all finite." if not bad else f"NaN or inf in {bad}."))
     if others:
         problems.append(f"{len(others)} tensors are not LoRA tensors: {sorted(others)[:5]}")
     for problem in problems:
-        print(f"problem: {_one_line(problem)}")
+        print(f"problem: {one_line(problem)}")
     return 1 if problems or bad else 0

