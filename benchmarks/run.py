@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import mixed, scenarios
+from . import exact, mixed, qlora, scenarios
 from .timing import wait_for_quiet
 from .twins import peft_available
 
@@ -149,6 +149,43 @@ def tables(results: dict[str, Any]) -> str:
             f"Mixed adapters in one batch ({results['mixed'][0]['about']})",
             ["shape", "base", "lp one adapter", "lp per row", "per row ÷ one",
              "PEFT adapter_names", "PEFT ÷ lp", "PEFT ÷ lp above base"], rows))
+    rows = []
+    for r in results.get("merge_exact", []):
+        t = r["time"]
+
+        def both(key: str, t: dict[str, Any] = t) -> str:
+            return f"{_time(t[key]['merge'])} / {_time(t[key]['unmerge'])}" if key in t else "—"
+        rows.append([
+            r["model"], r["dtype"], r["adapters"], both("exact"), both("inexact"),
+            both("in_place"), both("peft"), f"{t['exact']['merge_over_in_place']:.2f}×",
+            f"{100 * t['exact']['check_share']:.1f}%", f"{r['side_per_weight_byte']:.3f}",
+            " / ".join(f"{100 * r['drift'][k]:.1f}%" for k in ("exact", "peft")
+                       if k in r["drift"]),
+        ])
+    if rows:
+        out.append(_table(
+            "Exact merge: merge / unmerge per model, medians; side bytes per weight byte; "
+            f"entries changed after {results['merge_exact'][0]['cycles']} cycles",
+            ["model", "dtype", "adapters", "exact", "exact=False", "in place (before)",
+             "PEFT", "exact ÷ in place", "check", "side B/B", "drift exact / PEFT"],
+            rows))
+    q = results.get("qlora")
+    if q:
+        def mib(key: str, who: str) -> str:
+            return f"{q[key][who] / MiB:.1f}" if who in q[key] else "—"
+        rows = [[who, mib("resident_bytes", who), mib("step_peak_bytes", who),
+                 mib("peak_bytes", who), _span(q["train"][who]) if who in q["train"] else "—"]
+                for who in ("loraplug", "peft", "fp32") if who in q["peak_bytes"]]
+        ratios = q["memory_ratio"]
+        out.append(_table(
+            f"QLoRA training step ({q['about']}); MiB: resident = weights, quantization "
+            "statistics, adapters, AdamW state; step = peak allocated during the step above it",
+            ["model", "resident MiB", "step MiB", "peak MiB", "step time"], rows)
+            + f"peak: loraplug nf4 / loraplug fp32 {ratios['loraplug_over_fp32']:.3f}×"
+            + (f", loraplug / PEFT {ratios['loraplug_over_peft']:.3f}×"
+               if "loraplug_over_peft" in ratios else "")
+            + (f"; step time loraplug / PEFT {q['train_ratio']['loraplug_over_peft']:.3f}× "
+               "(paired median)\n" if "train_ratio" in q else "\n"))
     return "\n".join(out)
 
 
@@ -158,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small shapes and few rounds: a smoke test, not a measurement")
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="scenarios to run (names as printed; 'mixed' for mixed batches)")
+                        help="scenarios to run (names as printed; 'mixed' for mixed batches, "
+                             "'merge-exact' for exact merging)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default: %(default)s)")
     parser.add_argument("--no-peft", action="store_true", help="measure loraplug alone")
@@ -174,14 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}",  # noqa: E731
                             file=sys.stderr, flush=True)
     chosen = scenarios.scenarios(args.quick)
-    known = [s.name for s in chosen] + ["mixed"]
+    known = [s.name for s in chosen] + ["mixed", "merge-exact", "qlora"]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {known}")
     if not args.no_peft and not peft_available():
         log("peft is not installed: measuring loraplug alone (pip install -e .[bench])")
     results: dict[str, Any] = {"environment": environment(args.threads), "quick": args.quick,
-                               "scenarios": [], "mixed": []}
+                               "scenarios": [], "mixed": [], "merge_exact": []}
     def settle() -> float | None:
         if not args.quiet_wait:
             return None
@@ -198,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only or "mixed" in args.only:
         results["mixed"] = mixed.run(quick=args.quick, use_peft=not args.no_peft, log=log,
                                      settle=settle)
+    if not args.only or "merge-exact" in args.only:
+        results["merge_exact"] = exact.run(quick=args.quick, use_peft=not args.no_peft,
+                                           log=log, settle=settle)
+    if not args.only or "qlora" in args.only:
+        missing = qlora.available()
+        if missing:
+            log(f"qlora skipped: {missing}")
+        else:
+            results["qlora"] = qlora.run(quick=args.quick, use_peft=not args.no_peft, log=log,
+                                         settle=settle)
     results["environment"]["load_at_end"] = os.getloadavg()
     results["environment"]["seconds"] = round(time.perf_counter() - started, 1)
 

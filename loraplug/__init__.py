@@ -13,15 +13,15 @@ Example:
     >>> _ = lp.unload(model)
 """
 
+from . import _quantized  # noqa: F401  (registers the quantized layer types by name)
 from ._adapters import (
     active_adapters,
     adapter_names,
     delete_adapter,
     disable_adapters,
-    merge,
     set_adapter,
-    unmerge,
 )
+from ._combine import combine_adapters
 from ._conv import LoRAConv, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from ._embedding import LoRAEmbedding
 from ._errors import (
@@ -34,9 +34,11 @@ from ._errors import (
     TargetError,
 )
 from ._inject import inject_lora, unload
+from ._kbit import prepare_for_kbit_training
 from ._layer import LoRALayer
 from ._linear import LoRALinear
 from ._load import load_adapter, load_adapter_state_dict
+from ._merging import merge, unmerge
 from ._mixed import adapter_per_sample
 from ._parameter import LoRAParameter, LoRAParameterHost
 from ._registry import lora_layer_type, register_lora_layer
@@ -70,6 +72,7 @@ __all__ = [
     "adapter_names",
     "adapter_per_sample",
     "adapter_state_dict",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "find_targets",
@@ -78,6 +81,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_layer_type",
     "merge",
+    "prepare_for_kbit_training",
     "register_lora_layer",
     "save_adapter",
     "save_merged",

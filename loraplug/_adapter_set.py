@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ def usable_name(name: object) -> bool:
     return isinstance(name, str) and bool(name) and "." not in name \
         and not any(hasattr(c, name) for c in _CONTAINERS)
 
+if TYPE_CHECKING:
+    from ._folds import Fold
+
 
 class AdapterSet(nn.Module):
     """Named low-rank adapters and their state; :class:`loraplug.LoRALayer` adds the math."""
@@ -49,7 +52,8 @@ class AdapterSet(nn.Module):
         self.use_rslora: dict[str, bool] = {}
         self.dropout: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
-        self.merged_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()  # in the weight, in merge order
+        self._folds: list[Fold] = []  # how they were merged: see _folds.py
         self.adapters_disabled = False
         self._live: tuple[str, ...] = ()  # what the forward computes
 
@@ -119,9 +123,13 @@ class AdapterSet(nn.Module):
         self.scaling[name] = float(alpha) / (math.sqrt(rank) if self.use_rslora[name] else rank)
         sync_gates(self)
 
-    def set_active(self, names: Iterable[str]) -> None:
-        """Ask for ``names`` to be computed; names this layer lacks are ignored."""
-        if self.merged_adapters:
+    def set_active(self, names: Iterable[str], *, while_merged: bool = False) -> None:
+        """Ask for ``names`` to be computed; names this layer lacks are ignored.
+
+        Refused while adapters are merged (they act through the weight whatever is
+        active), unless ``while_merged``: ``delete_adapter`` drops an unmerged name.
+        """
+        if self.merged_adapters and not while_merged:
             raise StateError(
                 f"this layer has {list(self.merged_adapters)} merged; unmerge before "
                 "switching adapters."
@@ -155,6 +163,9 @@ class AdapterSet(nn.Module):
         return tuple(n for n in self.active_adapters if n in self.rank)
 
     def _refresh(self) -> None:
-        # The adapters the forward computes, resolved once here instead of every call.
-        self._live = () if self.merged_adapters or self.adapters_disabled else self.held_active
+        # The adapters the forward computes, resolved once here instead of every call:
+        # the active ones not merged into the weight (merged ones act through it).
+        merged = self.merged_adapters
+        self._live = () if self.adapters_disabled else tuple(
+            n for n in self.held_active if n not in merged)
         sync_gates(self)

@@ -9,14 +9,19 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ._distributed import refuse_sharded
 from ._errors import AdapterError, StateError
-from ._layer import LoRALayer, refuse_nonfinite
+from ._folds import push, take_out
+from ._layer import LoRALayer
 from ._targeting import check_model, clean_name
 from ._weights import merge_problem, shared_memory, staging_problem, weight_home
+
+if TYPE_CHECKING:
+    pass
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
@@ -197,9 +202,12 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the base model alone inside the ``with`` block; adapters return after it.
 
+    Merged adapters are taken out of the weights on entry and merged again on exit:
+    exactly, when they were merged with ``exact=True`` (the default), so the weights
+    inside are the base weights and after the block they are bit for bit what they were.
+
     Raises:
-        StateError: the model has no LoRA layers, or some are merged (the base weight is
-            not available without unmerging; call ``unmerge`` first).
+        StateError: the model has no LoRA layers, or merged layers are sharded by FSDP2.
 
     Example:
         >>> import torch
@@ -210,25 +218,28 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
         >>> _ = lp.inject_lora(model, target="0", rank=2)
         >>> torch.nn.init.ones_(model[0].lora_B["default"])  # doctest: +ELLIPSIS
         Parameter...
+        >>> lp.merge(model)
         >>> with lp.disable_adapters(model):
         ...     torch.equal(model(torch.ones(1, 4)), base)
         True
+        >>> model[0].merged_adapters
+        ('default',)
     """
     layers = layers_or_raise(model, "disable_adapters")
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise StateError(
-            f"disable_adapters: layers {merged[:5]} are merged, so their weight holds the "
-            "adapters; call loraplug.unmerge(model) first."
-        )
+    refuse_sharded([(n, layer) for n, layer in layers if layer.merged], "disable_adapters")
+    folds = [[(f.names, f.residual is not None) for f in layer._folds] for _, layer in layers]
+    for _, layer in layers:
+        take_out(layer, layer.merged_adapters)
     before = [layer.adapters_disabled for _, layer in layers]
     for _, layer in layers:
         layer.set_disabled(True)
     try:
         yield
     finally:
-        for (_, layer), flag in zip(layers, before):
+        for (_, layer), flag, merged in zip(layers, before, folds):
             layer.set_disabled(flag)
+            for names, exact in merged:
+                push(layer, tuple(n for n in names if n in layer.rank), exact=exact)
         # Layers that got their first adapter inside the block leave it with the others.
         inside = {id(layer) for _, layer in layers}
         for _, layer in lora_layers(model):
@@ -251,7 +262,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         AdapterError: ``name`` is not an adapter of the model.
-        StateError: some layers are merged; ``unmerge`` first.
+        StateError: the adapter is merged into some layers; ``unmerge(model, name)`` first.
 
     Example:
         >>> from torch import nn
@@ -265,11 +276,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """
     layers = layers_or_raise(model, "delete_adapter")
     check_names(model, [name], "delete_adapter")
-    merged = [n for n, layer in layers if layer.merged]
+    merged = [n for n, layer in layers if name in layer.merged_adapters]
     if merged:
         raise StateError(
-            f"delete_adapter: {merged[:5]} are merged (their weights hold the active "
-            "adapters); call loraplug.unmerge(model) first."
+            f"delete_adapter: adapter {name!r} is merged into {merged[:5]} (their weights "
+            f"hold it); call loraplug.unmerge(model, {name!r}) first."
         )
     # Inside adapter_per_sample each layer routes rows to the adapters in its route's slots.
     routed = [n for n, layer in layers if name in getattr(layer._detour, "slots", ())]
@@ -286,78 +297,4 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not active and remaining:
         active = remaining[:1]
     for _, layer in layers:
-        layer.set_active(active)
-
-
-def merge(model: nn.Module, *, safe: bool = False) -> None:
-    """Fold the active adapters into the base weights, in place.
-
-    ``W ← W + Σ_a s_a ΔW_a``, with ΔW summed in float32 for float16/bfloat16 weights and
-    cast once. While merged, each LoRA layer's forward is exactly the base computation.
-    Merging an already merged model is a no-op, so ΔW is never added twice.
-
-    Args:
-        model: a model with LoRA layers.
-        safe: compute every merged weight first and check that all are finite before
-            writing any: either every layer merges or none does. Holds one extra copy of
-            the adapted weights while checking.
-
-    Raises:
-        StateError: the model has no LoRA layers, a layer type cannot merge
-            (``merge_refusal``), adapters are disabled, ``safe`` is set and a merged
-            weight is not finite, a LoRA layer's weight is tied to another module's (or
-            shares its memory), is computed by a hook, or is parametrized by something
-            that cannot hold the merged weight, or FSDP2 has sharded the LoRA layers
-            (nothing is changed then).
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> import loraplug as lp
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> _ = lp.inject_lora(model, target="0", rank=2)
-        >>> _ = torch.nn.init.normal_(model[0].lora_B["default"])
-        >>> x = torch.randn(3, 4)
-        >>> before = model(x)
-        >>> lp.merge(model)
-        >>> with torch.no_grad():  # inference: merged adapters cannot train
-        ...     torch.allclose(model(x), before, atol=1e-6)
-        True
-    """
-    layers = layers_or_raise(model, "merge")
-    check_mergeable(model, layers, "merge")
-    if not safe:
-        for _, layer in layers:
-            layer.merge()
-        return
-    staged = []
-    for name, layer in layers:
-        new = layer.stage_merge()
-        if new is not None:
-            refuse_nonfinite(new, f"merge(safe=True): merging {list(layer.held_active)} into "
-                             f"{name!r} gives NaN or inf weights; no layer was changed. Check "
-                             "that adapter's tensors.")
-            staged.append((layer, new))
-    for layer, new in staged:
-        layer.commit_merge(new)
-
-
-def unmerge(model: nn.Module) -> None:
-    """Take merged adapters out of the base weights again, in place; a no-op if none are.
-
-    ``W ← W − Σ_a s_a ΔW_a`` in the same precision as ``merge``. The round trip is not
-    bit for bit: each element comes back within one ulp of the larger of ``|W|`` and
-    ``|W + ΔW|``, which for a weight near zero is many of its own ulps (see
-    docs/concepts.md). ``unload(merge=False)`` on a never-merged model returns
-    bit-identical weights.
-
-    Args:
-        model: a model with LoRA layers.
-
-    Raises:
-        StateError: the model has no LoRA layers, or FSDP2 has sharded them.
-    """
-    layers = layers_or_raise(model, "unmerge")
-    refuse_sharded(layers, "unmerge")
-    for _, layer in layers:
-        layer.unmerge()
+        layer.set_active(active, while_merged=True)  # merged adapters are not deleted

@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from ._lock import locked
+
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:
     flags = os.O_RDONLY if directory else os.O_RDWR
@@ -73,14 +75,17 @@ def write_atomically(files: dict[Path, Callable[[str], None]]) -> None:
 
     Every file is complete and synced before the first rename, so an interruption while
     writing (the slow part) leaves all previous files as they were. Renames follow in the
-    order given.
+    order given, under an exclusive lock on the directories (``_lock``), so that the
+    renames of concurrent writers never interleave.
     """
     staged: list[tuple[Path, Path]] = []
     try:
         for target, write in files.items():
             staged.append((_stage(target, write), target))
-        for temp, target in staged:
-            os.replace(temp, target)
+        # Concurrent writers to one directory rename their files one writer at a time.
+        with locked(target.parent for target in files):
+            for temp, target in staged:
+                os.replace(temp, target)
     except BaseException:
         for temp, _ in staged:
             with contextlib.suppress(OSError):

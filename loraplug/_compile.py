@@ -56,7 +56,7 @@ def gated_adapters(layer: AdapterSet) -> tuple[tuple[str, ...], dict[str, Tensor
     # on (weight decay, momentum) and DDP all-reduces. Without gradients (inference),
     # every adapter is computed and gated, so switching needs no new graph.
     names = layer._live if torch.is_grad_enabled() else tuple(layer.rank)
-    if not names or layer.merged_adapters:
+    if not names or (layer.merged_adapters and not layer._live):  # merged: the base alone
         return (), {}
     gates = layer._lora_scales
     return names, {name: gates[i] for i, name in enumerate(layer.rank)}

@@ -192,6 +192,10 @@ class LoRAConv(LoRALayer):
         # (out, r) @ (r, in/g·k…) -> (out, in/g·k…), accumulated into the weight's view.
         add_matmul(target.view(out, -1), b.reshape(out, rank), a.reshape(rank, -1), scale)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        # One product B A over the weight's matrix view, for any groups: (1, out, in/g·k…).
+        return delta.reshape(1, delta.shape[0], -1)
+
     # ----------------------------------------------------------- shapes and files
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, in_per_group, *kernel = self.weight.shape

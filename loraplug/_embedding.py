@@ -98,6 +98,9 @@ class LoRAEmbedding(LoRALayer):
     def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
         add_matmul(target, a.t(), b.t(), scale)  # (V, r) @ (r, d) -> (V, d)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.t().unsqueeze(0)  # ΔWᵀ = s B A: (1, d, V)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = self.weight.shape
         return (rank, num_embeddings), (dim, rank)

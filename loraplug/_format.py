@@ -17,7 +17,6 @@ Nothing is ever unpickled: ``.bin`` files go through ``torch.load(weights_only=T
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections import defaultdict
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ import safetensors
 import torch
 from torch import Tensor, nn
 
+from ._bounded import JSONTooDeep, load_json, tensor_problem
 from ._errors import AdapterFileError
 from ._layer import LoRALayer
 from ._targeting import clean_name
@@ -141,7 +141,12 @@ def read_config(path: Path) -> object:
         AdapterFileError: the file is not valid JSON.
     """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path.read_text(encoding="utf-8"))
+    except JSONTooDeep as err:
+        raise AdapterFileError(
+            f"{path}: {err}; PEFT's LoRA config is a flat object. Save the adapter again, or "
+            "repair the file."
+        ) from None
     except (ValueError, UnicodeDecodeError) as err:
         raise AdapterFileError(
             f"{path} is not valid JSON ({err}); it should hold PEFT's LoRA config. Save the "
@@ -185,8 +190,8 @@ def read_weights(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
         # line the bytes are not a pickle at all.
         detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
         raise UnreadableWeights(path, "refused", detail) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UnreadableWeights(path, "torch", str(err)) from err
+    except Exception as err:  # any failure to parse untrusted bytes means "unreadable"
+        raise UnreadableWeights(path, "torch", f"{type(err).__name__}: {err}") from err
     if not isinstance(state, Mapping):
         raise UnreadableWeights(path, "mapping", type(state).__name__)
     return state, {}
@@ -242,7 +247,7 @@ def read_metadata(metadata: dict[str, str]) -> tuple[FileExtras, list[str]]:
         extras["adapter"] = metadata[META_ADAPTER]
     if META_DROPOUT in metadata:
         try:
-            dropout = json.loads(metadata[META_DROPOUT])
+            dropout = load_json(metadata[META_DROPOUT])
             ok = isinstance(dropout, dict) and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
                 for v in dropout.values())
@@ -267,9 +272,9 @@ def pair_problems(raw: object, metadata: dict[str, str]) -> list[str]:
     if META_CONFIG not in metadata or not isinstance(raw, dict):
         return []
     try:
-        saved = json.loads(metadata[META_CONFIG])
-    except ValueError:
-        return [f"metadata {META_CONFIG} is not JSON; save the adapter again."]
+        saved = load_json(metadata[META_CONFIG])
+    except ValueError as err:
+        return [f"metadata {META_CONFIG} is not usable JSON ({err}); save the adapter again."]
     differ = [k for k in PAIRED_FIELDS if isinstance(saved, dict) and saved.get(k) != raw.get(k)]
     if not differ:
         return []
@@ -301,12 +306,10 @@ def layer_tensors(path: str, layer_cls: type[LoRALayer], slots: Slots) -> tuple[
                 f"{path}: key {key!r} is the wrong kind for a {layer_cls.__name__}, whose "
                 f"tensors are named {path}.{names['A']} and {path}.{names['B']} (PEFT's names)."
             )
-        elif not isinstance(value, Tensor):
-            problems.append(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor.")
-        elif not value.is_floating_point():
-            problems.append(f"{path}: {key!r} has dtype {value.dtype}; expected a float tensor.")
+        elif why := tensor_problem(key, value):
+            problems.append(f"{path}: {why}")
         else:
-            found[slot] = value
+            found[slot] = value  # type: ignore[assignment]
     if problems:
         return None, problems
     return (found["A"], found["B"]), []
@@ -364,6 +367,8 @@ def other_key_problems(model: nn.Module, state: Mapping, others: dict[str, str])
         mine, theirs = model_tensors.get(own), state[key]
         if mine is None or not isinstance(theirs, Tensor):
             problems.append(f"unexpected key {key!r}: {_hint(short)}.")
+        elif why := tensor_problem(key, theirs):
+            problems.append(f"{why.rstrip('.')} ({_hint(short)}).")
         elif theirs.shape != mine.shape or not torch.equal(theirs.to(mine.dtype), mine.cpu()):
             problems.append(
                 f"{key!r} holds a base weight for {own} (PEFT saves embedding layers that are "

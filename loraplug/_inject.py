@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -10,9 +9,12 @@ from torch import Tensor, nn
 
 from ._adapter_set import usable_name
 from ._adapters import active_adapters, check_mergeable, lora_layers
+from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, memory_problem, rank_ok
+from ._bounded import short_repr as _short
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
 from ._hooks import swap_hooks
 from ._layer import LoRALayer
+from ._merging import merge as merge_all
 from ._parameter import LoRAParameter
 from ._parameter_targeting import (
     ParameterTarget,
@@ -22,6 +24,7 @@ from ._parameter_targeting import (
     select_targets,
     stage_parameters,
 )
+from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
 from ._targeting import TargetSpec, module_paths, set_module
 from ._weights import reading_weights
@@ -59,24 +62,25 @@ def validate_hyperparameters(
     Raises:
         ConfigError: a value is of the wrong type or out of range.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not rank_ok(rank):
         raise ConfigError(
-            f"rank must be a positive int; received {rank!r}. Typical ranks are 4 to 64, "
-            "e.g. rank=8."
+            f"rank must be a positive int; received {_short(rank)}. Typical ranks are 4 to "
+            f"64, e.g. rank=8 (at most {MAX_RANK})."
         )
     if alpha is None:
         alpha = rank
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 \
-            or not math.isfinite(alpha):
+    if not alpha_ok(alpha):
         raise ConfigError(
-            f"alpha must be a finite number > 0; received {alpha!r}. The scaling is "
-            f"alpha / rank; alpha=None means alpha = rank (scaling 1)."
+            f"alpha must be a finite number > 0; received {_short(alpha)}. The scaling is "
+            "alpha / rank, computed in the weights' dtype, so alpha must fit a float32 "
+            f"({ALPHA_RANGE[0]:.4g} to {ALPHA_RANGE[1]:.4g}); alpha=None means alpha = rank "
+            "(scaling 1)."
         )
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
             or not 0.0 <= dropout < 1.0:
         raise ConfigError(
-            f"dropout must be a number in [0, 1); received {dropout!r}. Use 0.0 for none, "
-            "e.g. dropout=0.05."
+            f"dropout must be a number in [0, 1); received {_short(dropout)}. Use 0.0 for "
+            "none, e.g. dropout=0.05."
         )
     name = validate_name(name)
     if init not in ("kaiming", "gaussian"):
@@ -143,7 +147,7 @@ def injection_problems(
             f"{taken}, names a LoRA layer uses for its own state (rank, alpha, scaling, "
             "lora_A, ... per adapter), so it would hide them. Rename them in the module, or "
             f"leave the layer out (exclude=[{name!r}]).")))
-    why = probe.check_rank(spec.rank)
+    why = probe.check_rank(spec.rank) or memory_problem(probe, spec.rank)
     if why:
         found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
     if probe.forward_differs and spec.dropout > 0:
@@ -180,10 +184,6 @@ def inject_lora(
     State-dict keys of the base model are kept (``fc.weight`` stays ``fc.weight``); the
     adapter adds ``fc.lora_A.<name>`` and ``fc.lora_B.<name>``.
 
-    ``target_parameters`` names bare parameters (MoE expert stacks, the weight of a type
-    no layer is registered for): each takes the adapter through the weight, its owner's
-    own forward running on ``W + ΔW`` (see :class:`LoRAParameter` for the layouts).
-
     Args:
         model: any ``nn.Module``; changed in place.
         target: glob(s) over full module names, compiled regex(es), module type(s) or a
@@ -200,9 +200,11 @@ def inject_lora(
         freeze_base: set ``requires_grad=False`` on every parameter that is not a LoRA
             parameter, so only adapters train.
         target_parameters: glob(s) over full parameter names (``"*.experts.gate_up_proj"``),
-            compiled regex(es) or a predicate ``(name, parameter) -> bool``: parameters of
-            2 or more dimensions to adapt through the weight. ``target`` or
-            ``target_parameters`` (or both) must be given.
+            compiled regex(es) or a predicate ``(name, parameter) -> bool``: bare
+            parameters of 2 or more dimensions (MoE expert stacks, any module's weight),
+            each adapted through the weight: its module's own forward runs on ``W + ΔW``
+            (layouts: :class:`LoRAParameter`). ``target`` or ``target_parameters`` (or
+            both) must be given.
 
     Returns:
         The sorted names of the layers (and parameters) that received the adapter.
@@ -265,8 +267,7 @@ def inject_layers(
     use_rslora: bool,
     freeze_base: bool,
 ) -> dict[str, LoRALayer]:
-    """Add adapter ``name`` to ``modules`` (clean name -> module, or parameter target)
-    with per-layer specs.
+    """Add adapter ``name`` to ``modules`` (name -> module or parameter) with per-layer specs.
 
     Checks every layer first and raises before changing anything (warnings too are
     given before any change, so that warnings-as-errors change nothing either); returns
@@ -303,13 +304,10 @@ def _stage(model: nn.Module, modules: dict[str, nn.Module | ParameterTarget],
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
     staged: dict[str, _Staged] = {}
     params = stage_parameters({q: t for q, t in modules.items() if isinstance(t, ParameterTarget)})
-    for qualname, module in modules.items():
+    for qualname, target in modules.items():
         spec = specs[qualname]
-        layer: LoRALayer
-        if isinstance(module, ParameterTarget):
-            layer, module = params[qualname], module.owner
-        else:
-            layer = lora_layer_for(module)
+        module = target.owner if isinstance(target, ParameterTarget) else target
+        layer = params[qualname] if qualname in params else lora_layer_for(module)
         staged[qualname] = _Staged(module, layer, *layer.new_adapter(spec.rank, init), spec)
     too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
                  for q, s in staged.items() if s.spec.rank > s.layer.max_rank()]
@@ -332,12 +330,11 @@ def _attach(model: nn.Module, staged: list[_Staged], paths: dict[int, list[str]]
     disabled = any(layer.adapters_disabled for _, layer in existing)
     for item in staged:
         layer = item.layer
-        new = layer.adapter_names == ()
-        layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
-                          dropout=item.spec.dropout, use_rslora=use_rslora)
-        if new:
+        if not layer.adapter_names:  # a new layer follows the model
             layer.set_active(active)
             layer.set_disabled(disabled)
+        layer.add_adapter(name, item.a, item.b, alpha=item.spec.alpha,
+                          dropout=item.spec.dropout, use_rslora=use_rslora)
         if isinstance(layer, LoRAParameter):
             attach_parameter(model, item.module, layer, paths[id(item.module)])
         elif layer is not item.module:
@@ -368,7 +365,10 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     Raises:
         StateError: ``merge`` is set while adapters are disabled, on a LoRA layer whose
             weight is tied to another module's, computed by a hook or parametrized by
-            something that cannot hold the merged weight, or on a model sharded by FSDP2.
+            something that cannot hold the merged weight, on a model sharded by FSDP2, or
+            with adapters whose merged weight would hold NaN or inf, or on an unmerged
+            layer with a quantized weight (``merge(model, requantize=True)`` first); nothing
+            is changed then.
 
     Example:
         >>> from torch import nn
@@ -380,13 +380,13 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
         True
     """
     layers = lora_layers(model)
-    if merge:
+    if merge and layers:
         check_mergeable(model, layers, "unload(merge=True)")
+        refuse_quantized(layers, "unload(merge=True)")
+        merge_all(model, exact=False)  # every layer or none; they leave: nothing is kept
     paths = module_paths(model)
     for _, layer in layers:
-        if merge:
-            layer.merge()
-        else:
+        if not merge:
             layer.unmerge()
         layer.sync_base()
         # A parameter's layer leaves with its host, which hands back the owner.

@@ -32,22 +32,21 @@ from torch import Tensor, nn
 from ._adapter_set import AdapterSet
 from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
+from ._folds import names_to_merge, push, take_out
 from ._named_forms import NamedBranch, forms_of
 from ._owner_reads import ReadableWeight
 from ._products import Scale, compute_dtype
-from ._weights import before_loading, merge_problem, warn_training_merged, weight_home, write_weight
+from ._weights import before_loading, merge_problem, warn_training_merged
+
+
+def _as_tuple(names: str | Iterable[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 class Detour(Protocol):
     """A forward that replaces the layer's own while set (see ``LoRALayer._detour``)."""
 
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
-
-
-def refuse_nonfinite(weight: Tensor, message: str) -> None:
-    """Raise :class:`StateError` with ``message`` when ``weight`` holds NaN or inf."""
-    if not torch.isfinite(weight).all():
-        raise StateError(message)
 
 
 class LoRALayer(ReadableWeight, AdapterSet):
@@ -171,6 +170,16 @@ class LoRALayer(ReadableWeight, AdapterSet):
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None
 
+    def delta_blocks(self, delta: Tensor) -> Tensor | None:
+        """``delta`` (shaped like ``weight``) as a view (g, rows, cols) of g products.
+
+        Block k is ``s · B_k A_k`` with ``A_k = A.reshape(g, r/g, cols)[k]`` and
+        ``B_k = B.reshape(g, rows, r/g)[k]``: what concatenating adapters and
+        refactoring a sum of them by SVD (``combine_adapters``) rely on. None, the
+        default, when ΔW has no such form (those methods are then refused).
+        """
+        return None
+
     # ----------------------------------------------------------- derived forms
     def lora_forward(self, x: Tensor, name: str) -> Tensor:
         """The branch ``s · B A x`` of adapter ``name`` alone, shaped like the output.
@@ -260,7 +269,8 @@ class LoRALayer(ReadableWeight, AdapterSet):
             nn.init.kaiming_uniform_(other, a=math.sqrt(5))
         else:
             nn.init.normal_(other, std=1.0 / rank)
-        return a.to(weight.dtype), b.to(weight.dtype)
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32  # packed weights
+        return a.to(dtype), b.to(dtype)
 
     # ----------------------------------------------------------- merge
     def _adapted_weight(self, names: Iterable[str], scales: Mapping[str, Scale],
@@ -292,52 +302,20 @@ class LoRALayer(ReadableWeight, AdapterSet):
         names = self.held_active if names is None else tuple(names)
         return self._adapted_weight(names, self.scaling, sign)
 
-    def stage_merge(self) -> Tensor | None:
-        """The weight :meth:`merge` would write, computed but not written; or ``None``.
+    def merge(self, names: str | Iterable[str] | None = None, *, safe: bool = False,
+              exact: bool = True) -> None:
+        """Fold adapters into ``weight`` in place: the active ones, or ``names``.
 
-        ``None`` when there is nothing to merge: merged already, or no active adapter here.
-        Pass the weight to :meth:`commit_merge`, after checking it (``merge(safe=True)``).
-        """
-        if self.merged_adapters or not self.held_active:
-            return None
-        return self.merged_weight()
-
-    @torch.no_grad()
-    def commit_merge(self, weight: Tensor | None = None) -> None:
-        """Write ``weight`` from :meth:`stage_merge`, and record :attr:`held_active` as merged.
-
-        With ``weight=None`` the adapters are folded into the weight directly, which reads
-        and writes it once (half-precision weights go through a float32 copy).
-        """
-        names = self.held_active
-        if weight is None:
-            self._fold(names, 1)
-        else:
-            write_weight(self, weight)
-        self.merged_adapters = names
-        self._refresh()
-
-    @torch.no_grad()
-    def _fold(self, names: tuple[str, ...], sign: int) -> None:
-        weight = self._tensor("weight")
-        if compute_dtype(weight.dtype) == weight.dtype and weight_home(self) == "stored":
-            self._accumulate(weight, names, self.scaling, sign)
-        else:  # through a float32 copy, or through a parametrization (_weights.py)
-            write_weight(self, self._adapted_weight(names, self.scaling, sign))
-
-    def merge(self, *, safe: bool = False) -> None:
-        """Fold the active adapters into ``weight`` in place; a no-op when already merged.
-
-        While merged, ``forward`` costs exactly what the base module costs.
-
-        Args:
-            safe: check that the merged weight is finite before writing it.
+        Adapters already merged are skipped, so ΔW is never added twice. While every
+        active adapter is merged, ``forward`` costs exactly what the base module costs.
+        See :func:`loraplug.merge` for ``exact``; ``safe`` is kept for compatibility
+        (every merge is checked).
 
         Raises:
             StateError: the layer type cannot merge (:attr:`merge_refusal`), the weight
                 cannot take it (computed by a hook, or parametrized by something that
-                cannot hold it), adapters are disabled, or ``safe`` is set and the merged
-                weight has NaN or inf; the weight is left as it was.
+                cannot hold it), adapters are disabled, or the merged weight would have
+                NaN or inf entries; the weight is left as it was.
         """
         why = merge_problem(self)  # merge_refusal, or a weight computed by a hook
         if why is not None:
@@ -347,24 +325,16 @@ class LoRALayer(ReadableWeight, AdapterSet):
                 "adapters are disabled on this layer (inside disable_adapters); merge outside "
                 "that block."
             )
-        if not safe:
-            if not self.merged_adapters and self.held_active:
-                self.commit_merge()
-            return
-        new = self.stage_merge()
-        if new is not None:
-            refuse_nonfinite(new, f"merging {list(self.held_active)} gives a weight with NaN or "
-                             "inf values; the weight was left unmerged. Check the adapter "
-                             "tensors (torch.isfinite) before merging.")
-            self.commit_merge(new)
+        adding = names_to_merge(self, None if names is None else _as_tuple(names))
+        if adding:
+            push(self, adding, exact=exact)
 
-    def unmerge(self) -> None:
-        """Take the merged adapters out of ``weight`` again; a no-op when nothing is merged."""
-        if not self.merged_adapters:
-            return
-        self._fold(self.merged_adapters, -1)
-        self.merged_adapters = ()
-        self._refresh()
+    def unmerge(self, names: str | Iterable[str] | None = None) -> None:
+        """Take merged adapters out of ``weight``: all, or ``names``; exactly when merged so.
+
+        See :func:`loraplug.unmerge`.
+        """
+        take_out(self, self.merged_adapters if names is None else _as_tuple(names))
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:

@@ -50,6 +50,9 @@ class LoRALinear(LoRALayer):
     def add_delta(self, target: Tensor, a: Tensor, b: Tensor, scale: Scale) -> None:
         add_matmul(target, b, a, scale)  # (out, r) @ (r, in) -> (out, in)
 
+    def delta_blocks(self, delta: Tensor) -> Tensor:
+        return delta.unsqueeze(0)  # (1, out, in)
+
     def adapter_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.weight.shape
         return (rank, in_features), (out_features, rank)

@@ -9,7 +9,6 @@ first). ``load_adapter_state_dict`` fills an adapter already on the model the sa
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import warnings
 from collections.abc import Iterator, Mapping
@@ -40,6 +39,7 @@ from ._format import (
 )
 from ._inject import LayerSpec, inject_layers, injection_problems, validate_name
 from ._layer import LoRALayer
+from ._lock import locked
 from ._parameter import LoRAParameter, LoRAParameterHost
 from ._parameter_targeting import (
     ParameterTarget,
@@ -49,7 +49,10 @@ from ._parameter_targeting import (
 )
 from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
+from ._regex import RegexRefused, work_limit
 from ._registry import lora_layer_for, lora_layer_type, supported_types, type_name
+from ._rng import rng_untouched
+from ._shared_paths import shared_module_problems
 from ._targeting import candidates, module_paths
 from ._weights import reading_weights
 
@@ -101,6 +104,9 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     rank, alpha, source = config.spec(path)
     spec = LayerSpec(rank, alpha, dropout)
     blockers = injection_problems(model, path, module, paths, spec, adapter=adapter)
+    if isinstance(module, LoRALayer) and adapter in module.adapter_names:
+        # A taken name is reported once, for the whole model (_name_problems).
+        blockers = [b for b in blockers if "already has an adapter named" not in b[1]]
     problems += [message for _, message in blockers]
     tensors, found = layer_tensors(path, layer_cls, slots)
     problems += found
@@ -157,10 +163,13 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
         problems += found
         if planned is not None:
             plan[path] = planned
+    problems += shared_module_problems(plan)
     if config.names_explicitly():
+        loaded = {id(item.module) for item in plan.values()}
         for path, module in everything.items():
             layer_cls = _layer_class(module)
-            if path in entries or not config.targets(path) or layer_cls is None:
+            if path in entries or id(module) in loaded or not config.targets(path) \
+                    or layer_cls is None:
                 continue
             key_a, key_b = key_names(layer_cls)
             problems.append(f"{path}: target_modules selects it, but the file lacks "
@@ -208,21 +217,6 @@ def _geometry_warning(plan: dict[str, _Planned]) -> None:
         )
 
 
-@contextlib.contextmanager
-def _rng_untouched(modules: list[nn.Module]) -> Iterator[None]:
-    # Injection draws initial values that the file then overwrites; keep the caller's RNG.
-    devices = {t.device for m in modules for t in m.parameters(recurse=False)
-               if t.device.type != "cpu"}
-    kinds = {d.type for d in devices}
-    if len(kinds) == 1:
-        with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices}),
-                                   device_type=kinds.pop()):
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            yield
-
-
 def load_adapter(
     model: nn.Module, path: str | Path, *, name: str | None = None, freeze_base: bool = True
 ) -> list[str]:
@@ -259,7 +253,8 @@ def load_adapter(
             unexpected; a key names a module the model lacks or of an unsupported type;
             shapes disagree with ``r``/``rank_pattern`` or with the layer; a config field
             cannot be honoured (``use_dora``, ``bias``, ``modules_to_save``, ...); the name
-            is taken, or a target layer is merged. One error lists every problem.
+            is taken, or a target layer is merged; a config regex needs unbounded work; a
+            shared module gets different tensors per path. One error lists every problem.
         ConfigError: ``path`` is not a path, or ``freeze_base`` not a bool.
 
     Warns:
@@ -270,8 +265,9 @@ def load_adapter(
             warning leaves the model as it was.
     """
     directory, weights_file = locate(as_path(path, "load_adapter"))
-    raw = read_config(directory / CONFIG_NAME)
-    state, metadata = read_adapter_weights(weights_file)
+    with locked([directory], shared=True):  # both files from one save (see _lock)
+        raw = read_config(directory / CONFIG_NAME)
+        state, metadata = read_adapter_weights(weights_file)
     config, config_problems, unknown = parse_config(raw)
     problems = [f"{CONFIG_NAME}: {p}" for p in config_problems]
     extras, found = read_metadata(metadata)
@@ -285,14 +281,17 @@ def load_adapter(
         problems.append(f"{weights_file.name} holds no tensors.")
     plan: dict[str, _Planned] = {}
     if config is not None:
-        with reading_weights(model.modules()):  # spectral_norm: reads must not iterate
-            plan, found = _plan(model, config, entries, extras, adapter)
+        try:  # config regexes: bounded work in all (see _regex); spectral_norm: reads
+            with work_limit(), reading_weights(model.modules()):  # must not iterate
+                plan, found = _plan(model, config, entries, extras, adapter)
+        except RegexRefused as err:
+            found = [f"{CONFIG_NAME}: the regex {err}; name the modules in a list instead."]
         problems += found
     if problems or config is None:
         raise AdapterFileError(report(f"cannot load the adapter in {directory}", problems))
     _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
-    with _rng_untouched([item.module.owner if isinstance(item.module, ParameterTarget)
-                         else item.module for item in plan.values()]):
+    with rng_untouched([item.module.owner if isinstance(item.module, ParameterTarget)
+                        else item.module for item in plan.values()]):
         layers = inject_layers(
             model, {p: item.module for p, item in plan.items()},
             {p: item.spec for p, item in plan.items()}, name=adapter, init="kaiming",

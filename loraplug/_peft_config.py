@@ -19,12 +19,19 @@ the safetensors metadata.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
+
+from ._bounded import ALPHA_RANGE, MAX_RANK, alpha_ok, finite_number, rank_ok
+from ._peft_regex import fullmatcher, key_finder
+from ._regex import RegexRefused
+
+_RANK_TEXT = f"a positive integer, at most {MAX_RANK}"
+_ALPHA_TEXT = (f"a finite number > 0, within float32's range {ALPHA_RANGE[0]:.4g} to "
+               f"{ALPHA_RANGE[1]:.4g}")
 
 #: Fields that must hold a neutral value, with the reason they cannot be honoured.
 _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
@@ -116,34 +123,42 @@ class PeftLoRAConfig:
 
 
 def matches(spec: tuple[str, ...] | str, name: str) -> bool:
-    """PEFT's ``target_modules`` rule: list = full name or ``.``-suffix; str = fullmatch."""
+    """PEFT's ``target_modules`` rule: list = full name or ``.``-suffix; str = fullmatch.
+
+    Regexes run in bounded time (``_regex``), with ``re``'s meaning.
+    """
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return fullmatcher(spec)(name)
     return name in spec or any(name.endswith("." + entry) for entry in spec)
 
 
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
-    """The first ``rank_pattern``/``alpha_pattern`` key that matches ``name``, PEFT's way."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
+    """The first ``rank_pattern``/``alpha_pattern`` key that matches ``name``, PEFT's way
+    (``re.match(rf"(.*\\.)?({key})$", name)``), in bounded time."""
+    keys = tuple(patterns)
+    index = key_finder(keys)(name)
+    return None if index is None else keys[index]
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    return finite_number(value)
 
 
 def _rank_ok(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return rank_ok(value)
 
 
-def _regex_problem(field_name: str, pattern: str) -> str | None:
+def _regex_problem(field_name: str, pattern: str, *, key: bool = False) -> str | None:
     try:
-        re.compile(pattern)
-    except re.error as err:
-        return f"{field_name} {pattern!r} is not a valid regular expression ({err})."
+        key_finder((pattern,)) if key else fullmatcher(pattern)
+    except RegexRefused as err:
+        where = " once PEFT embeds it as (.*\\.)?(KEY)$" if key else ""
+        if err.invalid:
+            return f"{field_name} {pattern!r} is not a valid regular expression{where} ({err})."
+        return (f"{field_name} {pattern!r} is refused{where}: {err}. Regexes in adapter files "
+                "are matched in bounded time, so backreferences, conditional or atomic groups, "
+                "possessive quantifiers and very large patterns are not accepted; list the "
+                "module names instead.")
     return None
 
 
@@ -163,7 +178,7 @@ def _module_spec(raw: dict, key: str, problems: list[str]) -> tuple[str, ...] | 
 
 
 def _positive_number(value: object) -> bool:
-    return _is_number(value) and value > 0
+    return alpha_ok(value)
 
 
 def _pattern(raw: dict, key: str, problems: list[str], *, valid: Callable[[object], bool],
@@ -173,7 +188,7 @@ def _pattern(raw: dict, key: str, problems: list[str], *, valid: Callable[[objec
         problems.append(f"{key} is {value!r}; expected an object mapping name patterns to values.")
         return {}
     for pattern, item in value.items():
-        why = _regex_problem(f"{key} key", pattern)
+        why = _regex_problem(f"{key} key", pattern, key=True)
         if why:
             problems.append(why)
         if not valid(item):
@@ -210,10 +225,10 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
         )
     rank = raw.get("r", 8)
     if not _rank_ok(rank):
-        problems.append(f"r is {rank!r}; expected a positive integer.")
+        problems.append(f"r is {rank!r}; expected {_RANK_TEXT}.")
     alpha = raw.get("lora_alpha", 8)
     if not _positive_number(alpha):
-        problems.append(f"lora_alpha is {alpha!r}; expected a finite number > 0.")
+        problems.append(f"lora_alpha is {alpha!r}; expected {_ALPHA_TEXT}.")
     dropout = raw.get("lora_dropout", 0.0)
     if not (_is_number(dropout) and 0 <= dropout < 1):
         problems.append(f"lora_dropout is {dropout!r}; expected a number in [0, 1).")
@@ -221,9 +236,9 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
     if not isinstance(use_rslora, bool):
         problems.append(f"use_rslora is {use_rslora!r}; expected true or false.")
     rank_pattern = _pattern(raw, "rank_pattern", problems, valid=_rank_ok,
-                            expected="a positive integer")
+                            expected=_RANK_TEXT)
     alpha_pattern = _pattern(raw, "alpha_pattern", problems, valid=_positive_number,
-                             expected="a finite number > 0")
+                             expected=_ALPHA_TEXT)
     targets = _module_spec(raw, "target_modules", problems)
     excludes = _module_spec(raw, "exclude_modules", problems)
     parameters = raw.get("target_parameters") or []

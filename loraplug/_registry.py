@@ -112,7 +112,9 @@ def lora_layer_for(module: nn.Module) -> LoRALayer:
 
     A LoRA layer is its own; any other module gets a new layer of its registered class,
     wrapped around it but placed nowhere: injection puts it into the model, while
-    checks (valid ranks, adapter shapes) use it as a throw-away probe.
+    checks (valid ranks, adapter shapes) use it as a throw-away probe. A module whose
+    weight alone is quantized (torchao keeps ``nn.Linear``) gets the layer its weight's
+    format names, a subclass of the registered one.
 
     Raises:
         TargetError: no LoRA layer is registered for the module's type.
@@ -128,7 +130,9 @@ def lora_layer_for(module: nn.Module) -> LoRALayer:
             "their subclasses. Register one with loraplug.register_lora_layer."
         )
     layer_cls, registered = found
-    return layer_cls(module, registered)
+    from ._quantized import quantized_layer_class
+
+    return quantized_layer_class(module, layer_cls)(module, registered)
 
 
 def lora_layer_type(module_type: type[nn.Module]) -> type[LoRALayer] | None:
@@ -161,4 +165,4 @@ def type_name(module_type: type) -> str:
 
 def supported_types() -> list[str]:
     """Names of the registered base types, for error messages."""
-    return sorted([*(type_name(t) for t in _REGISTRY), *_BY_NAME])
+    return sorted({*(type_name(t) for t in _REGISTRY), *_BY_NAME})

@@ -38,6 +38,7 @@ from ._layer import LoRALayer
 from ._parameter_targeting import parameter_names
 from ._paths import as_path
 from ._peft_config import build_config
+from ._quantized import plain_state
 from ._targeting import candidates, clean_name, module_paths
 from ._version import VERSION
 
@@ -98,7 +99,8 @@ def _write(files: dict[Path, Callable[[str], None]], action: str) -> None:
         raise AdapterFileError(
             f"{action} could not write {', '.join(str(p) for p in files)}: {err}. Each file is "
             "either the old or the new one, never a partial write; if only some were replaced, "
-            "load_adapter detects the mismatched pair and refuses it. Save again."
+            "load_adapter warns that the config and the weights come from different saves (and "
+            "refuses them if their shapes disagree). Save again."
         ) from err
 
 
@@ -176,12 +178,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default") -
                 "path."
             ) from err
         # An adapter is small: serialise it in memory, then write it through our own file.
+        weights = _canonical(serialize(tensors, metadata=metadata))
         _write({
-            directory / WEIGHTS_NAME: bytes_writer(serialize(tensors, metadata=metadata)),
+            directory / WEIGHTS_NAME: bytes_writer(weights),
             directory / CONFIG_NAME: bytes_writer(config_bytes),
         }, "save_adapter")
 
     run_on_main(model, write)  # FSDP2: process 0 writes, the others wait for it
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted, so that saving the same
+    adapter twice gives the same bytes (the writer orders metadata by hash)."""
+    # Layout: an 8-byte little-endian header length, the JSON header padded with spaces to
+    # a multiple of 8, then the tensor data, whose offsets the reordering leaves alone.
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def save_merged(model: nn.Module, path: str | Path) -> None:
@@ -192,7 +207,11 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     float32 for half-precision weights, then cast), the ``lora_A``/``lora_B`` keys are
     left out, and ``torch.compile``'s ``_orig_mod.`` is removed from key names, so
     ``original_model.load_state_dict(safetensors.torch.load_file(path))`` works without
-    loraplug. The model itself is not changed: merged weights are computed beside it
+    loraplug. Quantized weights (bitsandbytes, torchao) are written dequantized, in full
+    precision, without their quantization statistics: ``dequantize(W) + ΔW`` for LoRA
+    layers, ``dequantize(W)`` for the others, so the architecture built with plain
+    ``nn.Linear`` layers loads the file. The model itself is not changed: merged weights
+    are computed beside it
     (one extra copy of the adapted weights is held while writing). An already merged
     layer is written as it is. The write is atomic.
 
@@ -225,7 +244,8 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     state = model.state_dict()
     with torch.no_grad():
         for _, layer in layers:
-            weight = layer.weight.detach() if layer.merged else layer.merged_weight()
+            # The weight holds the merged adapters; the active ones not merged are added.
+            weight = layer.merged_weight(layer._live) if layer._live else layer.weight.detach()
             for real in paths[id(layer)]:
                 prefix = f"{real}." if real else ""
                 for adapter in layer.adapter_names:
@@ -234,6 +254,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
             owner, key = layer.weight_key()
             for real in paths[id(owner)]:
                 state[f"{real}.{key}" if real else key] = weight
+    state = plain_state(model, state)  # quantized weights dequantized, their statistics dropped
     tensors: dict[str, Tensor] = {}
     storages: set[int] = set()
     for key, value in state.items():

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 from torch import nn
 
 from ._adapters import lora_layers
+from ._quantized import describe_weight, logical_shape, parameter_count
 from ._registry import type_name
 
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One LoRA layer: its name, base type, weight shape, adapters and added parameters."""
+    """One LoRA layer: its name, base type, weight shape, adapters and added parameters.
+
+    ``shape`` is the weight's logical shape (a quantized weight's, not its packed
+    storage's); ``quantized`` tells whether it is stored quantized, ``weight`` how
+    (``"float32"``, ``"bnb nf4 dq"``, ``"torchao Int8Tensor"``) and ``bytes_per_weight``
+    what each element costs, its quantization statistics included.
+    """
 
     name: str
     base_type: str
@@ -21,6 +28,9 @@ class LayerSummary:
     active: tuple[str, ...]
     merged: bool
     lora_parameters: int
+    weight: str = ""
+    bytes_per_weight: float = 0.0
+    quantized: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,12 +47,16 @@ class LoRASummary:
         return sum(row.lora_parameters for row in self.layers)
 
     def __str__(self) -> str:
-        header = ("layer", "type", "shape", "adapters (r, alpha)", "active", "params")
+        # Quantized models get a column for how each weight is stored.
+        stored = any(row.quantized for row in self.layers)
+        header = ("layer", "type", "shape", *(("weight (bytes/w)",) if stored else ()),
+                  "adapters (r, alpha)", "active", "params")
         rows = [header] + [
             (
                 row.name,
                 row.base_type,
                 "×".join(map(str, row.shape)),
+                *((f"{row.weight} ({row.bytes_per_weight:.3g})",) if stored else ()),
                 ", ".join(f"{n} ({r}, {a:g})" for n, r, a in row.adapters),
                 ", ".join(row.active) + (" [merged]" if row.merged else ""),
                 f"{row.lora_parameters:,}",
@@ -67,7 +81,9 @@ def summary(model: nn.Module) -> LoRASummary:
 
     Each row has the layer's name, base type, weight shape, adapters with their rank and
     alpha, the active ones, and the parameters the adapters add (Linear:
-    ``r · (in + out)``). ``str()`` of the result, or the REPL, shows the table.
+    ``r · (in + out)``). ``str()`` of the result, or the REPL, shows the table. In a model
+    with quantized weights, shapes are the logical ones, a column shows how each weight
+    is stored and its bytes per weight, and ``total`` counts logical weights.
 
     Args:
         model: any model.
@@ -88,19 +104,23 @@ def summary(model: nn.Module) -> LoRASummary:
     """
     rows = []
     for name, layer in lora_layers(model):
+        kind, size = describe_weight(layer.base_layer) or ("", 0.0)
         rows.append(LayerSummary(
             name=name,
             base_type=type_name(type(layer.base_layer)),
-            shape=tuple(layer.weight.shape),
+            shape=logical_shape(layer.base_layer),
             adapters=tuple((n, layer.rank[n], layer.alpha[n]) for n in layer.adapter_names),
             active=layer.held_active,
             merged=layer.merged,
             lora_parameters=sum(p.numel() for s in (layer.lora_A, layer.lora_B)
                                 for p in s.values()),
+            weight=kind,
+            bytes_per_weight=size,
+            quantized=getattr(layer, "weight_format", None) is not None,
         ))
     params = list(model.parameters())
     return LoRASummary(
         layers=tuple(rows),
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=parameter_count(model),
     )

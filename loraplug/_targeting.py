@@ -178,6 +178,10 @@ class _Patterns:
         return [p for p, hit in zip(self.patterns, self.hit) if not hit]
 
 
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, LoRALayer) or lookup(type(module)) is not None
+
+
 def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = None) -> Selection:
     """Resolve ``target`` minus ``exclude`` against ``model``; changes nothing.
 
@@ -196,16 +200,28 @@ def select(model: nn.Module, target: TargetSpec, exclude: TargetSpec | None = No
     inc, exc = _Patterns(includes), _Patterns(_as_list(exclude))
     everything = list(candidates(model))
     picked: list[tuple[str, str, nn.Module]] = []
+    removed: list[str] = []  # selected by target, then taken out by exclude
     seen: set[int] = set()
     for name, path, module in everything:
         included = inc.match(name, module)
         # Excludes are checked against every module, so a typo there is caught too.
         excluded = exc.match(name, module)
+        if included and excluded and name and _supported(module):
+            removed.append(name)
         if included and not excluded and id(module) not in seen:
             seen.add(id(module))  # a shared module is wrapped once, under its first name
             picked.append((name, path, module))
     if inc.missed() or exc.missed():
         raise _unmatched(everything, inc.missed(), exc.missed())
+    if removed and not any(_supported(m) for name, _, m in picked if name):
+        shown = ", ".join(removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5
+                                          else "")
+        raise TargetError(
+            f"exclude {', '.join(describe(p) for p in exc.patterns)} removes every layer of a "
+            f"supported type that target selects ({shown}), so nothing is left to adapt. "
+            "Narrow the exclude or "
+            "widen the target; loraplug.find_targets(model, target) shows what a target selects."
+        )
     # The root is a target only when it is itself a supported layer (a bare nn.Linear).
     picked = [item for item in picked if item[0] or lookup(type(item[2])) is not None]
     if any(name == "" for name, _, _ in picked):

@@ -167,14 +167,15 @@ def _extent(tensor: Tensor) -> tuple[Any, int, int] | None:
     # subclasses without a storage are known by identity. None for meta and empty.
     try:
         storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()  # a wrapper subclass (torchao) has a storage without data
     except (RuntimeError, NotImplementedError, TypeError):
         return ("id", id(tensor)), 0, 1
-    if tensor.is_meta or storage.data_ptr() == 0 or tensor.numel() == 0:
+    if tensor.is_meta or pointer == 0 or tensor.numel() == 0:
         return None
     size = tensor.element_size()
     start = tensor.storage_offset() * size
     span = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1
-    return (tensor.device, storage.data_ptr()), int(start), int(start + span * size)
+    return (tensor.device, pointer), int(start), int(start + span * size)
 
 
 def shared_memory(model: nn.Module, layers: list[tuple[str, LoRALayer]],
@@ -229,6 +230,7 @@ def before_loading(layer: LoRALayer, state: Mapping[str, Any], prefix: str) -> N
                   (*_parametrization(layer).named_parameters(),
                    *_parametrization(layer).named_buffers())})
     if any(_differs(state, key, tensor) for key, tensor in keys.items()):
+        layer._folds.clear()
         layer.merged_adapters = ()
         layer._refresh()
         what = (f"replaced the weight of a LoRA layer that had {merged} merged; the loaded "

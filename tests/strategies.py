@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,39 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.5)
+
+
+# Regexes as adapter configs hold them, and module names to match them against.
+NAME_CHARS = "abAB1._\n"
+_REGEX_LEAVES = ["a", "b", "A", ".", r"\.", "[ab.]", "[^a]", r"\w", r"\d", r"\W", "(?:)", "^",
+                 "$", r"\b", r"\B", r"\A", r"\Z", "(?<=a)", "(?<![b.])", r"\n"]
+_QUANTIFIERS = ["*", "+", "?", "{2}", "{0,2}", "{1,3}", "*?", "+?", "??", "{0,2}?"]
+
+
+def _regex_step(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map("".join),
+        st.lists(inner, min_size=2, max_size=3).map(lambda alts: "(?:" + "|".join(alts) + ")"),
+        st.lists(inner, min_size=2, max_size=3).map(lambda alts: "(" + "|".join(alts) + ")"),
+        st.tuples(inner, st.sampled_from(_QUANTIFIERS)).map(lambda t: f"(?:{t[0]}){t[1]}"),
+        inner.map(lambda r: f"(?i:{r})"),
+        inner.map(lambda r: f"(?={r})"),
+        inner.map(lambda r: f"(?!{r})"),
+    )
+
+
+#: Regexes without backreferences, over a small alphabet, optionally with global flags.
+regexes = st.tuples(
+    st.sampled_from(["", "(?i)", "(?m)", "(?s)", "(?a)"]),
+    st.recursive(st.sampled_from(_REGEX_LEAVES), _regex_step, max_leaves=8),
+).map("".join)
+module_names = st.text(alphabet=NAME_CHARS, max_size=8)
+#: Literal patterns as save_adapter writes them: escaped names, "^" anchors, alternations.
+literal_regexes = st.lists(
+    st.tuples(st.booleans(), st.text(alphabet="ab.^$|*\\\n", max_size=5)),
+    min_size=1, max_size=3,
+).map(lambda alts: "|".join(("^" if anchored else "") + re.escape(text)
+                            for anchored, text in alts))
 
 
 # --------------------------------------------------------------------------- bare parameters

@@ -61,10 +61,16 @@ def test_merge_merges_the_active_set_and_refuses_to_switch_while_merged() -> Non
     with pytest.raises(lp.StateError, match=r"set_adapter: layers \['0', '2'\] are merged; call "
                                             r"loraplug.unmerge"):
         lp.set_adapter(model, "b")
-    with pytest.raises(lp.StateError, match=r"disable_adapters: .* are merged"), \
-            lp.disable_adapters(model):
-        pass
+    merged_weights = [model[0].weight.clone(), model[2].weight.clone()]
+    with lp.disable_adapters(model):  # taken out exactly, put back exactly
+        assert not model[0].merged
+        base = model(X)
+    assert torch.equal(model[0].weight, merged_weights[0])
+    assert torch.equal(model[2].weight, merged_weights[1])
+    assert model[0].merged_adapters == ("default", "b")
     lp.unmerge(model)
+    with lp.disable_adapters(model):
+        assert torch.equal(model(X), base)
     lp.set_adapter(model, "b")
 
 
@@ -116,12 +122,17 @@ def test_delete_only_active_adapter_activates_first_remaining() -> None:
     assert lp.active_adapters(model) == ["default"]
 
 
-def test_delete_merged_adapter_is_refused() -> None:
+def test_delete_merged_adapter_is_refused_an_unmerged_one_is_not() -> None:
     model = two_adapter_model()
     lp.merge(model)
-    with pytest.raises(lp.StateError, match=r"delete_adapter: \['0', '2'\] are merged"):
-        lp.delete_adapter(model, "b")  # not merged itself, but the active set would change
+    with pytest.raises(lp.StateError, match=r"delete_adapter: adapter 'default' is merged into "
+                                            r"\['0', '2'\] .*unmerge\(model, 'default'\) first"):
+        lp.delete_adapter(model, "default")
     assert lp.adapter_names(model) == ["b", "default"]
+    model.eval()  # merged inference
+    merged = model(X)
+    lp.delete_adapter(model, "b")  # not merged: deleted, as in PEFT
+    assert lp.adapter_names(model) == ["default"] and torch.equal(model(X), merged)
     with pytest.raises(lp.StateError, match=r"adapter 'default' is merged into this layer"):
         model[0].remove_adapter("default")
     with pytest.raises(lp.StateError, match=r"call unmerge\(\) before changing alpha"):
@@ -135,8 +146,8 @@ def test_safe_merge_is_all_or_nothing() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model[2].lora_B["default"][0, 0] = float("nan")  # the second layer is poisoned
-    with pytest.raises(lp.StateError, match=r"merge\(safe=True\): merging \['default'\] into '2' "
-                                            r"gives NaN or inf weights; no layer was changed"):
+    with pytest.raises(lp.StateError, match=r"merge: '2': merging \['default'\] gives a weight "
+                                            r"with NaN or inf values.* No layer was changed"):
         lp.merge(model, safe=True)
     assert not model[0].merged and not model[2].merged
     assert torch.equal(model[0].weight, before["0.weight"])

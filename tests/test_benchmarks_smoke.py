@@ -75,6 +75,12 @@ def test_quick_benchmark_covers_every_scenario(tmp_path: Path) -> None:
         for stats in mixed["forward"].values():
             _check_stats(stats)
     assert "Mixed adapters in one batch" in stdout
+    assert {(r["dtype"], r["adapters"]) for r in results["merge_exact"]} == {
+        (d, a) for d in ("float32", "bfloat16", "float16") for a in ("trained", "large")}
+    for row in results["merge_exact"]:
+        assert row["drift"]["exact"] == 0.0 and 0 < row["side_per_weight_byte"] < 1.2
+        assert row["time"]["exact"]["merge"] > 0
+    assert "Exact merge" in stdout
 
 
 def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None:
@@ -91,3 +97,21 @@ def test_against_another_checkout_compares_both_versions(tmp_path: Path) -> None
     for phase in ("forward", "train", "merge_unmerge"):
         assert result[phase]["this_over_other"] > 0
     assert "linear-call" in proc.stdout and "this ÷ other" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_qlora_scenario_runs_and_reports(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="the qlora scenario needs bitsandbytes")
+    pytest.importorskip("transformers", reason="the qlora scenario needs transformers")
+    results, stdout = _run(tmp_path, "--only", "qlora")
+    q = results["qlora"]
+    assert q["checks"]["loraplug_vs_fp32"] > 0  # quantizing changes the model
+    assert set(q["peak_bytes"]) >= {"loraplug", "fp32"}
+    assert q["memory_ratio"]["loraplug_over_fp32"] < 1  # the nf4 step needs less
+    for who, stats in q["train"].items():
+        _check_stats(stats)
+        assert q["peak_bytes"][who] == q["resident_bytes"][who] + q["step_peak_bytes"][who]
+    if "peft" in results["environment"]:
+        assert q["checks"]["loraplug_vs_peft"] <= 1e-5
+        assert q["train_ratio"]["loraplug_over_peft"] > 0
+    assert "QLoRA training step" in stdout

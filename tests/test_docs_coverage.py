@@ -65,6 +65,16 @@ def gpt2_conv1d() -> nn.Module:
     return nn.Sequential(pytorch_utils.Conv1D(4, 3))
 
 
+def quantized() -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    model = nn.Sequential(bnb.nn.Linear4bit(64, 64, quant_type="nf4"),
+                          bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False),
+                          nn.Linear(64, 64)).to("cpu")  # bitsandbytes quantizes here
+    torchao_quantization.quantize_(model[2], torchao_quantization.Int8WeightOnlyConfig())
+    return model
+
+
 def attention() -> nn.Module:
     model = nn.Module()
     model.attn = nn.MultiheadAttention(8, 2)
@@ -78,6 +88,7 @@ README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
                                         nn.Conv3d(4, 4, 1, groups=2)), ["0", "1", "2"]),
     "nn.Embedding": lambda: (nn.Sequential(nn.Embedding(5, 3)), ["0"]),
     "register_lora_layer": lambda: (nn.Sequential(Dense(3, 4)), ["0"]),
+    "Linear4bit": lambda: (quantized(), ["0", "1", "2"]),
     "nn.MultiheadAttention": lambda: (attention(), ["attn.out_proj"]),
     "in_proj_weight": lambda: (attention(), ["attn"]),
     "nn.TransformerEncoderLayer": lambda: (nn.TransformerEncoderLayer(8, 2, 16),

@@ -109,9 +109,9 @@ def test_nan_loads_but_safe_merge_refuses(saved: tuple[Path, nn.Module]) -> None
     lp.load_adapter(base, path)
     assert base.blocks[1]["out"].lora_B["default"].isnan().any()
     before = snapshot(base)
-    with pytest.raises(lp.StateError, match=r"merge\(safe=True\): merging \['default'\] into "
-                                            r"'blocks.1.out' gives NaN or inf"):
-        lp.merge(base, safe=True)
+    with pytest.raises(lp.StateError, match=r"merge: 'blocks.1.out': merging \['default'\] "
+                                            r"gives a weight with NaN or inf"):
+        lp.merge(base)  # every merge is checked
     assert not any(m.merged for m in base.modules() if isinstance(m, lp.LoRALayer))
     # torch.equal is False for NaN, so compare the unchanged values NaN-aware.
     now = base.state_dict()
@@ -364,7 +364,11 @@ def test_base_weights_peft_saves_for_embeddings(saved: tuple[Path, nn.Module]) -
 def test_loading_into_merged_layers_or_a_taken_name(saved: tuple[Path, nn.Module]) -> None:
     path, base = saved
     lp.load_adapter(base, path)
-    refused(base, path, r"'blocks.0.fc' already has an adapter named 'default'; choose another")
+    # The taken name is one problem, said once (not again for every layer that has it).
+    message = refused(base, path, r"nothing was changed:\n  - the model already has an adapter "
+                                  r"named 'default'; load under another name \(name='...'\) or "
+                                  r"delete it first with loraplug.delete_adapter")
+    assert message.count("\n  - ") == 1
     lp.merge(base)
     lp.unmerge(base)
     lp.merge(base)

@@ -152,8 +152,12 @@ def parse_pattern(text: str) -> str | re.Pattern[str] | type[nn.Module]:
 
 # --------------------------------------------------------------------------- targets
 def weight_shape(module: nn.Module) -> str:
+    from .._quantized import logical_shape
+
     weight = module._parameters.get("weight")
     tensors = [weight] if weight is not None else list(module.parameters(recurse=False))
+    if weight is not None:
+        return "×".join(map(str, logical_shape(module)))  # a quantized weight's, not packed
     return "×".join(map(str, tensors[0].shape)) if tensors else ""
 
 

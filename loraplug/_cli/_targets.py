@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .._layer import LoRALayer
+from .._quantized import describe_weight, parameter_count, weight_format
 from .._registry import lookup, lora_layer_for, supported_types, type_name
 from ._common import CLIError, build_model, count_of, parse_pattern, table, weight_shape
 
@@ -37,16 +38,21 @@ def cmd_targets(args: argparse.Namespace) -> int:
         _survey_parameters(model, args.target_parameter, args.rank, survey)
     selected = bool(chosen or args.target_parameter)
     rows = survey.rows
-    header = ("", "layer", "type", "weight", "LoRA layer",
-              f"+params (r={args.rank})" if selected else "", "path" if selected else "")
-    print(table(header, rows, right=(5,)))
+    header: tuple[str, ...] = ("", "layer", "type", "weight", "LoRA layer",
+                               f"+params (r={args.rank})" if selected else "",
+                               "path" if selected else "")
+    shown = rows
+    if any(quantized for quantized, _ in survey.stored):  # how each weight is stored
+        header = (*header[:4], "stored (bytes/w)", *header[4:])
+        shown = [(*row[:4], text, *row[4:]) for row, (_, text) in zip(rows, survey.stored)]
+    print(table(header, shown, right=(len(header) - 2,)))
     legend = ["*: wrapped with this target", "path: branch (added to the output) or weight "
               "(its forward on W + ΔW)"] if selected else []
     legend += ["!: refused (see below)"] if survey.refused else []
     print("; ".join([*legend, "LoRA layer: the class that would wrap it (blank: none for "
                      "that type)"]))
     kept = [row[1] for row in rows if row[0] == "*"]
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)  # a quantized weight at its logical size
     if selected:
         print(f"\n{count_of(len(kept), 'layer')} selected (*); rank {args.rank} adds "
               f"{survey.added:,} parameters to the model's {total:,} "
@@ -73,6 +79,8 @@ class _Survey:
     rank_refused: set[str] = field(default_factory=set)  # refused for the rank alone
     probes: list[LoRALayer] = field(default_factory=list)  # every selected layer's
     notes: list[str] = field(default_factory=list)
+    #: per row: whether the weight is quantized, and how it is stored ("bnb nf4 dq 0.516")
+    stored: list[tuple[bool, str]] = field(default_factory=list)
 
 
 def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Survey:
@@ -106,6 +114,9 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
             mark, survey.refused[name] = "!", why
         survey.rows.append(
             (mark, name, type_name(type(module)), weight_shape(module), lora, params, path))
+        described = describe_weight(module)
+        survey.stored.append((weight_format(module) is not None,
+                              f"{described[0]} {described[1]:.3g}" if described else ""))
     return survey
 
 
@@ -126,6 +137,7 @@ def _survey_parameters(model: nn.Module, patterns: list[str], rank: int,
         survey.rows.append(("*", name, f"parameter of {type_name(type(probe.base_layer))}",
                             "×".join(map(str, target.value.shape)), "LoRAParameter",
                             f"{count:,}", "weight"))
+        survey.stored.append((False, ""))
 
 
 def _print_refusals(refused: dict[str, str], kept: list[str], selected: bool,
