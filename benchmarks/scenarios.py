@@ -57,6 +57,9 @@ class Scenario:
         if self.peft is None:
             return self.targets(base), self.rank, self.alpha, None
         return self.peft(base, self.rank, self.alpha)
+    #: Whether PEFT can hold these adapters at all (it refuses ranks not divisible by a
+    #: convolution's groups).
+    peft_holds: bool = True
 
 
 def _seeded(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -134,6 +137,11 @@ def scenarios(quick: bool) -> list[Scenario]:
             _seeded(lambda: nn.Sequential(nn.Embedding(*((4096, 256) if q else (32000, 1024))))),
             _ids(4096 if q else 32000, *((4, 128) if q else (16, 256))), lambda m: ["0"],
             rank=16, alpha=32, **common),
+        Scenario(
+            "mobilenet-convs", f"torchvision MobileNetV3-Small, batch {1 if q else 8} at "
+            f"{image}², r4 on every conv, depthwise ones included (PEFT refuses r4 there)",
+            _seeded(lambda: _mobilenet_v3_small()), images, _modules_of(nn.Conv2d), rank=4,
+            alpha=8, peft_holds=False, **common),
         *_attention_scenarios(q, common),
     ]
 
@@ -158,6 +166,12 @@ def _attention_scenarios(q: bool, common: dict[str, int]) -> list[Scenario]:
             _seeded(lambda: attention.gpt2(q)), _ids(8192, *((2, 64) if q else (4, 256))),
             attention.conv1d_names, rank=16, alpha=32, **slow),
     ]
+
+
+def _mobilenet_v3_small() -> nn.Module:
+    from torchvision.models import mobilenet_v3_small
+
+    return mobilenet_v3_small()
 
 
 def _loss(out: Tensor) -> Tensor:
@@ -193,7 +207,7 @@ def run(sc: Scenario, *, use_peft: bool, log: Callable[[str], None],
     ``settle`` is called before each timed phase (to wait for a quiet machine); what it
     returns is recorded as ``busy``.
     """
-    use_peft = use_peft and peft_available()
+    use_peft = use_peft and sc.peft_holds and peft_available()
     load_before = os.getloadavg()
     base = sc.build()
     x = sc.inputs()

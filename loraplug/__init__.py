@@ -42,6 +42,7 @@ from ._loraplus import loraplus_param_groups
 from ._merging import merge, unmerge
 from ._mha import LoRAMultiheadAttention
 from ._mixed import adapter_per_sample
+from ._parameter import LoRAParameter, LoRAParameterHost
 from ._registry import lora_layer_type, register_by_name, register_lora_layer
 from ._save import adapter_state_dict, save_adapter, save_merged
 from ._summary import LayerSummary, LoRASummary, summary
@@ -67,6 +68,8 @@ __all__ = [
     "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "LoRASummary",
     "LoRAWarning",
     "StateError",

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from . import _variants
@@ -89,6 +90,19 @@ class AdapterSet(nn.Module):
         self.use_rslora[name] = bool(use_rslora)
         self.dropout[name] = p
         self.set_scale(name, alpha)
+        self._refresh()
+
+    @torch.no_grad()
+    def load_tensors(self, name: str, a: Tensor, b: Tensor) -> None:
+        """Give adapter ``name`` the values ``a``, ``b`` from ``file_tensors``, in its
+        dtype and on its device; a layout of other shapes replaces its parameters."""
+        for registry, value in ((self.lora_A, a), (self.lora_B, b)):
+            current = registry[name]
+            if current.shape == value.shape:
+                current.copy_(value)
+            else:
+                value = value.to(device=current.device, dtype=current.dtype).clone()
+                registry[name] = nn.Parameter(value, requires_grad=current.requires_grad)
         self._refresh()
 
     def remove_adapter(self, name: str) -> None:

@@ -62,6 +62,9 @@ _SUFFIXES = {
 }
 TOKENS_KEY = "token_adapter.trainable_tokens_delta"  #: token rows, under the embedding's path
 
+#: Problems shown in one error message; the rest are counted.
+_MAX_LINES = 40
+
 Slots = dict[str, tuple[str, object, str]]  # slot -> (original key, value, key style)
 
 
@@ -353,6 +356,29 @@ def extra_tensors(path: str, slots: Slots) -> tuple[dict[str, Tensor], list[str]
             else:
                 found[slot] = value
     return found, problems
+def fitted_tensors(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor], rank: int,
+                   source: str) -> tuple[tuple[Tensor, Tensor] | None, str | None]:
+    """The file's (A, B) in a layout ``probe`` computes, or the reason they fit none."""
+    fitted = probe.file_tensors(*got, rank)
+    if fitted is not None:
+        return fitted, None
+    want_a, want_b = probe.adapter_shapes(rank)
+    a, b = tuple(got[0].shape), tuple(got[1].shape)
+    message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
+               f"A {tuple(want_a)} and B {tuple(want_b)}")
+    if a and probe.file_tensors(*got, a[0]) is not None:
+        return None, message + (f"; the tensors have rank {a[0]}, so {source} in "
+                                f"{CONFIG_NAME} disagrees with the weights.")
+    return None, message + "; the file was saved for a layer of another shape."
+
+
+def report(where: str, problems: list[str]) -> str:
+    """One error message: ``where``, then each problem on its own line (the first 40)."""
+    shown = problems[:_MAX_LINES]
+    lines = [f"{where}; nothing was changed:", *(f"  - {p}" for p in shown)]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    return "\n".join(lines)
 
 
 def _hint(key: str) -> str:

@@ -4,8 +4,8 @@ Every layer type writes its update as a product of matrices, per group g:
 
     ΔW_g = s · B_g A_g,    B_g (m, r/g), A_g (r/g, n),    W_g (m, n)
 
-(Linear: W itself; Conv: W reshaped to (g, out/g, in/g·k…); Embedding: Wᵀ, because its
-ΔW is (B A)ᵀ). The initialisations work on that form:
+(Linear: W itself; Conv, grouped too: W viewed (out, in/groups·k…), one group; Embedding:
+Wᵀ, because its ΔW is (B A)ᵀ). The initialisations work on that form:
 
 - ``kaiming`` (PEFT's ``True``), ``gaussian``: one factor random, the other zero, so ΔW = 0
   exactly and the base is untouched.
@@ -188,21 +188,11 @@ def refuse_rewrite(model: nn.Module, modules: dict[str, nn.Module], init: str) -
         )
 
 
-def plain_tensors(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor, groups: int) -> tuple[
-        Tensor, Tensor]:
+def plain_tensors(a: Tensor, b: Tensor, a0: Tensor, b0: Tensor) -> tuple[Tensor, Tensor]:
     """The trained adapter as a plain one against the original base: ``[A; A₀]``, ``[B, −B₀]``.
 
     ``s·B A − s·B₀ A₀`` is one adapter of rank 2r whose scaling must stay ``s``: the
-    caller doubles alpha (or multiplies it by √2 with rsLoRA). Per group, A's rows and
-    B's columns are concatenated group by group, so grouped convolutions stay block
-    diagonal.
+    caller doubles alpha (or multiplies it by √2 with rsLoRA). A (r, …) and B (out, r, …)
+    of any layer type: A's rows and B's columns are concatenated.
     """
-    lead = (groups, -1)
-    tail = a.shape[1:]
-    a_rows = torch.cat([a.reshape(*lead, *tail), a0.to(a.dtype).reshape(*lead, *tail)],
-                       dim=1).reshape(2 * a.shape[0], *tail)
-    # B (out, r/g, 1…): group j's columns pair with A's rows of group j.
-    out, cols = b.shape[0], b.shape[1]
-    b_g = b.reshape(groups, out // groups, cols, *b.shape[2:])
-    b0_g = b0.to(b.dtype).reshape(b_g.shape)
-    return a_rows, torch.cat([b_g, -b0_g], dim=2).reshape(out, 2 * cols, *b.shape[2:])
+    return torch.cat([a, a0.to(a.dtype)]), torch.cat([b, -b0.to(b.dtype)], dim=1)

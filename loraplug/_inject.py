@@ -19,17 +19,19 @@ from ._inits import refuse_rewrite, rewrites_base
 from ._layer import LoRALayer
 from ._merging import merge as merge_all
 from ._options import PLAIN, AdapterOptions, Staged, commit, option_problems, scaling, stage
+from ._parameter import LoRAParameter
+from ._parameter_targeting import (
+    ParameterTarget,
+    ParamSpec,
+    attach_parameter,
+    parameter_problems,
+    select_targets,
+    stage_parameters,
+)
 from ._parts import Part, layer_parts
 from ._quantized import refuse_quantized
 from ._registry import lora_layer_for, type_name
-from ._targeting import (
-    TargetSpec,
-    module_paths,
-    owner_problems,
-    parts_index,
-    select,
-    set_module,
-)
+from ._targeting import TargetSpec, module_paths, parts_index, set_module
 from ._weights import reading_weights
 
 
@@ -56,9 +58,7 @@ def injection_problems(
     ``paths`` are the module's real paths (see ``module_paths``). Each problem comes with
     the error type ``inject_lora`` raises for it; an empty list means the layer is fine.
     """
-    found: list[tuple[type[LoRAError], str]] = [
-        (TargetError, m) for m in owner_problems(model, name, paths)
-    ]
+    found: list[tuple[type[LoRAError], str]] = []
     if isinstance(module, LoRALayer):
         if adapter in module.adapter_names:
             found.append((ConfigError, (
@@ -95,7 +95,7 @@ def injection_problems(
     for why in (rank_why, *option_problems(probe, spec.rank, options)):
         if why:
             found.append((ConfigError, f"{name!r} ({type_name(type(module))}): {why}"))
-    if probe.through_weight and spec.dropout > 0:
+    if probe.forward_differs and spec.dropout > 0:
         found.append((ConfigError, (
             f"{name!r} is a {type_name(type(probe.base_layer))} whose forward differs from "
             f"{type_name(probe.registered_type)}'s, so its adapter is applied through the weight "
@@ -107,7 +107,7 @@ def injection_problems(
 def inject_lora(
     model: nn.Module,
     *,
-    target: TargetSpec,
+    target: TargetSpec | None = None,
     rank: int,
     alpha: float | None = None,
     dropout: float = 0.0,
@@ -120,6 +120,7 @@ def inject_lora(
     modules_to_save: Sequence[str] | None = None,
     trainable_token_indices: Mapping[str, Sequence[int]] | None = None,
     freeze_base: bool = True,
+    target_parameters: ParamSpec | None = None,
 ) -> list[str]:
     """Wrap the layers ``target`` names with LoRA adapters, in place.
 
@@ -155,15 +156,22 @@ def inject_lora(
             those of an output layer tied to the embedding), PEFT's option of that name.
         freeze_base: set ``requires_grad=False`` on every parameter that is not an
             adapter's, so only adapters (and their trained modules and rows) train.
+        target_parameters: glob(s) over full parameter names (``"*.experts.gate_up_proj"``),
+            compiled regex(es) or a predicate ``(name, parameter) -> bool``: bare
+            parameters of 2 or more dimensions (MoE expert stacks, any module's weight),
+            each adapted through the weight: its module's own forward runs on ``W + ΔW``
+            (layouts: :class:`LoRAParameter`). ``target`` or ``target_parameters`` (or
+            both) must be given.
 
     Returns:
-        The sorted names of the layers that received the adapter.
+        The sorted names of the layers (and parameters) that received the adapter.
 
     Raises:
-        ConfigError: a hyperparameter is invalid, a layer already has ``name``, or a
-            grouped convolution cannot take ``rank``.
-        TargetError: a pattern matches nothing, nothing supported matched, or a layer's
-            owner reads its weight directly (``nn.MultiheadAttention.out_proj``).
+        ConfigError: a hyperparameter is invalid, neither ``target`` nor
+            ``target_parameters`` is given, a layer already has ``name``, or dropout is
+            asked of an adapter computed through the weight.
+        TargetError: a pattern matches nothing or nothing supported matched; a
+            parameter target belongs to the model itself or to a LoRA layer.
         StateError: a target is on the meta device, lazy and uninitialised, or merged;
             or ``init`` rewrites a base weight that is tied to another module's.
 
@@ -190,32 +198,26 @@ def inject_lora(
     )
     check_flags(use_rslora=use_rslora, dora=dora, lora_bias=lora_bias, freeze_base=freeze_base)
     options = AdapterOptions.checked(init, dora, lora_bias)
-    selection = select(model, target, exclude)
-    if selection.unsupported:
-        skipped = ", ".join(f"{n} ({t})" for n, t in selection.unsupported.items())
-        warnings.warn(
-            f"inject_lora skipped matched modules of unsupported types: {skipped}. Register a "
-            "LoRA layer for a type with loraplug.register_lora_layer, or narrow the target.",
-            LoRAWarning, stacklevel=2,
-        )
+    chosen = select_targets(model, target, exclude, target_parameters)
     extras = plan_extras(model, name=name, modules_to_save=modules_to_save,
                          token_indices=trainable_token_indices,
-                         lora_paths=list(selection.modules))
-    specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in selection.modules}
-    inject_layers(model, selection.modules, specs, name=name, init=init,
+                         lora_paths=[q for q, t in chosen.items()
+                                     if not isinstance(t, ParameterTarget)])
+    specs = {qualname: LayerSpec(rank, alpha_value, dropout) for qualname in chosen}
+    inject_layers(model, chosen, specs, name=name, init=init,
                   use_rslora=use_rslora, freeze_base=freeze_base,
                   options=options)
     if extras.trained or extras.tokens:
         apply_extras(model, extras, name, active=active_adapters(model),
                      disabled=any(layer.adapters_disabled for _, layer in lora_layers(model)))
-    return list(selection.modules)
+    return list(chosen)
 
 
 @dataclass(frozen=True)
 class _Staged:
     """A layer ready to take its new adapter: built, but not yet in the model."""
 
-    module: nn.Module
+    module: nn.Module  # the module the layer replaces (a parameter's owner)
     layer: LoRALayer
     new: Staged
     spec: LayerSpec
@@ -223,7 +225,7 @@ class _Staged:
 
 def inject_layers(
     model: nn.Module,
-    modules: dict[str, nn.Module],
+    modules: dict[str, nn.Module | ParameterTarget],
     specs: dict[str, LayerSpec],
     *,
     name: str,
@@ -232,7 +234,7 @@ def inject_layers(
     freeze_base: bool,
     options: AdapterOptions | None = None,
 ) -> dict[str, LoRALayer]:
-    """Add adapter ``name`` to ``modules`` (clean name -> module) with per-layer specs.
+    """Add adapter ``name`` to ``modules`` (name -> module or parameter) with per-layer specs.
 
     Checks every layer first and raises before changing anything (warnings too are
     given before any change, so that warnings-as-errors change nothing either); returns
@@ -241,7 +243,8 @@ def inject_layers(
     check_flags(use_rslora=use_rslora, freeze_base=freeze_base)
     options = options or AdapterOptions(init)
     paths = module_paths(model)
-    with reading_weights(modules.values()):
+    owners_of = (m.owner if isinstance(m, ParameterTarget) else m for m in modules.values())
+    with reading_weights(owners_of):
         staged, owned = _stage(model, modules, specs, paths, name=name, options=options,
                                use_rslora=use_rslora)
     _attach(model, staged, paths, owned, name=name, use_rslora=use_rslora, init=options.init)
@@ -255,23 +258,33 @@ def inject_layers(
     return {qualname: item.layer for qualname, item in staged.items()}
 
 
-def _stage(model: nn.Module, modules: dict[str, nn.Module], specs: dict[str, LayerSpec],
-           paths: dict[int, list[str]], *, name: str, options: AdapterOptions,
+def _stage(model: nn.Module, modules: dict[str, nn.Module | ParameterTarget],
+           specs: dict[str, LayerSpec], paths: dict[int, list[str]], *, name: str,
+           options: AdapterOptions,
            use_rslora: bool) -> tuple[dict[str, _Staged], tuple[dict[str, Part], _Owners]]:
     # Check every layer, then build every new layer and adapter, before touching the model.
     problems: list[tuple[type[LoRAError], str]] = []
     for qualname, module in modules.items():
-        problems += injection_problems(model, qualname, module, paths.get(id(module), []),
-                                       specs[qualname], adapter=name, options=options)
+        if isinstance(module, ParameterTarget):
+            problems += parameter_problems(module, adapter=name, dropout=specs[qualname].dropout,
+                                           options=options)
+        else:
+            problems += injection_problems(model, qualname, module, paths.get(id(module), []),
+                                           specs[qualname], adapter=name, options=options)
     if problems:
         kind = problems[0][0]
         raise kind("nothing was changed:\n" + "\n".join(m for _, m in problems))
     if rewrites_base(options.init):
-        refuse_rewrite(model, modules, options.init)
+        refuse_rewrite(model, {q: m for q, m in modules.items() if isinstance(m, nn.Module)},
+                       options.init)
     parts, owners = parts_index(model), _Owners()
     staged: dict[str, _Staged] = {}
-    for qualname, module in modules.items():
-        layer, spec = owners.layer_for(module, qualname in parts), specs[qualname]
+    params = stage_parameters({q: t for q, t in modules.items() if isinstance(t, ParameterTarget)})
+    for qualname, target in modules.items():
+        spec = specs[qualname]
+        module = target.owner if isinstance(target, ParameterTarget) else target
+        layer: LoRALayer = params[qualname] if qualname in params else \
+            owners.layer_for(module, qualname in parts)
         new = stage(layer, spec.rank, scaling(spec.rank, spec.alpha, use_rslora), options)
         staged[qualname] = _Staged(module, layer, new, spec)
     too_large = [f"{q} (rank {s.spec.rank}, at most {s.layer.max_rank()})"
@@ -297,9 +310,16 @@ def _attach(model: nn.Module, staged: dict[str, _Staged], paths: dict[int, list[
     parts, owners = owned
     for qualname, item in staged.items():
         layer = item.layer
+        fresh = not layer.adapter_names
         layer.add_adapter(name, item.new.a, item.new.b, alpha=item.spec.alpha,
                           dropout=item.spec.dropout, use_rslora=use_rslora)
         commit(layer, name, item.new, init)
+        if isinstance(layer, LoRAParameter):
+            if fresh:  # a new layer follows the model
+                layer.set_active(active)
+                layer.set_disabled(disabled)
+            attach_parameter(model, item.module, layer, paths[id(item.module)])
+            continue
         if layer is item.module or owners.made(layer):
             continue
         layer.set_active(active)
@@ -389,12 +409,18 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     if not merge:
         for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
+    gone: set[int] = set()
     for _, layer in layers:
         layer.sync_base()
-        swap_hooks(layer.base_layer, layer)  # hooks go back to the module
-        for path in paths[id(layer)]:
+        # A parameter's layer leaves with its host, which hands back the owner.
+        host = layer.host if isinstance(layer, LoRAParameter) else layer
+        if id(host) in gone:
+            continue
+        gone.add(id(host))
+        swap_hooks(host.base_layer, host)  # hooks go back to the module
+        for path in paths[id(host)]:
             # A part (inside another LoRA layer) leaves with its owner's layer.
             if path.rpartition(".")[0] not in lora_paths:
-                set_module(model, path, layer.base_layer)
+                set_module(model, path, host.base_layer)
     unwrap_modules(model, merge=merge)
     return model

@@ -34,6 +34,7 @@ from ._compile import gated_adapters, sync_gates
 from ._errors import StateError
 from ._folds import names_to_merge, push, take_out
 from ._named_forms import NamedBranch, forms_of
+from ._owner_reads import ReadableWeight
 from ._products import Scale, compute_dtype
 from ._weights import before_loading, merge_problem, warn_training_merged
 
@@ -48,7 +49,7 @@ class Detour(Protocol):
     def forward(self, layer: LoRALayer, x: Tensor) -> Tensor: ...
 
 
-class LoRALayer(AdapterSet):
+class LoRALayer(ReadableWeight, AdapterSet):
     """Base class of every LoRA layer: a base module plus named low-rank adapters.
 
     ``y = base(x) + Σ_a s_a · B_a A_a dropout_a(x)`` over the active adapters a, with
@@ -65,9 +66,11 @@ class LoRALayer(AdapterSet):
             ``use_rslora``).
         active_adapters: the names the model asked for (a layer computes those it has).
         merged_adapters: the adapters folded into ``weight`` right now, in order.
-        through_weight: whether the wrapped module's ``forward`` differs from the
-            registered type's, so the layer runs that forward on ``W + ΔW`` instead of
-            adding the branch to ``base_forward``.
+        forward_differs: whether the wrapped module's ``forward`` differs from the
+            registered type's, so only that forward run on ``W + ΔW`` is right.
+        through_weight: whether the forward runs ``W + ΔW`` through the base math
+            instead of adding the branch to ``base_forward``: when ``forward_differs``,
+            or where a layer type finds it cheaper (grouped convolutions).
     """
 
     #: Methods of the base type whose override in a subclass changes the math; when a
@@ -107,10 +110,11 @@ class LoRALayer(AdapterSet):
         self._detour: Detour | None = NamedBranch() if self._forms.named_branch else None
         # Adapters with a DoRA magnitude or a bias on B: computed by _variants.
         self._extended: frozenset[str] = frozenset()
-        self.through_weight = any(
+        self.forward_differs = any(
             getattr(type(base), m, None) is not getattr(registered_type, m, None)
             for m in self.forward_methods
         )
+        self.through_weight = self.forward_differs
         self.configure(base)
 
     # ----------------------------------------------------------- per-type hooks
@@ -168,6 +172,13 @@ class LoRALayer(AdapterSet):
         """The largest rank ΔW can have; a larger adapter rank only wastes parameters."""
         return min(self.weight.shape[0], self.weight[0].numel())
 
+    def file_tensors(self, a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor] | None:
+        """A and B read from a file for rank ``rank``, in a layout this layer computes;
+        ``None`` when their shapes fit none (a layer type may convert other layouts)."""
+        want_a, want_b = self.adapter_shapes(rank)
+        fits = (tuple(a.shape), tuple(b.shape)) == (tuple(want_a), tuple(want_b))
+        return (a, b) if fits else None
+
     def check_rank(self, rank: int) -> str | None:
         """Why ``rank`` cannot work on this layer, or ``None`` when it can."""
         return None
@@ -202,7 +213,7 @@ class LoRALayer(AdapterSet):
         return delta
 
     # ----------------------------------------------------------- forward
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor) -> Tensor:
         if self._detour is not None:
             return self._detour.forward(self, x)
         scales: Mapping[str, Scale]
@@ -238,10 +249,16 @@ class LoRALayer(AdapterSet):
         tensors.update((k, self._buffers[k]) for k in base._buffers)
         if names:
             tensors["weight"] = self._adapted_weight(names, scales)
-            if self._extended:
-                tensors["bias"] = _variants.adapted_bias(self, names, scales)
+            tensors["bias"] = self._adapted_bias(names, scales)
         return torch.func.functional_call(
             base, {k: v for k, v in tensors.items() if v is not None}, (x,))
+
+    def _adapted_bias(self, names: tuple[str, ...], scales: Mapping[str, Scale]) -> Tensor | None:
+        # The bias that goes with _adapted_weight: the base's, plus s·b_B of B's biases.
+        if self._extended:
+            return _variants.adapted_bias(self, names, scales)
+        bias: Tensor | None = self._parameters.get("bias")
+        return bias
 
     # The hot path reads tensors straight from the registries: nn.Module.__getattr__ costs
     # about a microsecond per attribute, as much as a small matmul.
@@ -356,16 +373,6 @@ class LoRALayer(AdapterSet):
         super().train(mode)
         self.__dict__["base_layer"].train(mode)
         return self
-
-    def __getattr__(self, name: str) -> Any:
-        # Attributes of the base module (in_features, kernel_size, ...) read through.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -27,6 +27,7 @@ from ._format import (
     FileExtras,
     Slots,
     extra_tensors,
+    fitted_tensors,
     index_keys,
     key_names,
     layer_tensors,
@@ -37,11 +38,19 @@ from ._format import (
     read_adapter_weights,
     read_config,
     read_metadata,
+    report,
 )
 from ._hyperparameters import validate_name
 from ._inject import LayerSpec, inject_layers, injection_problems
 from ._layer import LoRALayer
 from ._lock import locked
+from ._parameter import LoRAParameter, LoRAParameterHost
+from ._parameter_targeting import (
+    ParameterTarget,
+    parameter_names,
+    parameter_problems,
+    peft_parameter_targets,
+)
 from ._paths import as_path
 from ._peft_config import PeftLoRAConfig, parse_config
 from ._regex import RegexRefused, work_limit
@@ -49,10 +58,9 @@ from ._registry import lora_layer_for, lora_layer_type, supported_types, type_na
 from ._rng import rng_untouched
 from ._shared_paths import shared_module_problems
 from ._targeting import candidates, module_paths, parts_index
-from ._variant_files import adapter_variant_problems, fill_variants, layer_file_problems
+from ._variant_files import adapter_variant_problems, fill_variants, variant_problems
 from ._weights import reading_weights
 
-_MAX_LINES = 40
 T = TypeVar("T")
 
 
@@ -60,19 +68,11 @@ T = TypeVar("T")
 class _Planned:
     """One layer of a file to load: where it goes, its hyperparameters and its tensors."""
 
-    module: nn.Module
+    module: nn.Module | ParameterTarget
     spec: LayerSpec
     a: Tensor
     b: Tensor
     extra: dict[str, Tensor]  # the DoRA magnitude ("M") and B's bias ("bias"), if any
-
-
-def _report(where: str, problems: list[str]) -> str:
-    shown = problems[:_MAX_LINES]
-    lines = [f"{where}; nothing was changed:", *(f"  - {p}" for p in shown)]
-    if len(problems) > len(shown):
-        lines.append(f"  ... and {len(problems) - len(shown)} more")
-    return "\n".join(lines)
 
 
 def _matched(entries: dict[str, Slots], targets: dict[str, T], problems: list[str],
@@ -123,9 +123,52 @@ def _plan_layer(model: nn.Module, config: PeftLoRAConfig, path: str, module: nn.
     problems += found + found_extra
     if tensors is None or any(kind is StateError for kind, _ in blockers):
         return None, problems
-    problems += layer_file_problems(path, lora_layer_for(module), tensors, extra, rank, source,
-                                    dora=config.dora, lora_bias=config.lora_bias)
-    return _Planned(module, spec, *tensors, extra), problems
+    probe = lora_layer_for(module)
+    fitted, shape_problem = fitted_tensors(path, probe, tensors, rank, source)
+    problems += [shape_problem] if shape_problem else []
+    problems += variant_problems(path, probe, extra, dora=config.dora,
+                                 lora_bias=config.lora_bias)
+    if fitted is None:
+        return None, problems
+    if "M" in extra and tuple(fitted[0].shape) != tuple(probe.adapter_shapes(rank)[0]):
+        problems.append(
+            f"{path}: a DoRA magnitude needs ΔW in the weight's own shape, but A "
+            f"{tuple(fitted[0].shape)} is in another layout (PEFT's for a grouped "
+            "convolution: A reads every input channel), whose ΔW has no such shape. Train "
+            "this layer without DoRA, or with loraplug's layout."
+        )
+        return None, problems
+    return _Planned(module, spec, *fitted, extra), problems
+
+
+def _plan_parameters(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
+                     dropouts: dict[str, float], adapter: str) -> tuple[
+                         dict[str, _Planned], list[str]]:
+    """The plan for ``target_parameters``; their entries are taken out of ``entries``."""
+    plan: dict[str, _Planned] = {}
+    problems: list[str] = []
+    for key_path, target in peft_parameter_targets(model, config.target_parameters).items():
+        slots = entries.pop(key_path, None)
+        if slots is None:
+            problems.append(f"{target.name}: target_parameters selects it, but the file lacks "
+                            f"{key_path}.lora_A.weight and {key_path}.lora_B.weight.")
+            continue
+        rank, alpha, source = config.spec(target.name)
+        spec = LayerSpec(rank, alpha, float(dropouts.get(target.name, config.dropout)))
+        blockers = parameter_problems(target, adapter=adapter, dropout=spec.dropout,
+                                      options=config.options)
+        problems += [message for _, message in blockers]
+        tensors, found = layer_tensors(key_path, LoRAParameter, slots)
+        problems += found
+        if tensors is None or blockers:
+            continue
+        probe = target.layer or LoRAParameter(LoRAParameterHost(target.owner), target.parameter)
+        fitted, shape_problem = fitted_tensors(key_path, probe, tensors, rank, source)
+        if fitted is None:
+            problems.append(str(shape_problem))
+            continue
+        plan[target.name] = _Planned(target, spec, *fitted, {})
+    return plan, problems
 
 
 def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
@@ -133,8 +176,8 @@ def _plan(model: nn.Module, config: PeftLoRAConfig, entries: dict[str, Slots],
     everything = {clean: module for clean, _, module in candidates(model) if clean}
     paths, parts = module_paths(model), parts_index(model)
     dropouts = extras.get("dropout", {})
-    problems: list[str] = []
-    plan: dict[str, _Planned] = {}
+    entries = dict(entries)
+    plan, problems = _plan_parameters(model, config, entries, dropouts, adapter)
     for path, slots, module in _matched(entries, everything, problems,
                                         "the model has no module of that name."):
         part = parts.get(path)
@@ -276,9 +319,10 @@ def load_adapter(
             found = [f"{CONFIG_NAME}: the regex {err}; name the modules in a list instead."]
         problems += found
     if problems or config is None:
-        raise AdapterFileError(_report(f"cannot load the adapter in {directory}", problems))
+        raise AdapterFileError(report(f"cannot load the adapter in {directory}", problems))
     _warn_before_loading(directory, unknown, pair_problems(raw, metadata), extras, plan)
-    with rng_untouched([item.module for item in plan.values()]):
+    with rng_untouched([item.module.owner if isinstance(item.module, ParameterTarget)
+                        else item.module for item in plan.values()]):
         layers = inject_layers(
             model, {p: item.module for p, item in plan.items()},
             {p: item.spec for p, item in plan.items()}, name=adapter, init=config.init,
@@ -287,11 +331,10 @@ def load_adapter(
     every = dict(lora_layers(model))
     with torch.no_grad():
         for layer_path, layer in layers.items():
-            layer.lora_A[adapter].copy_(plan[layer_path].a)
+            item = plan[layer_path]
             factor = part_factor(every, layer_path)
-            b = plan[layer_path].b
-            layer.lora_B[adapter].copy_(b if factor == 1.0 else b * factor)
-            fill_variants(layer, adapter, plan[layer_path].extra)
+            layer.load_tensors(adapter, item.a, item.b if factor == 1.0 else item.b * factor)
+            fill_variants(layer, adapter, item.extra)
     if beside.copies or beside.rows:
         fill_extras(model, beside, adapter, active=active_adapters(model),
                     disabled=any(m.adapters_disabled for m in layers.values()))
@@ -343,7 +386,9 @@ def load_adapter_state_dict(
             f"{where}: state is a {type(state).__name__}; expected a mapping key -> tensor as "
             "loraplug.adapter_state_dict returns it."
         )
-    layers = {path: layer for path, layer in lora_layers(model) if name in layer.adapter_names}
+    carrying = [(path, layer) for path, layer in lora_layers(model) if name in layer.adapter_names]
+    params = parameter_names(carrying, name)  # a parameter's tensors sit under PEFT's path
+    layers = {params[path][0] if path in params else path: layer for path, layer in carrying}
     problems: list[str] = []
     if not layers:
         problems.append(
@@ -382,7 +427,7 @@ def load_adapter_state_dict(
             "weights stale. Call loraplug.unmerge(model) first."
         )
     if problems:
-        raise AdapterFileError(_report(where, problems))
+        raise AdapterFileError(report(where, problems))
     every = dict(lora_layers(model))
     with torch.no_grad():
         for path, (layer, a, b, extra) in loaded.items():

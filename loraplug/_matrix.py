@@ -1,6 +1,7 @@
 """ΔW's matrix form: per group g, W_g (m, n) with ΔW_g = B_g A_g (see ``_inits``, ``_dora``).
 
-Linear: W itself; Conv: W reshaped to (g, out/g, in/g·k…); a layer whose ΔW is (B A)ᵀ
+Every built-in layer type has one group: Linear: W itself; Conv (grouped too): W viewed
+(out, in/groups·k…), ΔW = B A over it (see ``_conv``); a layer whose ΔW is (B A)ᵀ
 (``transposed_delta``: Embedding, transformers' Conv1D) works on Wᵀ. The rows of the
 form are the layer's output channels.
 """
@@ -28,8 +29,7 @@ def matrix_shape(layer: LoRALayer) -> tuple[int, int, int]:
     shape = tuple(layer.weight.shape)
     if transposed(layer):
         return 1, shape[1], shape[0]
-    groups = getattr(layer, "groups", 1)
-    return groups, shape[0] // groups, math.prod(shape[1:])
+    return 1, shape[0], math.prod(shape[1:])
 
 
 def as_matrices(layer: LoRALayer, tensor: Tensor) -> Tensor:

@@ -34,6 +34,9 @@ class Route:
     order; rows whose adapter the layer lacks (or ``None``) compute the base alone.
     """
 
+    #: Each row its own adapter: no single adapted weight exists (see _owner_reads.py).
+    per_row = True
+
     def __init__(self, names: Sequence[str | None], available: Sequence[str]) -> None:
         slot_of: dict[str, int] = {}
         for n in names:
@@ -124,16 +127,18 @@ def _stacked(layer: LoRALayer, slots: tuple[str, ...]) -> tuple[Tensor, Tensor]:
     rank = max(layer.rank[n] for n in slots)
     if all(layer.rank[n] == rank for n in slots):
         return torch.stack([store_a[n] for n in slots]), torch.stack([store_b[n] for n in slots])
-    groups = getattr(layer, "groups", 1)
     a_list, b_list = [], []
     for n in slots:
         a, b = store_a[n], store_b[n]
-        extra = (rank - a.shape[0]) // groups
-        # Per group: A (g, r/g, …) gets rows, B (out, r/g, …) gets columns.
-        a_list.append(F.pad(a.reshape(groups, a.shape[0] // groups, -1), (0, 0, 0, extra))
+        # B's columns split A's rows into `split` blocks: 1 when B reads all of A's r
+        # channels, g for a grouped B (PEFT's grouped convolutions).
+        split = a.shape[0] // b.shape[1]
+        extra = (rank - a.shape[0]) // split
+        # Per block: A (split, r/split, …) gets rows, B (out, r/split, …) gets columns.
+        a_list.append(F.pad(a.reshape(split, a.shape[0] // split, -1), (0, 0, 0, extra))
                       .reshape(rank, *a.shape[1:]))
         b_list.append(F.pad(b.reshape(b.shape[0], b.shape[1], -1), (0, 0, 0, extra))
-                      .reshape(b.shape[0], rank // groups, *b.shape[2:]))
+                      .reshape(b.shape[0], rank // split, *b.shape[2:]))
     return torch.stack(a_list), torch.stack(b_list)
 
 
@@ -151,9 +156,9 @@ def _refuse_unroutable(layers: list[tuple[str, LoRALayer]]) -> None:
          [n for n, layer in layers if layer.merged]),
         ("have adapters disabled (inside disable_adapters); use the block outside it",
          [n for n, layer in layers if layer.adapters_disabled]),
-        ("compute through their weight (their class overrides forward), which cannot differ "
-         "per row; exclude them when injecting",
-         [n for n, layer in layers if layer.through_weight]),
+        ("compute through their weight (their class overrides forward, or they adapt a bare "
+         "parameter), which cannot differ per row; exclude them when injecting",
+         [n for n, layer in layers if layer.forward_differs]),
         ("are of a layer type without routed_lora; implement it to mix adapters per row",
          [n for n, layer in layers if not layer._forms.routed]),
     ):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TypeGuard, TypeVar
 
@@ -39,7 +39,6 @@ _REFUSED: dict[str, tuple[tuple[object, ...], str]] = {
     "bias": (("none", None), (
         "bias='all' or 'lora_only' files carry trained base biases; loraplug adapters hold "
         "only A and B")),
-    "target_parameters": ((None,), "target_parameters (LoRA on bare parameters) is not supported"),
     "layer_replication": ((None,), "layer_replication changes the model's layers"),
     "use_qalora": ((False, None), "QALoRA is not supported"),
     "alora_invocation_tokens": ((None,), "activated LoRA (aLoRA) is not supported"),
@@ -62,6 +61,7 @@ _IGNORED = frozenset({
     "base_model_name_or_path", "revision", "inference_mode", "runtime_config",
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "qalora_group_size", "use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
+    "target_parameters",
     # PEFT sets it for transformers' Conv1D (weight stored (in, out)) and clears it for
     # Linear, layer by layer, whatever the file says; A and B have Linear's shapes both ways.
     "fan_in_fan_out",
@@ -109,6 +109,8 @@ class PeftLoRAConfig:
     modules_to_save: tuple[str, ...] | None = None
     #: ``{embedding name: token ids}``, or a list of ids for the input embedding.
     token_indices: dict[str, tuple[int, ...]] | tuple[int, ...] | None = None
+    #: Bare parameters adapted through the weight (PEFT's rule: full name or "."-suffix).
+    target_parameters: tuple[str, ...] = ()
 
     @property
     def options(self) -> AdapterOptions:
@@ -257,6 +259,11 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
                              expected=_ALPHA_TEXT)
     targets = _module_spec(raw, "target_modules", problems)
     excludes = _module_spec(raw, "exclude_modules", problems)
+    parameters = raw.get("target_parameters") or []
+    if not (isinstance(parameters, list) and all(isinstance(p, str) for p in parameters)):
+        problems.append(f"target_parameters is {parameters!r}; expected a list of parameter "
+                        "names.")
+        parameters = []
     init = _init(raw.get("init_lora_weights", True), problems)
     extras = _extras(raw, problems)
     problems += _refused(raw)
@@ -271,7 +278,8 @@ def parse_config(raw: object) -> tuple[PeftLoRAConfig | None, list[str], list[st
         rank=rank, alpha=float(alpha), dropout=float(dropout), use_rslora=use_rslora,
         target_modules=targets, exclude_modules=excludes, rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        layers_restricted=layers not in (None, []), init=init, **extras,  # type: ignore[arg-type]
+        layers_restricted=layers not in (None, []), init=init,
+        target_parameters=tuple(parameters), **extras,  # type: ignore[arg-type]
     )
     return config, [], unknown
 
@@ -343,7 +351,7 @@ def _overmatches(wanted: set[str], others: Iterable[str]) -> bool:
 
 def build_config(
     layers: dict[str, tuple[int, float, float]], *, use_rslora: bool, all_names: Iterable[str],
-    fan_in_fan_out: bool = False, implied: Iterable[str] = (),
+    fan_in_fan_out: bool = False, implied: Iterable[str] = (), parameters: Collection[str] = (),
 ) -> dict[str, object]:
     """The ``adapter_config.json`` for layers ``{name: (rank, alpha, dropout)}``.
 
@@ -355,15 +363,18 @@ def build_config(
     that layer alone. ``implied`` layers (parts adapted with their owner) are left out of
     ``target_modules``, which is the sorted list of the other layer names, or an
     alternation regex when PEFT's suffix rule would also pick other modules of the model.
+    The names in ``parameters`` are bare parameters: they go to ``target_parameters``,
+    and ``lora_dropout`` is 0 then (PEFT refuses dropout there; per-layer dropout lives
+    in the file's metadata).
     """
     names = sorted(layers)
     rank = _most_common([layers[n][0] for n in names])
     alpha = _most_common([layers[n][1] for n in names])
-    dropout = _most_common([layers[n][2] for n in names])
-    listed = sorted(set(names) - set(implied))
-    targets: list[str] | str = listed
-    if _overmatches(set(listed), all_names):
-        targets = "|".join(re.escape(n) for n in listed)
+    dropout = 0.0 if parameters else _most_common([layers[n][2] for n in names])
+    modules = sorted(n for n in names if n not in parameters and n not in set(implied))
+    targets: list[str] | str = modules
+    if _overmatches(set(modules), all_names):
+        targets = "|".join(re.escape(n) for n in modules)
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -385,6 +396,7 @@ def build_config(
         "layers_to_transform": None,
         "layers_pattern": None,
         "modules_to_save": None,
+        "target_parameters": sorted(parameters) or None,
         "inference_mode": True,
     }
 

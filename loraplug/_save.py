@@ -39,8 +39,10 @@ from ._format import (
 )
 from ._inits import rewrites_base
 from ._layer import LoRALayer
+from ._parameter_targeting import parameter_names
 from ._paths import as_path
 from ._peft_config import build_config
+from ._products import compute_dtype
 from ._quantized import plain_state
 from ._save_fields import as_plain, uniform_fields
 from ._targeting import candidates, clean_name, module_paths
@@ -61,6 +63,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     (``(out, r…)``) for Linear and convolution layers, ``<path>.lora_embedding_A``
     (``(r, V)``) and ``<path>.lora_embedding_B`` (``(d, r)``) for embeddings, where
     ``<path>`` is the layer's module name (without ``torch.compile``'s ``_orig_mod.``).
+    A bare parameter's adapter is keyed by its module's name, with PEFT's
+    ``base_layer.`` nesting when several parameters of one module carry it (see
+    :class:`LoRAParameter`).
     These are the keys of PEFT's ``get_peft_model_state_dict`` on a model injected
     without a ``PeftModel`` wrapper. The tensors are detached and share storage with
     the parameters, as ``state_dict()`` does, except B of an attention's ``out_proj``
@@ -88,14 +93,16 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Ten
     """
     state: dict[str, Tensor] = {}
     every = dict(lora_layers(model))
-    for path, layer in _adapter_layers(model, name, "adapter_state_dict"):
+    layers = _adapter_layers(model, name, "adapter_state_dict")
+    params = parameter_names(layers, name)  # a parameter's tensors sit under PEFT's path
+    for path, layer in layers:
         key_a, key_b = key_names(type(layer))
         factor = part_factor(every, path)
         b = layer.lora_B[name].detach()
-        path = key_path(path, set(every))
-        state[f"{path}.{key_a}"] = layer.lora_A[name].detach()
-        state[f"{path}.{key_b}"] = b if factor == 1.0 else b / factor
-        state.update(variant_state(layer, path, name))
+        where = params[path][0] if path in params else key_path(path, set(every))
+        state[f"{where}.{key_a}"] = layer.lora_A[name].detach()
+        state[f"{where}.{key_b}"] = b if factor == 1.0 else b / factor
+        state.update(variant_state(layer, where, name))
     state.update(extras_state(model, name))
     return state
 
@@ -157,8 +164,9 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
         raise AdapterFileError(f"save_adapter: plain must be True or False; received {plain!r}.")
     layers = _adapter_layers(model, name, "save_adapter")
     fields = uniform_fields(layers, name)
-    specs = {path: (layer.rank[name], layer.alpha[name], layer.dropout[name])
-             for path, layer in layers}
+    params = parameter_names(layers, name)
+    specs = {params[path][1] if path in params else path:
+             (layer.rank[name], layer.alpha[name], layer.dropout[name]) for path, layer in layers}
     state = adapter_state_dict(model, name)
     if plain and rewrites_base(str(fields["init_lora_weights"])):
         specs, state = as_plain(layers, name, specs, state)
@@ -166,17 +174,19 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
     all_names = [clean for clean, _, _ in candidates(model) if clean]
     # A part whose owner carries the adapter too is implied by the owner's name (PEFT
     # adapts an attention's out_proj with it).
-    implied = {path for path in specs if path.rpartition(".")[0] in specs}
+    modules = {path for path, _ in layers if path not in params}
+    implied = {path for path in modules if path.rpartition(".")[0] in modules}
     config = build_config(specs, use_rslora=bool(fields.pop("use_rslora")), all_names=all_names,
                           fan_in_fan_out=any(getattr(layer, "fan_in_fan_out", False)
-                                             for _, layer in layers), implied=implied)
+                                             for _, layer in layers), implied=implied,
+                          parameters={full for _, full in params.values()})
     config.update(fields, **extras_config(model, name))
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in state.items()}
     metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
                 META_ADAPTER: name}
     metadata[META_CONFIG] = json.dumps({k: config.get(k) for k in PAIRED_FIELDS}, sort_keys=True)
-    if len({dropout for _, _, dropout in specs.values()}) > 1:
+    if any(dropout != config["lora_dropout"] for _, _, dropout in specs.values()):
         metadata[META_DROPOUT] = json.dumps({p: s[2] for p, s in sorted(specs.items())})
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     directory = as_path(path, "save_adapter")
@@ -210,6 +220,32 @@ def _canonical(data: bytes) -> bytes:
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
+
+
+def _merge_into(state: dict[str, Tensor], stored: dict[str, Tensor], tensor: Tensor,
+                merged: Tensor) -> None:
+    """Write ``merged``, the new value of ``tensor``, into the state entries that hold it.
+
+    ``tensor`` is a model tensor that is not a LoRA layer's own ``weight``: a bare
+    parameter of its host, or rows of an attention's ``in_proj_weight`` (a view). The
+    entries are found by storage; a view's rows are written into a copy of the whole
+    tensor, and several layers writing one tensor (an attention's in_proj adapter and
+    its q part) add their updates.
+    """
+    pointer = tensor.untyped_storage().data_ptr()
+    for key, held in state.items():
+        if held.untyped_storage().data_ptr() != pointer or not held.is_floating_point():
+            continue
+        offset = tensor.storage_offset() - held.storage_offset()
+        whole = (held.shape, held.stride(), offset) == (tensor.shape, tensor.stride(), 0)
+        if whole and key not in stored:
+            stored[key] = merged
+            continue
+        target = stored.setdefault(key, held.detach().clone(memory_format=torch.preserve_format))
+        region = target.as_strided(tensor.shape, tensor.stride(),
+                                   target.storage_offset() + offset)
+        dtype = compute_dtype(region.dtype)
+        region.copy_((region.to(dtype) + merged.to(dtype) - tensor.to(dtype)).to(region.dtype))
 
 def save_merged(model: nn.Module, path: str | Path) -> None:
     """Write the model's weights with its adapters merged in, under the base model's keys.
@@ -254,6 +290,7 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
     check_mergeable(model, layers, "save_merged", to_file=True)
     paths = module_paths(model)
     state = model.state_dict()
+    stored: dict[str, Tensor] = {}  # merged tensors written through views, by key
     with torch.no_grad():
         for _, layer in layers:
             # The weight holds the merged adapters; the active ones not merged are added.
@@ -266,9 +303,14 @@ def save_merged(model: nn.Module, path: str | Path) -> None:
                 for key in [k for k in state if k.startswith(prefix)
                             and k[len(prefix):].split(".")[0] in ADAPTER_REGISTRIES]:
                     del state[key]
-                state[f"{prefix}weight"] = weight
+                if "weight" in layer._parameters:
+                    state[f"{prefix}weight"] = weight
                 if bias is not None:
                     state[f"{prefix}bias"] = bias.detach()
+            if layer._live and "weight" not in layer._parameters:
+                # Another module's tensor (a bare parameter's) or a view of one (q, k, v).
+                _merge_into(state, stored, layer._tensor("weight"), weight)
+        state.update(stored)
         merged_extras_state(model, state)
     state = plain_state(model, state)  # quantized weights dequantized, their statistics dropped
     tensors: dict[str, Tensor] = {}

@@ -68,8 +68,7 @@ def as_plain(layers: list[tuple[str, LoRALayer]], name: str,
     specs, state = dict(specs), dict(state)
     for path, layer in layers:
         a0, b0 = layer.initial_values[name]
-        a, b = plain_tensors(layer.lora_A[name].detach(), layer.lora_B[name].detach(),
-                             a0, b0, getattr(layer, "groups", 1))
+        a, b = plain_tensors(layer.lora_A[name].detach(), layer.lora_B[name].detach(), a0, b0)
         key_a, key_b = key_names(type(layer))
         state[f"{path}.{key_a}"], state[f"{path}.{key_b}"] = a, b
         rank, alpha, dropout = specs[path]

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Protocol, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class Planned(Protocol):
     """What loading plans for one path: the module, its hyperparameters, A and B."""
 
     @property
-    def module(self) -> nn.Module: ...
+    def module(self) -> object: ...  # a module, or a bare parameter's target
     @property
     def spec(self) -> object: ...
     @property

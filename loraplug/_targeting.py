@@ -12,9 +12,9 @@ A target is one of, or a list of:
 Names are those of ``model.named_modules()`` with any ``_orig_mod.`` segment (added by
 ``torch.compile``) removed, so a compiled model is targeted like the original. Modules
 inside a LoRA layer (its adapters, dropouts) are never candidates; parts of a module
-(``<attention>.q``, ``.k``, ``.v``, ``.out_proj``) are (see ``_parts``). A layer whose
-owner reads its weight directly is refused: an adapter there would never be computed.
-This module also finds and replaces modules by path.
+(``<attention>.q``, ``.k``, ``.v``, ``.out_proj``) are (see ``_parts``). A module that
+reads a layer's weight in its own forward instead of calling it sees ``W + ΔW`` (see
+``_owner_reads``). This module also finds and replaces modules by path.
 """
 
 from __future__ import annotations
@@ -293,50 +293,14 @@ def _selection(picked: list[tuple[str, str, nn.Module]]) -> Selection:
     return selection
 
 
-#: Owners that read a child's weight directly in their own forward instead of calling
-#: the child, so an adapter on that child would never be computed: owner type ->
-#: (child names, what to do about it). (nn.MultiheadAttention reads out_proj.weight, but
-#: out_proj is a part of its own LoRA layer; nn.TransformerEncoderLayer's fused path is
-#: kept off while an adapter is live.)
-#: Keyed by class, or by qualified class name so that no optional package is imported.
-_OWNER_READS: dict[type[nn.Module] | str, tuple[tuple[str, ...], str]] = {
-    "torchvision.models.swin_transformer.ShiftedWindowAttention": (
-        ("qkv", "proj"),
-        "Leave it out, e.g. exclude=['*attn.{leaf}'], and adapt the MLP layers instead.",
-    ),
-}
-
-
-def owner_problems(model: nn.Module, name: str, paths: list[str]) -> list[str]:
-    """Why an owner of the module at ``paths`` would bypass its adapter, if it would.
-
-    ``name`` is the module's clean name, for the messages; ``paths`` are its real paths
-    (see :func:`module_paths`).
-    """
-    found = []
-    for path in paths:
-        parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        mro = {f"{c.__module__}.{c.__qualname__}": c for c in type(parent).__mro__}
-        for key, (attrs, advice) in _OWNER_READS.items():
-            owner = mro.get(key) if isinstance(key, str) else (
-                key if isinstance(parent, key) else None)
-            if owner is not None and leaf in attrs:
-                found.append(
-                    f"{name!r}: its owner {type_name(owner)} reads {leaf}.weight directly "
-                    "inside its own forward instead of calling the layer, so an adapter there "
-                    f"would be silently ignored. {advice.format(leaf=leaf)}"
-                )
-    return found
-
-
 def find_targets(
     model: nn.Module, target: TargetSpec, *, exclude: TargetSpec | None = None
 ) -> list[str]:
     """Return the sorted names ``inject_lora`` would wrap, without changing anything.
 
-    Raises the same errors as :func:`inject_lora` for the targets themselves, including
-    the refusal of layers whose owner reads their weight directly.
+    Raises the same errors as :func:`inject_lora` for the targets themselves. A layer
+    whose owner reads its weight instead of calling it is a target like any other: the
+    owner is handed ``W + ΔW`` (see the concepts page).
 
     Args:
         model: any ``nn.Module``; not changed.
@@ -348,8 +312,7 @@ def find_targets(
         The sorted names of the layers that would receive an adapter.
 
     Raises:
-        TargetError: a pattern matches nothing, nothing supported matched, or an owner
-            reads a selected layer's weight directly.
+        TargetError: a pattern matches nothing, or nothing supported matched.
 
     Example:
         >>> from torch import nn
@@ -358,10 +321,4 @@ def find_targets(
         >>> lp.find_targets(model, nn.Linear, exclude="2")
         ['0']
     """
-    selection = select(model, target, exclude)
-    paths = module_paths(model)
-    refused = [m for n, mod in selection.modules.items()
-               for m in owner_problems(model, n, paths.get(id(mod), []))]
-    if refused:
-        raise TargetError("\n".join(refused))
-    return list(selection.modules)
+    return list(select(model, target, exclude).modules)

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from . import _variants
-from ._format import CONFIG_NAME
 from ._layer import LoRALayer
 from ._matrix import matrix_shape
 
@@ -40,16 +39,6 @@ def variant_problems(path: str, probe: LoRALayer, extra: dict[str, Tensor], *, d
     return problems
 
 
-def layer_file_problems(path: str, probe: LoRALayer, tensors: tuple[Tensor, Tensor],
-                        extra: dict[str, Tensor], rank: int, source: str, *, dora: bool,
-                        lora_bias: bool) -> list[str]:
-    """What is wrong with one layer's tensors in a file: A and B's shapes, the magnitude
-    and B's bias against the config's ``use_dora`` and ``lora_bias``."""
-    shape = expected_shape_problem(path, probe, tensors, rank, source)
-    return ([shape] if shape else []) + variant_problems(path, probe, extra, dora=dora,
-                                                         lora_bias=lora_bias)
-
-
 def adapter_variant_problems(path: str, layer: LoRALayer, adapter: str,
                              extra: dict[str, Tensor]) -> list[str]:
     """:func:`variant_problems` for tensors meant for adapter ``adapter`` on ``layer``."""
@@ -76,29 +65,3 @@ def variant_state(layer: LoRALayer, path: str, adapter: str) -> dict[str, Tensor
     if "bias" in found:
         state[f"{path}.lora_B.bias"] = found["bias"].detach()
     return state
-
-
-def expected_shape_problem(path: str, probe: LoRALayer, got: tuple[Tensor, Tensor],
-                            rank: int, source: str) -> str | None:
-    """Why A and B from a file do not fit ``probe`` at ``rank``, or ``None``."""
-    want_a, want_b = probe.adapter_shapes(rank)
-    a, b = tuple(got[0].shape), tuple(got[1].shape)
-    if (a, b) == (tuple(want_a), tuple(want_b)):
-        return None
-    groups = getattr(probe, "groups", 1)
-    if groups > 1 and len(a) == len(want_a) and a[1] == want_a[1] * groups and a[2:] == want_a[2:]:
-        return (
-            f"{path}: lora_A has shape {a}, PEFT's layout for a grouped convolution "
-            f"(groups={groups}), where A reads all {a[1]} input channels; loraplug's A is "
-            f"grouped too, shape {tuple(want_a)} (r, in/groups, k…), so that ΔW is block "
-            "diagonal like the weight and merges exactly. PEFT's A mixes channels across "
-            "groups, which no grouped convolution weight can express, so this adapter cannot "
-            "be loaded. Exclude grouped convolutions when training with PEFT, or train this "
-            "layer with loraplug."
-        )
-    message = (f"{path}: A {a} and B {b} in the file, but rank {rank} (from {source}) needs "
-               f"A {tuple(want_a)} and B {tuple(want_b)}")
-    if a and probe.adapter_shapes(a[0]) == (a, b):
-        return message + (f"; the tensors have rank {a[0]}, so {source} in {CONFIG_NAME} "
-                          "disagrees with the weights.")
-    return message + "; the file was saved for a layer of another shape."

@@ -44,7 +44,8 @@ Home = Literal["stored", "parametrized", "computed"]
 
 def weight_home(layer: LoRALayer) -> Home:
     """Where ``layer.weight`` comes from: a stored tensor, a parametrization, or neither."""
-    if "weight" in layer._parameters or "weight" in layer._buffers:
+    owner, key = layer.weight_key()  # a bare parameter's layer: its host holds it
+    if key in owner._parameters or key in owner._buffers:
         return "stored"
     if parametrize.is_parametrized(layer.base_layer, "weight"):
         return "parametrized"
@@ -197,7 +198,7 @@ def shared_memory(model: nn.Module, layers: list[tuple[str, LoRALayer]],
                                                        id(module)))
     found: dict[str, list[str]] = {}
     for name, layer in layers:
-        own = {id(m) for m in layer.modules()}
+        own = {id(m) for m in layer.modules()} | {id(layer.weight_key()[0])}
         others = {path for tensor in written_tensors(layer) if (w := _extent(tensor))
                   for start, end, path, owner in index.get(w[0], ())
                   if owner not in own and start < w[2] and w[1] < end

@@ -36,7 +36,11 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = N
 
 
 def delta(kind: str, a: Tensor, b: Tensor, scaling: float, groups: int = 1) -> Tensor:
-    """ΔW in float64 from raw adapter tensors (formulas from docs/concepts.md)."""
+    """ΔW in float64 from raw adapter tensors (formulas from docs/concepts.md).
+
+    ``groups`` does not change a convolution's ΔW: A is shared by the groups and B is
+    per output channel, over the weight's matrix view (out, in/g·k…).
+    """
     a, b = a.double(), b.double()
     if kind == "linear":
         return scaling * b @ a
@@ -44,15 +48,12 @@ def delta(kind: str, a: Tensor, b: Tensor, scaling: float, groups: int = 1) -> T
         return scaling * (b @ a).t()
     if kind == "conv1d":  # transformers' Conv1D stores W as (in, out)
         return scaling * (b @ a).t()
-    # conv: per group, (out/g, r/g) @ (r/g, in/g·k) -> (out/g, in/g·k)
+    # conv, any groups: (out, r) @ (r, in/g·k…) over the weight's matrix view (out, in/g·k…),
+    # element by element: ΔW[o, c, k…] = s · Σ_j B[o, j] · A[j, c, k…].
     out, r = b.shape[0], a.shape[0]
-    kernel = a.shape[1:]
-    rows = []
-    for g in range(groups):
-        bg = b[g * out // groups:(g + 1) * out // groups].reshape(out // groups, r // groups)
-        ag = a[g * r // groups:(g + 1) * r // groups].reshape(r // groups, -1)
-        rows.append(bg @ ag)
-    return scaling * torch.cat(rows).reshape(out, *kernel)
+    flat = a.reshape(r, -1)
+    rows = [sum(b.reshape(out, r)[o, j] * flat[j] for j in range(r)) for o in range(out)]
+    return scaling * torch.stack(rows).reshape(out, *a.shape[1:])
 
 
 def dense_forward(base: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
@@ -109,3 +110,26 @@ def attention_dense(mha: nn.MultiheadAttention, deltas: dict[str, Tensor], query
     if mha.batch_first and batched:
         out = out.transpose(0, 1)
     return out, weights
+
+
+def parameter_delta(a: Tensor, b: Tensor, scaling: float, shape: tuple[int, ...],
+                    transposed: bool = False) -> Tensor:
+    """ΔW in float64 for a bare parameter of ``shape``, indexed element by element.
+
+    Matrix layout (2 dims, or 4 and more): ``B (out, r) @ A (r, ∏rest)`` reshaped to
+    ``shape``. Experts (3 dims, PEFT's layout): expert e uses rows ``e·r … e·r + r - 1``
+    of A (E·r, in) and columns ``j·E + e`` (j < r) of B (out, r·E); its block is
+    ``B_e @ A_e`` (out, in), transposed when the stack is stored (E, in, out).
+    """
+    a, b = a.double(), b.double()
+    if len(shape) != 3:
+        return scaling * (b @ a.reshape(a.shape[0], -1)).reshape(shape)
+    experts = shape[0]
+    r = a.shape[0] // experts
+    blocks = []
+    for e in range(experts):
+        a_e = a[e * r:(e + 1) * r]
+        b_e = b[:, [j * experts + e for j in range(r)]]
+        block = b_e @ a_e
+        blocks.append(block.t() if transposed else block)
+    return scaling * torch.stack(blocks)

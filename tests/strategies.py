@@ -74,8 +74,8 @@ def conv_cases(draw: st.DrawFn, dims: int | None = None, dtype: torch.dtype | No
     layer = conv_cls(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, bias=draw(st.booleans()), padding_mode=mode).to(dtype)
     x = torch.randn(draw(st.integers(1, 2)), in_ch, *size, dtype=dtype)
-    per_group_max = min(out_ch // groups, in_ch // groups * layer.weight[0, 0].numel())
-    rank = groups * min(draw(st.integers(1, 2)), per_group_max)
+    # Any rank up to min(out, in/g·∏k): A is shared by the groups, B per output channel.
+    rank = draw(st.integers(1, min(4, out_ch, layer.weight[0].numel())))
     return Case("conv", nn.Sequential(layer), x, rank, draw(st.sampled_from([0.5, 1.0, 8.0])),
                 groups=groups)
 
@@ -254,3 +254,85 @@ def _attention_kwargs(draw: st.DrawFn, n: int | None, heads: int, tgt: int, src:
         mask[..., 0] = False
         kwargs["attn_mask"] = mask if as_bool else torch.where(mask, float("-inf"), 0.0).to(dtype)
     return kwargs
+
+
+# --------------------------------------------------------------------------- bare parameters
+class ParamLinear(nn.Module):
+    """A linear map on its own parameter stored (in, out), as PEFT's test model has it."""
+
+    def __init__(self, in_f: int, out_f: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_f, out_f) / in_f**0.5)
+        self.bias = nn.Parameter(torch.randn(out_f))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight + self.bias
+
+
+class Experts(nn.Module):
+    """E expert matrices, expert e applied to x[e]: weight (E, out, in), or (E, in, out)
+    when ``is_transposed`` (the flag PEFT reads)."""
+
+    def __init__(self, experts: int, in_f: int, out_f: int, transposed: bool) -> None:
+        super().__init__()
+        self.is_transposed = transposed
+        shape = (experts, in_f, out_f) if transposed else (experts, out_f, in_f)
+        self.weight = nn.Parameter(torch.randn(*shape) / in_f**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:  # x (E, T, in) -> (E, T, out)
+        w = self.weight if self.is_transposed else self.weight.transpose(1, 2)
+        return torch.bmm(x, w)
+
+
+class OwnConv(nn.Module):
+    """A convolution on its own 4-D parameter (a type the registry does not know)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel) / in_ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(x, self.kernel, padding=1)
+
+
+@dataclass
+class ParamCase:
+    """A module adapted through one of its parameters, wrapped in a container."""
+
+    model: nn.Sequential
+    parameter: str
+    x: Tensor
+    rank: int
+    alpha: float
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.model[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.owner._parameters[self.parameter].shape)
+
+    def __repr__(self) -> str:
+        return (f"ParamCase({type(self.owner).__name__} {self.parameter}{self.shape}, "
+                f"x={tuple(self.x.shape)}, rank={self.rank}, alpha={self.alpha})")
+
+
+@st.composite
+def parameter_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> ParamCase:
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    kind = draw(st.sampled_from(["matrix", "experts", "experts_t", "conv"]))
+    a, b = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    if kind == "matrix":
+        owner, name, x, most = ParamLinear(a, b), "weight", torch.randn(3, a), min(a, b)
+    elif kind == "conv":
+        owner, name = OwnConv(a, b, 3), "kernel"
+        x, most = torch.randn(2, a, 5, 5), min(b, 9 * a)
+    else:
+        experts = draw(st.integers(1, 3))
+        owner, name = Experts(experts, a, b, kind == "experts_t"), "weight"
+        x, most = torch.randn(experts, 4, a), min(a, b)
+    rank = draw(st.integers(1, most))
+    return ParamCase(nn.Sequential(owner).to(dtype), name, x.to(dtype), rank,
+                     draw(st.sampled_from([0.5, 1.0, 8.0])))

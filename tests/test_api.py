@@ -20,6 +20,8 @@ PUBLIC = [
     "LoRALayer",
     "LoRALinear",
     "LoRAMultiheadAttention",
+    "LoRAParameter",
+    "LoRAParameterHost",
     "LoRASummary",
     "LoRAWarning",
     "StateError",

@@ -181,7 +181,7 @@ def lora_params(shape: tuple[int, ...], rank: int) -> int:
 
 
 def rows_of(out: str) -> dict[str, list[str]]:
-    """layer -> [mark, type, weight, LoRA, params] from the targets table."""
+    """layer -> [mark, type, weight, LoRA, params, path] from the targets table."""
     rows = {}
     for line in out.splitlines()[2:]:
         if not line.strip() or ": " in line:  # the legend under the table
@@ -237,19 +237,23 @@ def test_targets_without_pattern_lists_every_layer(capsys: pytest.CaptureFixture
     assert "pass --target PATTERN" in out
 
 
-def test_targets_reports_a_rank_the_layer_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+def test_targets_counts_a_grouped_conv_at_any_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    # A shared by the 2 groups (3 · 2·3·3), B per output channel (8 · 3).
     code, out, _ = run(capsys, "targets", "test_cli:grouped_model", "-t", "0", "-r", "3")
-    assert code == 1
-    assert rows_of(out)["0"] == ["!", "nn.Conv2d", "8×2×3×3", "LoRAConv2d"]  # no +params
-    assert "0 layers selected (*); rank 3 adds 0 parameters" in out
-    assert "1 more layer selected cannot take it (!), so inject_lora would refuse" in out
-    assert re.search(r"^! 0: groups=2 needs a rank divisible by 2.*received rank=3\.$", out,
-                     re.M)
-    assert "To go ahead: --rank 4 fits every selected layer; or leave the ! layers out with " \
-        "--exclude '0'" in out
-    assert run(capsys, "targets", "test_cli:grouped_model", "-t", "0", "-r", "4")[0] == 0
-    with pytest.raises(lp.ConfigError, match="groups=2 needs a rank divisible by 2"):
-        lp.inject_lora(grouped_model(), target="0", rank=3)
+    assert code == 0
+    row = rows_of(out)["0"]
+    assert row[0] == "*" and row[-2:] == [f"{3 * 18 + 8 * 3}", "weight"]
+
+
+def test_targets_shows_the_path_and_bare_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "targets", "test_cli:attention_model", "-t", "head",
+                       "-p", "attn.in_proj_weight", "-r", "2")
+    assert code == 0
+    rows = rows_of(out)
+    assert rows["head"][-1] == "branch"
+    assert rows["attn.in_proj_weight"][0] == "*" and rows["attn.in_proj_weight"][-2:] == [
+        f"{2 * (8 + 24)}", "weight"]
+    assert "2 layers selected (*)" in out
 
 
 def attention_model() -> nn.Module:
@@ -272,31 +276,6 @@ def test_targets_shows_the_parts_of_attention(capsys: pytest.CaptureFixture[str]
     assert marked == {"attn.q", "attn.v"}
 
 
-class Fused(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.inner.weight)
-
-
-def fused_model() -> nn.Module:
-    model = nn.Module()
-    model.fused = Fused()
-    model.head = nn.Linear(8, 2)
-    return model
-
-
-def test_targets_marks_a_layer_its_owner_bypasses(capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraplug import _targeting
-
-    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
-    code, out, _ = run(capsys, "targets", "test_cli:fused_model", "-t", "type:Linear")
-    assert code == 1
-    assert rows_of(out)["fused.inner"][0] == "!" and rows_of(out)["head"][0] == "*"
-    assert re.search(r"^! fused.inner: its owner test_cli.Fused reads", out, re.M)
 
 
 def encoder_model() -> nn.Module:
@@ -304,21 +283,6 @@ def encoder_model() -> nn.Module:
     model = attention_model()
     model.enc = nn.TransformerEncoderLayer(8, 2, 16)
     return model
-
-
-def owners_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Module()
-    model.a, model.b = Fused(), Fused()
-    model.head = nn.Linear(8, 2)
-    return model
-
-
-@pytest.fixture
-def fused_owner(monkeypatch: pytest.MonkeyPatch) -> None:
-    from loraplug import _targeting
-
-    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
 
 
 def test_targets_wraps_attention_and_the_encoder_layer(capsys: pytest.CaptureFixture[str]) -> None:
@@ -329,44 +293,61 @@ def test_targets_wraps_attention_and_the_encoder_layer(capsys: pytest.CaptureFix
         "attn.out_proj", "enc.linear1", "enc.linear2", "enc.self_attn.out_proj", "head"]
 
 
-@pytest.mark.usefixtures("fused_owner")
+class Picky(nn.Linear):
+    """A Linear whose LoRA layer takes even ranks only: a layer type that refuses ranks."""
+
+
+@lp.register_lora_layer(Picky)
+class LoRAPicky(lp.LoRALinear):
+    """LoRA on :class:`Picky`, refusing odd ranks."""
+
+    def check_rank(self, rank: int) -> str | None:
+        return None if rank % 2 == 0 else f"takes even ranks only; received rank={rank}."
+
+
+def picky_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.block = nn.Module()
+    model.block.p1, model.block.p2 = Picky(8, 8), Picky(8, 8)
+    model.head = nn.Linear(8, 4)
+    return model
+
+
 def test_targets_counts_only_what_inject_would_wrap(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "targets", "test_cli:owners_model", "-t", "type:Linear", "-r", "2")
+    code, out, _ = run(capsys, "targets", "test_cli:picky_model", "-t", "type:Linear", "-r", "3")
     assert code == 1
     rows = rows_of(out)
-    refused = ["a.inner", "b.inner"]
+    refused = ["block.p1", "block.p2"]
     assert [n for n, r in rows.items() if r[0] == "!"] == refused
     assert all(len(rows[n]) == 4 for n in refused)  # no parameters counted for them
-    assert "\n1 layer selected (*); rank 2 adds 20 parameters" in out  # head: 2·8 + 2·2
+    assert "\n1 layer selected (*); rank 3 adds 36 parameters" in out  # head: 3·8 + 4·3
     assert "2 more layers selected cannot take it (!)" in out
     # The advice is for the command line: no Python in it.
     assert "lambda" not in out and "exclude=" not in out
-    advice = re.search(r"^To go ahead, leave the ! layers out: (.*)$", out, re.M).group(1)
-    assert advice == "--exclude '*.inner'"
+    advice = re.search(r"^To go ahead: --rank 4 fits every selected layer; or leave the ! "
+                       r"layers out with (.*)$", out, re.M).group(1)
+    assert advice == "--exclude '*.p1' --exclude '*.p2'"
     # Following it, nothing is refused, and inject_lora wraps exactly the layers marked *.
     exclude = re.findall(r"--exclude '([^']+)'", advice)
-    code, out, _ = run(capsys, "targets", "test_cli:owners_model", "-t", "type:Linear",
-                       "-r", "2", *(f"--exclude={p}" for p in exclude))
+    code, out, _ = run(capsys, "targets", "test_cli:picky_model", "-t", "type:Linear",
+                       "-r", "3", *(f"--exclude={p}" for p in exclude))
     assert code == 0 and "!" not in "".join(r[0] for r in rows_of(out).values())
-    wrapped = lp.inject_lora(owners_model(), target=nn.Linear, exclude=exclude, rank=2)
+    wrapped = lp.inject_lora(picky_model(), target=nn.Linear, exclude=exclude, rank=3)
     assert [n for n, r in rows_of(out).items() if r[0] == "*"] == wrapped == ["head"]
 
 
-@pytest.mark.usefixtures("fused_owner")
-def test_targets_listing_marks_what_inject_refuses(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "targets", "test_cli:owners_model")
+def test_targets_listing_counts_layers_their_owners_read(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The encoder's linear1/linear2 are read by its fast path: they take LoRA like any
+    # other layer; so do the attentions and their parts.
+    code, out, _ = run(capsys, "targets", "test_cli:encoder_model")
     assert code == 0
     rows = rows_of(out)
-    assert "\n1 layer can take LoRA" in out
-    assert "2 layers of a LoRA type cannot take one here (!):" in out
+    assert "\n13 layers can take LoRA" in out and not any(r[0] == "!" for r in rows.values())
     for name, row in rows.items():
-        if row[0] == "!":
-            with pytest.raises(lp.TargetError, match=r"reads .*weight directly"):
-                lp.inject_lora(owners_model(), target=name, rank=2)
-        elif len(row) > 3:  # a LoRA layer type
-            assert lp.inject_lora(owners_model(), target=name, rank=2) == [name]
-            assert row[3] == type(owners_model().get_submodule(name)).__name__.replace(
-                "Linear", "LoRALinear")
+        if len(row) > 3:  # a LoRA layer type
+            assert name in lp.inject_lora(encoder_model(), target=name, rank=2)
 
 
 def test_messages_read_as_sentences(capsys: pytest.CaptureFixture[str]) -> None:
@@ -385,14 +366,14 @@ def test_targets_warns_when_rank_exceeds_the_layer(capsys: pytest.CaptureFixture
 def test_targets_accepts_a_module_instance(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:INSTANCE", "-t", "0", "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "LoRALinear", "4"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×2", "LoRALinear", "4", "branch"]}
 
 
 def test_targets_builds_for_real_when_meta_fails(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "targets", "test_cli:needs_real_data", "-t", "type:nn.Linear",
                        "-r", "1")
     assert code == 0
-    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "LoRALinear", "5"]}
+    assert rows_of(out) == {"0": ["*", "nn.Linear", "2×3", "LoRALinear", "5", "branch"]}
 
 
 # --------------------------------------------------------------------------- inspect

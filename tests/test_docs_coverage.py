@@ -92,7 +92,7 @@ def swin_attention() -> nn.Module:
 README_CHECKS: dict[str, Callable[[], tuple[nn.Module, list[str]]]] = {
     "nn.Linear": lambda: (nn.Sequential(nn.Linear(3, 4)), ["0"]),
     "nn.Conv1d": lambda: (nn.Sequential(nn.Conv1d(2, 4, 3), nn.Conv2d(2, 4, 3, stride=2),
-                                        nn.Conv3d(2, 4, 1, groups=2)), ["0", "1", "2"]),
+                                        nn.Conv3d(4, 4, 1, groups=2)), ["0", "1", "2"]),
     "nn.Embedding": lambda: (nn.Sequential(nn.Embedding(5, 3)), ["0"]),
     "register_lora_layer": lambda: (nn.Sequential(Dense(3, 4)), ["0"]),
     "Linear4bit": lambda: (quantized(), ["0", "1", "2"]),

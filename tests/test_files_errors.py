@@ -329,7 +329,7 @@ def test_missing_unexpected_and_wrong_kind_keys(saved: tuple[Path, nn.Module]) -
     assert "conv3: 'base_model.model.conv3.lora_B.weight' has dtype torch.int64" in message
 
 
-def test_peft_grouped_conv_layout_is_refused_with_the_reason(tmp_path: Path) -> None:
+def test_peft_grouped_conv_layout_loads_and_refuses_to_merge(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"]}))
@@ -337,9 +337,16 @@ def test_peft_grouped_conv_layout_is_refused_with_the_reason(tmp_path: Path) -> 
     save_file({"base_model.model.0.lora_A.weight": torch.randn(2, 4, 3, 3),
                "base_model.model.0.lora_B.weight": torch.randn(6, 1, 1, 1)},
               tmp_path / "adapter_model.safetensors")
-    refused(model, tmp_path, r"0: lora_A has shape \(2, 4, 3, 3\), PEFT's layout for a grouped "
-                             r"convolution \(groups=2\), where A reads all 4 input channels; "
-                             r"loraplug's A is grouped too, shape \(2, 2, 3, 3\)")
+    assert lp.load_adapter(model, tmp_path) == ["0"]
+    assert model[0].lora_A["default"].shape == (2, 4, 3, 3)
+    reason = (r"PEFT's layout for grouped convolutions \(A reads all 4 input channels, "
+              r"groups=2\), whose ΔW is not block diagonal")
+    with pytest.raises(lp.StateError, match=rf"merge: layers \['0'\] .*{reason}"):
+        lp.merge(model)
+    with pytest.raises(lp.StateError, match=rf"a LoRAConv2d cannot be merged: .*{reason}"):
+        model[0].merge()
+    with pytest.raises(lp.StateError, match=rf"ΔW has no weight-shaped form: it is in {reason}"):
+        model[0].delta_weight("default")
 
 
 def test_shapes_for_another_model(saved: tuple[Path, nn.Module]) -> None:
@@ -491,3 +498,18 @@ def test_weights_and_config_from_different_saves_are_refused(tmp_path: Path) -> 
                                              r"config but was"):
         lp.load_adapter(zoo(), torn)
     lp.load_adapter(zoo(), tmp_path / "new")  # an intact pair loads without a warning
+
+
+def test_earlier_grouped_conv_layout_loads_with_the_same_delta(tmp_path: Path) -> None:
+    # loraplug's earlier grouped layout: A (r, in/g, k…) split by group, B (out, r/g, 1…);
+    # group G used rows G·r/g … of A. It loads as A shared, B zero outside each group.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    a, b = torch.randn(2, 2, 3, 3), torch.randn(6, 1, 1, 1)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"]}))
+    save_file({"0.lora_A.weight": a, "0.lora_B.weight": b}, tmp_path / "adapter_model.safetensors")
+    lp.load_adapter(model, tmp_path)
+    blocks = [b[3 * g:3 * g + 3].reshape(3, 1) @ a[g].reshape(1, -1) for g in range(2)]
+    expected = torch.cat(blocks).reshape(6, 2, 3, 3)
+    torch.testing.assert_close(model[0].delta_weight("default"), expected)

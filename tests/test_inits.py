@@ -69,7 +69,7 @@ def test_plain_conversion_is_the_update_against_the_original_weight(case: Case,
     s = layer.scaling["default"]
     a, b = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
     trained = layer.weight.detach().double() + delta(case.kind, a, b, s, case.groups)
-    a2, b2 = plain_tensors(a, b, *layer.initial_values["default"], case.groups)
+    a2, b2 = plain_tensors(a, b, *layer.initial_values["default"])
     assert a2.shape[0] == 2 * case.rank
     # Twice the rank at the same scaling: s = 2·alpha / 2r.
     assert_close(weight + delta(case.kind, a2, b2, s, case.groups), trained,
@@ -112,8 +112,8 @@ def test_orthogonal_has_peft_statistics() -> None:
     (nn.Sequential(nn.Linear(4, 3)), {"rank": 3, "init": "orthogonal"},
      r"'0' \(nn.Linear\): init='orthogonal' pairs rows of an orthogonal matrix, so it needs an "
      r"even rank; received rank=3"),
-    (nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), {"rank": 2, "init": "orthogonal"},
-     r"even rank per group; received rank=2 \(1 per group of 2\)"),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), {"rank": 3, "init": "orthogonal"},
+     r"'0' \(nn.Conv2d\): init='orthogonal' pairs rows .* even rank; received rank=3"),
     (nn.Sequential(nn.Linear(4, 3)), {"rank": 4, "init": "pissa"},
      r"init='pissa' takes the first r singular directions of a 3×4 weight, so the rank can "
      r"be at most 3; received rank=4"),

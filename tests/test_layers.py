@@ -57,8 +57,17 @@ def test_fresh_injection_is_bit_identical_to_base(case: Case) -> None:
     assert torch.equal(case.model(case.x), expected)
 
 
+def depthwise_conv() -> Case:
+    """Depthwise Conv2d (groups = channels = 6) at rank 4, which no grouping divides."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    return Case("conv", nn.Sequential(conv), torch.randn(2, 6, 5, 5), rank=4, alpha=8.0,
+                groups=6)
+
+
 @given(any_case(), st.sampled_from(["eval", "train"]))
 @example(pinned_conv(), "eval")
+@example(depthwise_conv(), "train")
 def test_unmerged_and_merged_match_dense_reference(case: Case, mode: str) -> None:
     base = copy.deepcopy(case.base)
     layer = _inject(case)
@@ -172,8 +181,8 @@ def test_added_parameter_count_matches_formula(case: Case) -> None:
         expected = r * (w.shape[1] + w.shape[0])
     elif case.kind == "embedding":
         expected = r * (w.shape[0] + w.shape[1])
-    else:  # A: r · in/g · k…,  B: out · r/g
-        expected = r * w[0].numel() + w.shape[0] * r // case.groups
+    else:  # A: r · in/g · k… (shared by the groups),  B: out · r
+        expected = r * (w[0].numel() + w.shape[0])
     total_before = sum(p.numel() for p in case.model.parameters())
     _inject(case)
     assert sum(p.numel() for p in case.model.parameters()) - total_before == expected
@@ -212,21 +221,23 @@ def test_dropout_is_off_in_eval_mode() -> None:
 
 
 @given(conv_cases(dtype=torch.float64))
-def test_conv_delta_is_block_diagonal_over_groups(case: Case) -> None:
-    """ΔW of a grouped conv equals a dense (ungrouped) conv's ΔW restricted to its groups."""
+def test_grouped_conv_delta_equals_its_dense_ungrouped_conv(case: Case) -> None:
+    """A grouped conv's ΔW acts as the block-diagonal ΔW of the same conv written dense
+    (groups=1): within each group B A, across groups zero, so it merges exactly."""
     layer = _inject(case)
     randomize_adapters(case.model)
-    g = case.groups
-    d = layer.delta_weight("default")
-    a, b = layer.lora_A["default"], layer.lora_B["default"]
-    out, r = b.shape[0], a.shape[0]
-    # Block (o, i) of the full map: B_g[o] · A_g[:, i] for o, i in the same group only.
-    for gi in range(g):
-        rows = slice(gi * out // g, (gi + 1) * out // g)
-        bg = b[rows].reshape(out // g, r // g)
-        ag = a[gi * r // g:(gi + 1) * r // g].reshape(r // g, -1)
-        expected = layer.scaling["default"] * bg @ ag
-        torch.testing.assert_close(d[rows].reshape(out // g, -1), expected)
+    g, d = case.groups, layer.delta_weight("default")
+    out, per_group = d.shape[:2]
+    dense = torch.zeros(out, per_group * g, *d.shape[2:], dtype=d.dtype)
+    for o in range(out):
+        group = o // (out // g)
+        dense[o, group * per_group:(group + 1) * per_group] = d[o]
+    grouped = copy.deepcopy(layer.base_layer).double()
+    ungrouped = copy.deepcopy(grouped)
+    ungrouped.groups, ungrouped.in_channels = 1, per_group * g
+    grouped.bias = ungrouped.bias = None
+    torch.testing.assert_close(dense_forward(grouped, d, case.x),
+                               dense_forward(ungrouped, dense, case.x))
 
 
 @given(linear_cases(torch.float32))
@@ -270,9 +281,9 @@ def test_unload_restores_the_object_and_bit_identical_state(case: Case) -> None:
     assert all(torch.equal(after[k], v) for k, v in state.items())
 
 
-@given(any_case(), st.sampled_from(["rank", "alpha", "dropout", "name", "duplicate", "groups"]))
+@given(any_case(), st.sampled_from(["rank", "alpha", "dropout", "name", "duplicate", "target"]))
 def test_failed_inject_leaves_the_model_unchanged(case: Case, fault: str) -> None:
-    case.model.append(nn.Conv1d(4, 4, 1, groups=4))  # a second target that may refuse the rank
+    case.model.append(nn.Conv1d(4, 4, 1, groups=4))  # a second target, depthwise
     lp.inject_lora(case.model, target="0", rank=case.rank, name="existing")
     randomize_adapters(case.model)
     before = (
@@ -288,7 +299,7 @@ def test_failed_inject_leaves_the_model_unchanged(case: Case, fault: str) -> Non
         "dropout": {"dropout": 1.5},
         "name": {"name": "no.dots"},
         "duplicate": {"name": "existing"},
-        "groups": {"rank": 2},
+        "target": {"target": ["0", "1", "no_such_layer"]},
     }[fault])
     with pytest.raises(lp.LoRAError):
         lp.inject_lora(case.model, **kwargs)
@@ -301,3 +312,17 @@ def test_failed_inject_leaves_the_model_unchanged(case: Case, fault: str) -> Non
     assert before[0] == after[0] and before[2] == after[2] and before[3] == after[3]
     assert before[1].keys() == after[1].keys()
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+@given(conv_cases(), st.sampled_from(["eval", "train"]))
+@example(depthwise_conv(), "eval")
+def test_conv_without_gradients_matches_dense_reference(case: Case, mode: str) -> None:
+    """Without gradients a conv may compute through W + ΔW (cheaper): the same function."""
+    base = copy.deepcopy(case.base)
+    _inject(case)
+    randomize_adapters(case.model)
+    getattr(case.model, mode)()
+    ref = _reference(case, base, ["default"])
+    with torch.no_grad():
+        out = case.model(case.x)
+    assert_close(out, ref, case.base.weight.dtype, scale=_scale(ref))

@@ -136,16 +136,23 @@ def test_loraplug_peft_loraplug_circle(tmp_path: Path) -> None:
     assert_same_function(again, theirs, base, *inputs())
 
 
-def test_peft_grouped_conv_is_refused_and_the_model_kept(tmp_path: Path) -> None:
+def test_peft_grouped_conv_runs_as_in_peft_and_refuses_to_merge(tmp_path: Path) -> None:
+    # PEFT's A reads every input channel: loaded as it is, computed as a branch.
     base = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1))
     with pytest.warns(UserWarning, match="groups > 1"):
-        peft_adapter(base, tmp_path, r=2, target_modules=["0"])
+        theirs = peft_adapter(base, tmp_path / "peft", r=2, target_modules=["0"])
     ours = copy.deepcopy(base)
+    assert lp.load_adapter(ours, tmp_path / "peft") == ["0"]
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    assert_same_function(ours, theirs, base, x)
     before = snapshot(ours)
-    with pytest.raises(lp.AdapterFileError, match=r"0: lora_A has shape \(2, 4, 3, 3\), PEFT's "
-                                                  r"layout for a grouped convolution"):
-        lp.load_adapter(ours, tmp_path)
+    with pytest.raises(lp.StateError, match="whose ΔW is not block diagonal"):
+        lp.merge(ours)
     assert_unchanged(ours, before)
+    lp.save_adapter(ours, tmp_path / "ours")  # back to PEFT, as PEFT wrote it
+    with pytest.warns(UserWarning, match="groups > 1"):
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    assert_same_function(ours, again.eval(), base, x)
 
 
 def test_peft_refuses_loraplug_grouped_conv_tensors(tmp_path: Path) -> None:

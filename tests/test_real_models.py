@@ -12,21 +12,13 @@ from torchvision import models
 
 import loraplug as lp
 
-
-def depthwise_and_dense_convs(name: str, module: nn.Module) -> bool:
-    """Convs that can use rank 16: depthwise ones with 16 groups, and wide dense ones."""
-    if not isinstance(module, nn.Conv2d) or module.groups not in (1, 16):
-        return False
-    per_group_in = module.in_channels // module.groups * module.weight[0, 0].numel()
-    return min(module.out_channels // module.groups, per_group_in) * module.groups >= 16
-
-
 SLOW = {"vgg19-classifier", "vgg19-every-conv", "vit_b_16-mlp-and-head"}
 CASES = {
     "resnet18-all-convs-and-fc": (lambda: models.resnet18(num_classes=10), [nn.Conv2d, "fc"],
                                   {}, (2, 3, 32, 32)),
-    "mobilenet_v3_small-depthwise": (lambda: models.mobilenet_v3_small(num_classes=10),
-                                     depthwise_and_dense_convs, {"rank": 16}, (2, 3, 32, 32)),
+    # Depthwise convolutions included, at the same rank as the others.
+    "mobilenet_v3_small-every-conv": (lambda: models.mobilenet_v3_small(num_classes=10),
+                                      [nn.Conv2d], {}, (2, 3, 32, 32)),
     "vit_b_16-mlp-and-head": (lambda: models.vit_b_16(image_size=32, num_classes=10),
                               ["encoder.layers.*.mlp.*", "heads.head"], {},
                               (2, 3, 32, 32)),
@@ -83,3 +75,20 @@ def test_vit_linear_type_target_reaches_attention_out_proj() -> None:
     assert "heads.head" in names
     assert sum(n.endswith("self_attention.out_proj") for n in names) == 12
     assert type(model.encoder.layers[0].self_attention) is lp.LoRAMultiheadAttention
+
+
+def test_vit_attention_out_proj_takes_its_adapter_through_the_weight() -> None:
+    # nn.MultiheadAttention reads out_proj.weight instead of calling out_proj: it is
+    # handed W + ΔW, so the adapter counts and merging changes nothing.
+    torch.manual_seed(0)
+    model = models.vit_b_16(image_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    names = lp.inject_lora(model, target=nn.Linear, rank=2)
+    assert "encoder.layers.encoder_layer_0.self_attention.out_proj" in names
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.default") and "out_proj" in name:
+                p.normal_(std=0.05)
+        unmerged = model(x)
+        lp.merge(model)
+        assert_close(model(x), unmerged, scale=max(1.0, unmerged.abs().max().item()))

@@ -159,28 +159,8 @@ def test_exclude_is_checked_against_every_module() -> None:
     assert lp.find_targets(model, "head", exclude="layers.*") == ["head"]
 
 
-def test_find_targets_refuses_what_inject_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_inject import Fused
-
-    from loraplug import _targeting
-
-    monkeypatch.setitem(_targeting._OWNER_READS, Fused, (("inner",), "Exclude it."))
+def test_find_targets_selects_a_layer_its_owner_reads() -> None:
+    # nn.MultiheadAttention reads out_proj.weight: it is handed W + ΔW (test_owner_reads).
     model = nn.Module()
-    model.fused = Fused()
-    with pytest.raises(lp.TargetError, match=r"'fused.inner': its owner .*Fused reads"):
-        lp.find_targets(model, nn.Linear)
-
-
-def test_swin_attention_reads_its_layers_weights_so_they_are_refused() -> None:
-    # torchvision's Swin passes qkv.weight and proj.weight to a function instead of calling
-    # the layers: an adapter there would change nothing. Refused, with the reason.
-    from torchvision.models import swin_t
-
-    model = swin_t()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(lp.TargetError, match=r"owner torchvision\.models\.swin_transformer\."
-                                             r"ShiftedWindowAttention reads qkv\.weight directly"):
-        lp.inject_lora(model, target=["*attn.qkv"], rank=4)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not any(isinstance(m, lp.LoRALayer) for m in model.modules())
-    assert lp.inject_lora(model, target=["*mlp.0"], rank=4)  # the MLP layers are called
+    model.attn = nn.MultiheadAttention(8, 2)
+    assert lp.find_targets(model, nn.Linear) == ["attn.out_proj"]

@@ -1,8 +1,9 @@
 """The ``loraplug`` command line: ``targets``, ``inspect`` and ``merge``.
 
-- ``loraplug targets MODEL [--target PATTERN ...] [--rank R]``: every layer of a model
-  with its type and weight shape, which ones a target would wrap and the parameters
-  the adapter would add there. A dry run: nothing is built but the model's shapes.
+- ``loraplug targets MODEL [--target PATTERN ...] [--target-parameter PATTERN ...]
+  [--rank R]``: every layer of a model with its type and weight shape, which ones a
+  target would wrap, the parameters the adapter would add there and the path it takes
+  (a branch, or through the weight). A dry run: nothing is built but the model's shapes.
 - ``loraplug inspect ADAPTER_DIR``: an adapter directory's config, layers, ranks,
   alphas, dtypes and sizes, and whether every tensor is finite.
 - ``loraplug merge --model MODEL --weights CKPT --adapter DIR --out FILE``: the model's
@@ -51,6 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "(type:Linear); repeat for several")
     p.add_argument("--exclude", "-x", action="append", default=[], metavar="PATTERN",
                    help="pattern to leave out, as for --target")
+    p.add_argument("--target-parameter", "-p", action="append", default=[], metavar="PATTERN",
+                   help="a bare parameter to adapt through the weight, by full name "
+                        "(repeatable), as inject_lora's target_parameters")
     p.add_argument("--rank", "-r", type=int, default=8, help="adapter rank (default: 8)")
     p.set_defaults(run=cmd_targets)
 

@@ -1,4 +1,10 @@
-"""``loraplug targets``: what a target would wrap, as a dry run."""
+"""``loraplug targets``: what a target would wrap, as a dry run.
+
+The ``path`` column says how each selected layer computes its adapter: ``branch`` (the
+low-rank branch added to the layer's output) or ``weight`` (the layer's, or a bare
+parameter's owner's, own forward run on W + ΔW: subclasses with their own forward,
+grouped convolutions, parameters named with ``--target-parameter``).
+"""
 
 from __future__ import annotations
 
@@ -28,21 +34,26 @@ def cmd_targets(args: argparse.Namespace) -> int:
                            [parse_pattern(t) for t in args.exclude] or None)
         chosen = selection.modules
     survey = _survey(model, chosen, args.rank)
+    if args.target_parameter:
+        _survey_parameters(model, args.target_parameter, args.rank, survey)
+    selected = bool(chosen or args.target_parameter)
     rows = survey.rows
     header: tuple[str, ...] = ("", "layer", "type", "weight", "LoRA layer",
-                               f"+params (r={args.rank})" if chosen else "")
+                               f"+params (r={args.rank})" if selected else "",
+                               "path" if selected else "")
     shown = rows
     if any(quantized for quantized, _ in survey.stored):  # how each weight is stored
         header = (*header[:4], "stored (bytes/w)", *header[4:])
         shown = [(*row[:4], text, *row[4:]) for row, (_, text) in zip(rows, survey.stored)]
-    print(table(header, shown, right=(len(header) - 1,)))
-    legend = ["*: wrapped with this target"] if chosen else []
+    print(table(header, shown, right=(len(header) - 2,)))
+    legend = ["*: wrapped with this target", "path: branch (added to the output) or weight "
+              "(its forward on W + ΔW)"] if selected else []
     legend += ["!: refused (see below)"] if survey.refused else []
     print("; ".join([*legend, "LoRA layer: the class that would wrap it (blank: none for "
                      "that type)"]))
     kept = [row[1] for row in rows if row[0] == "*"]
     total = parameter_count(model)  # a quantized weight at its logical size
-    if chosen:
+    if selected:
         print(f"\n{count_of(len(kept), 'layer')} selected (*); rank {args.rank} adds "
               f"{survey.added:,} parameters to the model's {total:,} "
               f"({100 * survey.added / total if total else 0:.3f}%).")
@@ -51,11 +62,11 @@ def cmd_targets(args: argparse.Namespace) -> int:
         print(f"\n{count_of(able, 'layer')} can take LoRA ({', '.join(supported_types())}); pass "
               "--target PATTERN to see what a pattern selects.")
     only_rank = survey.rank_refused == set(survey.refused)
-    _print_refusals(survey.refused, kept, bool(chosen),
+    _print_refusals(survey.refused, kept, selected,
                     _fitting_rank(survey.probes, args.rank) if only_rank else None)
     for note in survey.notes:
         print(f"note: {note}")
-    return 1 if chosen and survey.refused else 0
+    return 1 if selected and survey.refused else 0
 
 
 @dataclass
@@ -74,19 +85,15 @@ class _Survey:
 
 def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Survey:
     """Every layer with parameters or a LoRA type; selected ones are judged as inject does."""
-    from .._targeting import candidates, module_paths, owner_problems
+    from .._targeting import candidates
 
-    paths = module_paths(model)
     survey = _Survey()
     for name, _, module in candidates(model):
         found = lookup(type(module))
         if not name or (found is None and next(module.parameters(recurse=False), None) is None):
             continue
-        mark, params, why = "", "", ""
+        mark, params, why, path = "", "", "", ""
         lora = "" if found is None else found[0].__name__
-        if found is not None and (name in chosen or not chosen):
-            why = " ".join(_reason(m.split(": ", 1)[1])
-                           for m in owner_problems(model, name, paths.get(id(module), [])))
         if name in chosen:
             probe = lora_layer_for(module)
             survey.probes.append(probe)
@@ -98,6 +105,7 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
                 shape_a, shape_b = probe.adapter_shapes(rank)
                 count = math.prod(shape_a) + math.prod(shape_b)
                 mark, params, survey.added = "*", f"{count:,}", survey.added + count
+                path = "weight" if probe.through_weight else "branch"
                 if rank > probe.max_rank():
                     survey.notes.append(f"{name}: rank {rank} exceeds the rank ΔW can have "
                                         f"there ({probe.max_rank()}); the extra parameters "
@@ -105,11 +113,31 @@ def _survey(model: nn.Module, chosen: dict[str, nn.Module], rank: int) -> _Surve
         if why:
             mark, survey.refused[name] = "!", why
         survey.rows.append(
-            (mark, name, type_name(type(module)), weight_shape(module), lora, params))
+            (mark, name, type_name(type(module)), weight_shape(module), lora, params, path))
         described = describe_weight(module)
         survey.stored.append((weight_format(module) is not None,
                               f"{described[0]} {described[1]:.3g}" if described else ""))
     return survey
+
+
+def _survey_parameters(model: nn.Module, patterns: list[str], rank: int,
+                       survey: _Survey) -> None:
+    """One row per parameter ``--target-parameter`` selects, as inject_lora adapts it."""
+    from .._parameter import LoRAParameter, LoRAParameterHost
+    from .._parameter_targeting import select_parameters
+
+    specs = [re.compile(p[3:]) if p.startswith("re:") else p for p in patterns]
+    for name, target in select_parameters(model, specs).parameters.items():
+        owner = target.owner
+        probe = target.layer or LoRAParameter(
+            owner if isinstance(owner, LoRAParameterHost) else LoRAParameterHost(owner),
+            target.parameter)
+        count = sum(math.prod(shape) for shape in probe.adapter_shapes(rank))
+        survey.added += count
+        survey.rows.append(("*", name, f"parameter of {type_name(type(probe.base_layer))}",
+                            "×".join(map(str, target.value.shape)), "LoRAParameter",
+                            f"{count:,}", "weight"))
+        survey.stored.append((False, ""))
 
 
 def _print_refusals(refused: dict[str, str], kept: list[str], selected: bool,

@@ -1,0 +1,232 @@
+"""LoRA on bare parameters (``target_parameters``) against the dense reference."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import assert_close, parameter_delta
+from strategies import Experts, ParamCase, ParamLinear, parameter_cases, randomize_adapters
+from torch import nn
+
+import loraplug as lp
+
+
+def _inject(case: ParamCase, **kwargs) -> lp.LoRALayer:
+    names = lp.inject_lora(case.model, target_parameters=f"0.{case.parameter}", rank=case.rank,
+                           alpha=case.alpha, **kwargs)
+    assert names == [f"0.{case.parameter}"]
+    return case.model[0].lora_parameters[case.parameter]
+
+
+def _transposed(owner: nn.Module) -> bool:
+    return getattr(owner, "is_transposed", False) is True
+
+
+def _reference(case: ParamCase, owner: nn.Module, layer: lp.LoRALayer, names: list[str]):
+    """The owner's own forward in float64 on W + Σ ΔW, ΔW from the raw A and B."""
+    plain = copy.deepcopy(owner).double()
+    weight = plain._parameters[case.parameter].detach().clone()
+    for n in names:
+        weight += parameter_delta(layer.lora_A[n], layer.lora_B[n], layer.scaling[n],
+                                  case.shape, _transposed(owner))
+    with torch.no_grad():
+        plain._parameters[case.parameter].copy_(weight)
+    return plain(case.x.double())
+
+
+def _scale(ref: torch.Tensor) -> float:
+    return max(1.0, ref.abs().max().item())
+
+
+@given(parameter_cases())
+def test_fresh_parameter_adapter_is_bit_identical(case: ParamCase) -> None:
+    expected = copy.deepcopy(case.owner)(case.x)
+    _inject(case)
+    assert torch.equal(case.model(case.x), expected)
+
+
+@given(parameter_cases(), st.sampled_from(["eval", "train"]))
+def test_parameter_adapter_unmerged_and_merged_match_reference(case: ParamCase,
+                                                               mode: str) -> None:
+    owner = copy.deepcopy(case.owner)
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    getattr(case.model, mode)()
+    ref = _reference(case, owner, layer, ["default"])
+    dtype = case.x.dtype
+    unmerged = case.model(case.x)
+    assert unmerged.dtype == dtype
+    assert_close(unmerged, ref, dtype, scale=_scale(ref))
+    lp.merge(case.model)
+    assert layer.merged
+    assert_close(case.model(case.x), ref, dtype, scale=_scale(ref))
+    lp.unmerge(case.model)
+    assert_close(layer.weight, owner._parameters[case.parameter], scale=_scale(ref))
+
+
+@given(parameter_cases(torch.float32))
+def test_parameter_adapter_merged_equals_unmerged_in_float32(case: ParamCase) -> None:
+    _inject(case)
+    randomize_adapters(case.model)
+    unmerged = case.model(case.x)
+    lp.merge(case.model)
+    merged = case.model(case.x)
+    assert ((merged - unmerged).norm() / unmerged.norm().clamp_min(1e-12)).item() <= 1e-5
+
+
+@given(parameter_cases(torch.float64), st.integers(0, 2**16))
+def test_two_parameter_adapters_add_up(case: ParamCase, seed: int) -> None:
+    owner = copy.deepcopy(case.owner)
+    _inject(case)
+    lp.inject_lora(case.model, target_parameters=f"0.{case.parameter}", rank=case.rank,
+                   alpha=2 * case.alpha, name="b")
+    randomize_adapters(case.model, seed)
+    lp.set_adapter(case.model, ["default", "b"])
+    layer = case.model[0].lora_parameters[case.parameter]
+    ref = _reference(case, owner, layer, ["default", "b"])
+    assert_close(case.model(case.x), ref, scale=_scale(ref))
+
+
+@given(parameter_cases(torch.float32))
+def test_only_parameter_adapters_train(case: ParamCase) -> None:
+    layer = _inject(case)
+    randomize_adapters(case.model)
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(layer.lora_A["default"]),
+                                          id(layer.lora_B["default"])}
+    case.model(case.x).pow(2).sum().backward()
+    assert layer.weight.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+@given(parameter_cases())
+def test_parameter_count_matches_layout(case: ParamCase) -> None:
+    shape, r = case.shape, case.rank
+    if len(shape) == 3:  # per expert: r · (in + out)
+        expected = shape[0] * r * (shape[1] + shape[2])
+    else:  # matrix view (out, ∏rest)
+        expected = r * (shape[0] + torch.Size(shape[1:]).numel())
+    before = sum(p.numel() for p in case.model.parameters())
+    _inject(case)
+    assert sum(p.numel() for p in case.model.parameters()) - before == expected
+
+
+@given(parameter_cases())
+def test_parameter_unload_restores_object_and_state(case: ParamCase) -> None:
+    original = case.owner
+    state = {k: v.clone() for k, v in case.model.state_dict().items()}
+    _inject(case)
+    randomize_adapters(case.model)
+    assert set(state) <= set(case.model.state_dict())
+    case.model(case.x)
+    lp.unload(case.model)
+    assert case.model[0] is original
+    after = case.model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_two_parameters_of_one_module_share_a_host() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Parameter(torch.randn(2, 6, 4))
+            self.down = nn.Parameter(torch.randn(2, 4, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(torch.relu(torch.bmm(x, self.up.transpose(1, 2))),
+                             self.down.transpose(1, 2))
+
+    model = nn.Sequential(Pair())
+    x = torch.randn(2, 3, 4)
+    names = lp.inject_lora(model, target_parameters=["0.up", "0.down"], rank=2)
+    assert names == ["0.down", "0.up"]
+    host = model[0]
+    assert isinstance(host, lp.LoRAParameterHost) and sorted(host.lora_parameters) == ["down", "up"]
+    randomize_adapters(model)
+    unmerged = model(x)
+    lp.merge(model)
+    torch.testing.assert_close(model(x), unmerged)
+    lp.unmerge(model)
+    lp.unload(model)
+    assert type(model[0]) is Pair
+
+
+def test_parameter_layers_pickle_and_deepcopy() -> None:
+    model = nn.Sequential(Experts(2, 3, 4, False))
+    lp.inject_lora(model, target_parameters="0.weight", rank=2)
+    randomize_adapters(model)
+    x = torch.randn(2, 5, 3)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch.testing.assert_close(clone(x), model(x))
+
+
+def test_parameter_dropout_is_refused() -> None:
+    model = nn.Sequential(ParamLinear(3, 4))
+    with pytest.raises(lp.ConfigError, match="through the weight"):
+        lp.inject_lora(model, target_parameters="0.weight", rank=2, dropout=0.1)
+    assert type(model[0]) is ParamLinear
+
+
+def test_parameter_patterns_that_match_nothing_are_named() -> None:
+    model = nn.Sequential(ParamLinear(3, 4))
+    with pytest.raises(lp.TargetError, match=r"Close parameter names: \['0.weight'\]"):
+        lp.inject_lora(model, target_parameters="0.weigth", rank=2)
+    with pytest.raises(lp.TargetError, match="fewer than 2 dimensions"):
+        lp.inject_lora(model, target_parameters="0.bias", rank=2)
+    with pytest.raises(lp.TargetError, match="not a glob"):
+        lp.inject_lora(model, target_parameters=[nn.Linear], rank=2)
+
+
+def test_target_or_target_parameters_is_required() -> None:
+    with pytest.raises(lp.ConfigError, match=r"needs target .* or target_parameters"):
+        lp.inject_lora(nn.Sequential(nn.Linear(2, 2)), rank=1)
+
+
+def test_parameter_refusals_name_the_parameter_and_change_nothing() -> None:
+    class Clash(ParamLinear):
+        lora_parameters = None  # where loraplug keeps a host's layers
+
+    model = nn.Sequential(nn.Linear(3, 3), Clash(3, 2), ParamLinear(3, 2))
+    lp.inject_lora(model, target="0", rank=1)
+    lp.inject_lora(model, target_parameters="2.weight", rank=1)
+    lp.merge(model)
+    before = [(n, id(m)) for n, m in model.named_modules()]
+    for spec, error, message in (
+        ("0.weight", lp.TargetError, r"'0.weight' belongs to '0', already a LoRALinear"),
+        ("1.weight", lp.TargetError, r"'1' \(.*Clash\) has its own attribute 'lora_parameters'"),
+        ("2.weight", lp.StateError, r"'2.weight' has \['default'\] merged"),
+    ):
+        with pytest.raises(error, match=message):
+            lp.inject_lora(model, target_parameters=spec, rank=1, name="other")
+    with pytest.raises(lp.ConfigError, match=r"'2.weight' already has an adapter named 'default'"):
+        lp.inject_lora(model, target_parameters="2.weight", rank=1)
+    assert [(n, id(m)) for n, m in model.named_modules()] == before
+    root = ParamLinear(3, 2)
+    with pytest.raises(lp.TargetError, match=r"'weight' is a parameter of the model itself"):
+        lp.inject_lora(root, target_parameters="weight", rank=1)
+    with torch.device("meta"):
+        meta = nn.Sequential(ParamLinear(3, 2))
+    with pytest.raises(lp.StateError, match=r"'0.weight' is on the meta device"):
+        lp.inject_lora(meta, target_parameters="0.weight", rank=1)
+
+
+def test_a_parameter_layer_is_not_called_itself() -> None:
+    model = nn.Sequential(ParamLinear(3, 2))
+    lp.inject_lora(model, target_parameters="0.weight", rank=1)
+    with pytest.raises(NotImplementedError, match="its host runs the owner's forward"):
+        model[0].lora_parameters["weight"](torch.randn(1, 3))
+
+
+def test_parameter_layers_refuse_rows_with_their_own_adapter() -> None:
+    model = nn.Sequential(ParamLinear(3, 2))
+    lp.inject_lora(model, target_parameters="0.weight", rank=1)
+    lp.inject_lora(model, target_parameters="0.weight", rank=1, name="b")
+    with pytest.raises(lp.StateError, match="compute through their weight"), \
+            lp.adapter_per_sample(model, ["default", "b"]):
+        pass
