@@ -104,6 +104,28 @@ def test_unmerged_and_merged_match_the_dense_reference(case: AttentionCase, mode
 
 
 @given(attention_cases(torch.float64))
+def test_save_merged_gives_the_plain_attention_the_adapted_function(case: AttentionCase) -> None:
+    # Adapters on in_proj and on q, k, v write rows of one tensor: every one is in the file,
+    # under the attention's own keys, and nothing else is.
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    base = copy.deepcopy(case.base)
+    _inject(case)
+    randomize_adapters(case.model)
+    case.model.eval()
+    ref = reference(case, base)
+    with tempfile.TemporaryDirectory() as tmp:
+        lp.save_merged(case.model, f"{tmp}/merged.safetensors")
+        state = load_file(f"{tmp}/merged.safetensors")
+    plain = nn.Sequential(copy.deepcopy(base)).eval()
+    assert sorted(state) == sorted(plain.state_dict())
+    plain.load_state_dict(state)
+    _check(plain[0](*case.args, **case.kwargs), ref, torch.float64)
+
+
+@given(attention_cases(torch.float64))
 def test_unmerge_and_unload_restore_the_attention(case: AttentionCase) -> None:
     original = case.base
     state = {k: v.clone() for k, v in case.model.state_dict().items()}

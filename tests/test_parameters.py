@@ -230,3 +230,40 @@ def test_parameter_layers_refuse_rows_with_their_own_adapter() -> None:
     with pytest.raises(lp.StateError, match="compute through their weight"), \
             lp.adapter_per_sample(model, ["default", "b"]):
         pass
+
+
+def test_parameter_owner_hooks_run_on_the_host_and_come_back() -> None:
+    model = nn.Sequential(ParamLinear(3, 4))
+    owner, calls = model[0], []
+    owner.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    lp.inject_lora(model, target_parameters="0.weight", rank=2)
+    model(torch.randn(2, 3))
+    assert calls == ["LoRAParameterHost"]  # once, on the module that stands in the model
+    assert lp.unload(model)[0] is owner
+    model(torch.randn(2, 3))
+    assert calls == ["LoRAParameterHost", "ParamLinear"]
+
+
+@pytest.mark.parametrize("kwargs", [{"dora": True}, {"lora_bias": True}, {"init": "pissa"}])
+def test_parameter_options_beyond_plain_lora_are_refused(kwargs: dict) -> None:
+    model = nn.Sequential(ParamLinear(3, 4))
+    with pytest.raises(lp.ConfigError, match=r"'0.weight' is a bare parameter, which takes "
+                                             r"plain LoRA adapters.*received"):
+        lp.inject_lora(model, target_parameters="0.weight", rank=2, **kwargs)
+    assert type(model[0]) is ParamLinear
+
+
+def test_save_merged_writes_a_parameter_under_its_own_key(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Experts(2, 3, 4, transposed=False))
+    plain = copy.deepcopy(model)
+    lp.inject_lora(model, target_parameters="0.weight", rank=2)
+    randomize_adapters(model)
+    x = torch.randn(2, 5, 3)
+    lp.save_merged(model, tmp_path / "merged.safetensors")
+    state = load_file(tmp_path / "merged.safetensors")
+    assert sorted(state) == ["0.weight"]
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), model(x))
