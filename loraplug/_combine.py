@@ -142,7 +142,7 @@ def _cat(layer: LoRALayer, parts: list[tuple[str, float]]) -> tuple[Tensor, Tens
 
 
 def svd_rank(layer: LoRALayer, rank: int) -> int:
-    """``rank`` rounded up to a multiple of the layer's groups, at most its max rank."""
+    """``rank`` rounded up to a multiple of the layer's products g, at most its max rank."""
     g = groups(layer) or 1
     return min(g * -(-rank // g), layer.max_rank())
 
@@ -250,9 +250,13 @@ def _layer_problems(plan: list[tuple[str, LoRALayer, list[tuple[str, float]]]],
     problems = []
     for path, layer, parts in plan:
         if recipe.method == "cat" or recipe.svd:
-            if groups(layer) is None:
+            own = [n for n, _ in parts if tuple(layer.lora_A[n].shape)
+                   != tuple(layer.adapter_shapes(layer.rank[n])[0])]
+            if groups(layer) is None or own:
+                what = (f"adapters {own} are in another layout than its own (PEFT's for a "
+                        "grouped convolution), whose ΔW is" if own else "its ΔW is")
                 problems.append(
-                    f"{path!r} ({type(layer).__name__}): its ΔW is not a product B A that "
+                    f"{path!r} ({type(layer).__name__}): {what} not a product B A that "
                     f"method {recipe.method!r} can concatenate or refactor; use 'linear', "
                     "'ties', 'dare_linear', 'dare_ties' or 'magnitude_prune'.")
         elif len({tuple(layer.lora_A[n].shape) for n, _ in parts}) > 1:
@@ -297,8 +301,7 @@ def combine_adapters(
         name: the new adapter's name.
         method: one of the methods above.
         rank: SVD methods: the rank k of the result (default: the largest rank of the
-            adapters), rounded up to a multiple of a grouped convolution's groups and
-            capped at the rank ΔW can have on each layer.
+            adapters), capped at the rank ΔW can have on each layer.
         density: pruning methods: the fraction of entries kept, in [0, 1] ((0, 1] for
             DARE, which divides by it).
         majority_sign: TIES methods: ``"total"`` (default: sign of Σ T_i) or

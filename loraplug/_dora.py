@@ -14,8 +14,8 @@ forward adds, to the base output y = W x + b,
 which with one adapter is f ⊙ (W x + s·B A x) + b; with dropout on the branch's input in
 training, ``W x`` is recomputed on the dropped-out input, as PEFT does.
 
-Everything here works on ΔW's matrix form (see ``_inits``): per group, W_g (m, n) with
-ΔW_g = B_g A_g, whose rows are DoRA's channels: a Linear's outputs, a convolution's
+Everything here works on ΔW's matrix form (see ``_inits``): W (m, n) with ΔW = B A,
+whose rows are DoRA's channels: a Linear's outputs, a convolution's
 output channels, an embedding's dimensions (the columns of W). So one implementation
 serves every such layer type; a layer type supports DoRA by saying how a per-channel
 factor broadcasts over its output (:meth:`LoRALayer.channel_shape`), which is also the

@@ -1,18 +1,19 @@
 """Initial values of A and B: the starting point of training, as PEFT computes them.
 
-Every layer type writes its update as a product of matrices, per group g:
+Every built-in layer type writes its update as one product over the weight's matrix form:
 
-    ΔW_g = s · B_g A_g,    B_g (m, r/g), A_g (r/g, n),    W_g (m, n)
+    ΔW = s · B A,    B (m, r), A (r, n),    W (m, n)
 
-(Linear: W itself; Conv, grouped too: W viewed (out, in/groups·k…), one group; Embedding:
-Wᵀ, because its ΔW is (B A)ᵀ). The initialisations work on that form:
+(Linear: W itself; Conv, grouped ones too: W viewed (out, in/groups·k…); Embedding: Wᵀ,
+because its ΔW is (B A)ᵀ). The code carries a leading axis g of such products (g = 1
+for all of them; see ``_matrix``). The initialisations work on that form:
 
 - ``kaiming`` (PEFT's ``True``), ``gaussian``: one factor random, the other zero, so ΔW = 0
   exactly and the base is untouched.
 - ``orthogonal``: A and B both random, built from the odd and even rows of one random
   orthogonal matrix, so B A = 0 up to rounding (datta0.github.io/posts/rethink-lora-init);
-  the base is untouched. Needs an even rank per group.
-- ``olora`` (Büyükakyüz, 2024): W_g = Q R; B = Q[:, :r], A = R[:r]. **Rewrites the base**
+  the base is untouched. Needs an even rank.
+- ``olora`` (Büyükakyüz, 2024): W = Q R; B = Q[:, :r], A = R[:r]. **Rewrites the base**
   to W − s·B A, so the adapted model starts equal to the base model.
 - ``pissa`` (Meng et al., 2024): W_g = U S Vᵀ; B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ. **Rewrites
   the base** to W − s·B A. ``pissa_niter_<k>`` uses a randomized SVD with k subspace
@@ -60,19 +61,16 @@ def rewrites_base(init: str) -> bool:
 
 
 def _problem(layer: LoRALayer, init: str, rank: int) -> str | None:
-    g, m, n = matrix_shape(layer)
+    _, m, n = matrix_shape(layer)
     if form_problem(layer, rank):
         return (f"init={init!r} needs ΔW written as B A on the weight's rows and columns, which "
                 f"{type(layer).__name__} does not declare; use init='kaiming' or 'gaussian'.")
-    per_group = rank // g
-    if init == "orthogonal" and per_group % 2:
-        return (f"init='orthogonal' pairs rows of an orthogonal matrix, so it needs an even rank"
-                f"{' per group' if g > 1 else ''}; received rank={rank}"
-                f"{f' ({per_group} per group of {g})' if g > 1 else ''}. Use an even rank.")
-    if rewrites_base(init) and per_group > min(m, n):
-        return (f"init={init!r} takes the first r singular directions of a {m}×{n} weight"
-                f"{' per group' if g > 1 else ''}, so the rank can be at most {min(m, n) * g}; "
-                f"received rank={rank}.")
+    if init == "orthogonal" and rank % 2:
+        return (f"init='orthogonal' pairs rows of an orthogonal matrix, so it needs an even "
+                f"rank; received rank={rank}. Use an even rank.")
+    if rewrites_base(init) and rank > min(m, n):
+        return (f"init={init!r} takes the first r singular directions of a {m}×{n} weight, so "
+                f"the rank can be at most {min(m, n)}; received rank={rank}.")
     return None
 
 

@@ -1,9 +1,9 @@
-"""ΔW's matrix form: per group g, W_g (m, n) with ΔW_g = B_g A_g (see ``_inits``, ``_dora``).
+"""ΔW's matrix form: W (m, n) with ΔW = B A (see ``_inits``, ``_dora``), as (g, m, n).
 
-Every built-in layer type has one group: Linear: W itself; Conv (grouped too): W viewed
-(out, in/groups·k…), ΔW = B A over it (see ``_conv``); a layer whose ΔW is (B A)ᵀ
-(``transposed_delta``: Embedding, transformers' Conv1D) works on Wᵀ. The rows of the
-form are the layer's output channels.
+The leading axis g counts independent products; every built-in layer type has one.
+Linear: W itself; Conv, grouped ones too: W viewed (out, in/groups·k…), ΔW = B A over
+it (see ``_conv``); a layer whose ΔW is (B A)ᵀ (``transposed_delta``: Embedding,
+transformers' Conv1D) works on Wᵀ. The rows of the form are the layer's output channels.
 """
 
 from __future__ import annotations

@@ -259,6 +259,21 @@ def test_layer_types_without_products_refuse_cat_and_svd() -> None:
     lp.combine_adapters(model, {"a": 1.0, "b": 1.0}, "m", method="linear")
 
 
+def test_peft_grouped_layout_refuses_cat_and_svd() -> None:
+    # PEFT's A of a grouped convolution reads every input channel: no product B A over the
+    # weight's matrix view. Loaded from a state dict into an adapter of that layout.
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    lp.inject_lora(model, target="0", rank=2, name="a")
+    lp.inject_lora(model, target="0", rank=2, name="b")
+    layer = model[0]
+    layer.load_tensors("b", torch.randn(2, 4, 3, 3), torch.randn(4, 1, 1, 1))
+    before = snapshot(model)
+    with pytest.raises(lp.ConfigError, match=r"adapters \['b'\] are in another layout than "
+                                             r"its own \(PEFT's for a grouped convolution\)"):
+        lp.combine_adapters(model, {"a": 1.0, "b": 1.0}, "m", method="cat")
+    assert_same(before, snapshot(model))
+
+
 def test_a_model_without_lora_layers_is_refused() -> None:
     with pytest.raises(lp.StateError, match=r"combine_adapters: the model \(Linear\) has no "
                                             r"LoRA layers"):
