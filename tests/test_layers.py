@@ -65,9 +65,18 @@ def depthwise_conv() -> Case:
                 groups=6)
 
 
+def pointwise_conv() -> Case:
+    """A 1×1 Conv2d with unit stride and no padding on few positions (a squeeze-excite
+    layer): without gradients its branch is a matmul over channels."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 48, 1, padding="same")
+    return Case("conv", nn.Sequential(conv), torch.randn(2, 64, 1, 1), rank=2, alpha=3.0)
+
+
 @given(any_case(), st.sampled_from(["eval", "train"]))
 @example(pinned_conv(), "eval")
 @example(depthwise_conv(), "train")
+@example(pointwise_conv(), "eval")
 def test_unmerged_and_merged_match_dense_reference(case: Case, mode: str) -> None:
     base = copy.deepcopy(case.base)
     layer = _inject(case)
@@ -77,6 +86,8 @@ def test_unmerged_and_merged_match_dense_reference(case: Case, mode: str) -> Non
     unmerged = case.model(case.x)
     assert unmerged.dtype == base.weight.dtype
     assert_close(unmerged, ref, case.base.weight.dtype, scale=_scale(ref))
+    with torch.no_grad():  # where nothing is recorded a layer may take another path
+        assert_close(case.model(case.x), ref, case.base.weight.dtype, scale=_scale(ref))
     layer.merge()
     assert layer.merged
     with torch.no_grad():  # a merged layer in a training forward warns (it cannot train)
