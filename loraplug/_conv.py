@@ -164,7 +164,7 @@ class LoRAConv(LoRALayer):
                 h = self._down(x, a.repeat(g, *([1] * (a.dim() - 1))), g)
             return out + type(self).conv(h * scale, b, None, 1, 0, 1, g)
         h = self._down(x, a, 1)  # (N, r, *S)
-        if (x.dim() != a.dim() or not isinstance(scale, float)
+        if (x.dim() != a.dim() or not isinstance(scale, float) or not out.numel()
                 or not out.dtype == h.dtype == b.dtype
                 or not (out.is_contiguous() and h.is_contiguous())):
             return out + type(self).conv(h * scale, b, None, 1, 0, 1, 1)

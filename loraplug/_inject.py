@@ -409,18 +409,27 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
     if not merge:
         for _, layer in reversed(layers):  # last merged, first out (see unmerge)
             layer.unmerge()
-    gone: set[int] = set()
-    for _, layer in layers:
-        layer.sync_base()
+    def host_of(layer: LoRALayer) -> nn.Module:
         # A parameter's layer leaves with its host, which hands back the owner.
-        host = layer.host if isinstance(layer, LoRAParameter) else layer
+        return layer.host if isinstance(layer, LoRAParameter) else layer
+
+    def depth(item: tuple[str, LoRALayer]) -> int:
+        return -max((p.count(".") + 1 for p in paths.get(id(host_of(item[1])), [])), default=0)
+
+    gone: set[int] = set()
+    # Innermost first, so that an owner's host takes its children back before it leaves.
+    for _, layer in sorted(layers, key=depth):
+        layer.sync_base()
+        host = host_of(layer)
         if id(host) in gone:
             continue
         gone.add(id(host))
-        swap_hooks(host.base_layer, host)  # hooks go back to the module
+        base = host.__dict__["base_layer"]  # the module it stands in for
+        if host is layer:
+            swap_hooks(base, host)  # hooks go back to the module
         for path in paths[id(host)]:
             # A part (inside another LoRA layer) leaves with its owner's layer.
             if path.rpartition(".")[0] not in lora_paths:
-                set_module(model, path, host.base_layer)
+                set_module(model, path, base)
     unwrap_modules(model, merge=merge)
     return model

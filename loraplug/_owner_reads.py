@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from . import _variants
 from ._compile import gated_adapters
 from ._errors import StateError
 
@@ -56,6 +57,11 @@ _MANAGERS = (
 )
 
 
+#: Activation checkpointing reruns forward code from backward, with no module call above.
+_RECOMPUTE = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "utils",
+                          "checkpoint.py")
+
+
 def read_in_forward(depth: int = 2) -> bool:
     """Whether the attribute read ``depth`` frames above this call runs in a forward.
 
@@ -68,7 +74,7 @@ def read_in_forward(depth: int = 2) -> bool:
     frame: FrameType | None = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
-        if code in _CALL_FRAMES:
+        if code in _CALL_FRAMES or code.co_filename == _RECOMPUTE:
             return True
         if code.co_filename.startswith(_MANAGERS):
             return False
@@ -93,7 +99,7 @@ def weight_for_reader(layer: LoRALayer) -> Tensor:
             "instead of calling the layer, and one weight cannot differ per row. Leave "
             "this layer out of the adapters used per row."
         )
-    if layer._extended and layer._adapted_bias(names, scales) is not layer._parameters.get("bias"):
+    if layer._extended and _variants.registry(layer, "lora_B_bias").keys() & set(names):
         raise StateError(
             "a module reads this layer's weight in its own forward instead of calling the "
             "layer, and B's bias (lora_bias) of its adapter would be missed there. Train this "
@@ -110,6 +116,11 @@ class ReadableWeight(nn.Module):
     module that reads the weight in its forward, and reads the base module's attributes
     (``in_features``, ``kernel_size``, ...) through.
     """
+
+    #: Whether another module's read of ``weight`` in its forward gets ``W + ΔW``. Off for
+    #: quantized weights: such a read is of the stored form (T5 reads ``wo.weight.dtype``),
+    #: which a module cannot compute with directly anyway.
+    reads_see_delta: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.__dict__
@@ -128,7 +139,7 @@ class ReadableWeight(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         state = self.__dict__
-        if name == "weight" and not state.get("_in_forward") \
+        if name == "weight" and not state.get("_in_forward") and self.reads_see_delta \
                 and "weight" in state["_parameters"] and read_in_forward():
             return weight_for_reader(self)  # type: ignore[arg-type]
         try:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ._compile import gated_adapters
 from ._layer import LoRALayer
+from ._owner_reads import read_in_forward
 from ._products import Scale, add_matmul
 
 #: The host's child that holds its parameter layers, one per adapted parameter name.
@@ -183,7 +184,11 @@ class LoRAParameterHost(nn.Module):
     as ``base_layer`` and returned by ``unload``. ``lora_parameters`` maps a parameter
     name to its :class:`LoRAParameter`. Forward: the owner's own forward, through
     ``torch.func.functional_call`` with each adapted parameter replaced by
-    ``layer.adapted_weight()`` (the owner itself when no adapter is live).
+    ``layer.adapted_weight()`` (the owner itself when no adapter is live). Before each
+    forward the owner is pointed at the host's current tensors and children (replaced
+    by ``load_state_dict(assign=True)`` or by adapters on its children), and the owner's
+    hooks stay on the owner, which is called as usual. Another module reading an adapted
+    parameter from the host in its forward sees ``W + ΔW``, as with a LoRA layer's weight.
     """
 
     def __init__(self, owner: nn.Module) -> None:
@@ -197,6 +202,7 @@ class LoRAParameterHost(nn.Module):
         self.lora_parameters = nn.ModuleDict()
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        self.sync_base()
         swapped = {}
         for name, layer in self.layers().items():
             weight = layer.adapted_weight()
@@ -218,12 +224,13 @@ class LoRAParameterHost(nn.Module):
         return self
 
     def sync_base(self) -> None:
-        """Point the owner at this host's current tensors (after ``.to()`` etc.)."""
+        """Point the owner at this host's current tensors and children."""
         owner = self.__dict__["base_layer"]
-        for key in owner._parameters:
-            owner._parameters[key] = self._parameters[key]
-        for key in owner._buffers:
-            owner._buffers[key] = self._buffers[key]
+        for registry in ("_parameters", "_buffers", "_modules"):
+            mine, theirs = getattr(self, registry), getattr(owner, registry)
+            for key in theirs:
+                if theirs[key] is not mine[key]:
+                    theirs[key] = mine[key]
         owner.training = self.training
 
     def train(self, mode: bool = True) -> LoRAParameterHost:
@@ -232,6 +239,13 @@ class LoRAParameterHost(nn.Module):
         return self
 
     def __getattr__(self, name: str) -> Any:
+        # An adapted parameter read in another module's forward: W + ΔW (see _owner_reads).
+        layers = self.__dict__["_modules"][SLOT]._modules if SLOT in self.__dict__.get(
+            "_modules", {}) else {}
+        if name in layers and read_in_forward():
+            weight = layers[name].adapted_weight()
+            if weight is not None:
+                return weight
         # The owner's own attributes (num_experts, is_transposed, ...) read through.
         try:
             return super().__getattr__(name)

@@ -30,7 +30,6 @@ from typing import Any, Union
 from torch import Tensor, nn
 
 from ._errors import ConfigError, LoRAError, LoRAWarning, StateError, TargetError
-from ._hooks import swap_hooks
 from ._layer import LoRALayer
 from ._options import PLAIN, AdapterOptions
 from ._parameter import SLOT, LoRAParameter, LoRAParameterHost
@@ -252,8 +251,9 @@ def attach_parameter(model: nn.Module, owner: nn.Module, layer: LoRAParameter,
                      paths: list[str]) -> None:
     """Put ``layer`` (and its host, at every path of ``owner``) into ``model``."""
     host = layer.host
-    if host is not owner and paths and model.get_submodule(paths[0]) is owner:
-        swap_hooks(owner, host)  # the owner's hooks run on its host now (unload swaps back)
+    if host is not owner:  # the owner is still called (by the host): its hooks stay on it
+        if model.get_submodule(paths[0]) is owner:  # children replaced since it was made
+            host._modules.update(owner._modules)
         for path in paths:
             set_module(model, path, host)
     layers: nn.ModuleDict = getattr(host, SLOT)

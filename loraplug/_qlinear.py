@@ -47,6 +47,7 @@ class LoRAQuantizedLinear(LoRALinear):
 
     # The base module's own forward is what runs, whatever its class: never recompute it.
     forward_methods: ClassVar[tuple[str, ...]] = ()
+    reads_see_delta = False  # other modules read the stored (quantized) weight
 
     def configure(self, base: nn.Module) -> None:
         fmt = weight_format(base)

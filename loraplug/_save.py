@@ -9,6 +9,7 @@ write is atomic (``_atomic``).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from ._adapters import check_mergeable, check_names, lora_layers
 from ._atomic import bytes_writer, write_atomically
 from ._distributed import gather_full, run_on_main
-from ._errors import AdapterFileError
+from ._errors import AdapterFileError, LoRAWarning
 from ._extras_files import extras_config, extras_state, merged_extras_state
 from ._format import (
     CONFIG_NAME,
@@ -181,6 +182,12 @@ def save_adapter(model: nn.Module, path: str | Path, *, name: str = "default",
                                              for _, layer in layers), implied=implied,
                           parameters={full for _, full in params.values()})
     config.update(fields, **extras_config(model, name))
+    beyond = sorted(path for path, layer in layers if path in params and layer.weight.dim() > 3)
+    if beyond:
+        warnings.warn(
+            f"save_adapter: {[params[p][1] for p in beyond]} have more than 3 dimensions; "
+            "PEFT's target_parameters takes 2 or 3, so PEFT will not load this adapter "
+            "(loraplug will).", LoRAWarning, stacklevel=2)
     tensors = {PEFT_PREFIX + key: gather_full(value).to("cpu").contiguous()
                for key, value in state.items()}
     metadata = {"format": "pt", META_FORMAT: FORMAT_VERSION, META_VERSION: VERSION,
@@ -237,6 +244,9 @@ def _merge_into(state: dict[str, Tensor], stored: dict[str, Tensor], tensor: Ten
         if held.untyped_storage().data_ptr() != pointer or not held.is_floating_point():
             continue
         offset = tensor.storage_offset() - held.storage_offset()
+        last = offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+        if not held.is_contiguous() or offset < 0 or last >= held.numel():
+            continue  # another tensor in the same storage (a flat buffer of parameters)
         whole = (held.shape, held.stride(), offset) == (tensor.shape, tensor.stride(), 0)
         if whole and key not in stored:
             stored[key] = merged

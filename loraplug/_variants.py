@@ -139,9 +139,11 @@ def adapted_bias(layer: LoRALayer, names: tuple[str, ...],
     base = layer._parameters.get("bias")
     biases = registry(layer, "lora_B_bias")
     extra = [scales[n] * biases[n] for n in names if n in biases]
-    if base is None or not extra:
+    if not extra:
         return base
-    return base + sum(e.to(base.dtype) for e in extra)
+    dtype = layer._tensor("weight").dtype if base is None else base.dtype
+    total = torch.stack([e.to(dtype) for e in extra]).sum(0)
+    return total if base is None else base + total
 
 
 def routed(layer: LoRALayer, out: Tensor, xs: Tensor, branch: Tensor,

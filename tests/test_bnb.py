@@ -415,3 +415,34 @@ def test_the_targets_command_shows_logical_shapes_and_bytes_per_weight(capsys) -
     assert "64×128" in lines["0"] and "bnb nf4 dq 0.6" in lines["0"]
     assert "768" in lines["0"]  # r·(in + out) = 4·(128 + 64)
     assert "float32 4" in next(line for line in out.splitlines() if line.split()[:1] == ["3"])
+
+
+class T5Dense(nn.Module):
+    """Like transformers' T5DenseActDense: its forward reads ``wo.weight`` to choose a dtype."""
+
+    def __init__(self, wo: nn.Module) -> None:
+        super().__init__()
+        self.wi, self.wo = nn.Linear(64, 128, bias=False), wo
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.wi(h))
+        if self.wo.weight.is_floating_point() and h.dtype != self.wo.weight.dtype:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
+
+
+@pytest.mark.parametrize("config", [BNB_CONFIGS[0], BNB_CONFIGS[-1]], ids=str)
+def test_a_module_reading_a_quantized_weight_gets_the_stored_one(config: BnbConfig) -> None:
+    torch.manual_seed(0)
+    wo = bnb_layer(nn.Linear(128, 64, bias=False), config)
+    model = nn.Sequential(T5Dense(wo))
+    stored = wo.weight
+    lp.inject_lora(model, target="0.wo", rank=4)
+    randomize = model[0].wo.lora_B["default"]
+    with torch.no_grad():
+        randomize.normal_()
+    x = torch.randn(2, 64)
+    out = model(x)  # the dtype checks read the stored weight; the adapter still counts
+    assert model[0].wo.weight is stored
+    with lp.disable_adapters(model):
+        assert not torch.allclose(model(x), out)

@@ -337,3 +337,15 @@ def test_conv_without_gradients_matches_dense_reference(case: Case, mode: str) -
     with torch.no_grad():
         out = case.model(case.x)
     assert_close(out, ref, case.base.weight.dtype, scale=_scale(ref))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 8, 1), nn.Conv2d(6, 8, 3), nn.Conv1d(6, 8, 3)],
+                         ids=str)
+def test_an_empty_batch_passes_through(conv: nn.Module) -> None:
+    model = nn.Sequential(conv)
+    lp.inject_lora(model, target="0", rank=2)
+    x = torch.randn(0, 6, *([5] * (conv.weight.dim() - 2)))
+    expected = conv(x).shape
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert model(x).shape == expected

@@ -69,6 +69,40 @@ def test_merging_without_a_base_bias_is_refused() -> None:
     assert torch.equal(model(x), y)  # unmerged, it computes as ever
 
 
+class Doubled(nn.Linear):
+    """A Linear subclass with its own forward: its adapter goes through W + ΔW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Linear(4, 3, bias=False),
+    lambda: Doubled(4, 3, bias=False),
+    lambda: nn.Conv2d(4, 4, 3, groups=4, bias=False),  # through W + ΔW
+], ids=["linear", "linear-subclass", "depthwise"])
+def test_a_bias_on_b_counts_where_the_base_has_none(make) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    base = make().double()
+    model = nn.Sequential(copy.deepcopy(base))
+    lp.inject_lora(model, target="0", rank=2, lora_bias=True)
+    layer = model[0]
+    with torch.no_grad():
+        for p in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_B_bias["default"]):
+            p.copy_(torch.randn_like(p))
+    conv = isinstance(base, nn.Conv2d)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64) if conv else torch.randn(2, 4).double()
+    s = layer.scaling["default"]
+    weight = base.weight.detach() + delta("conv" if conv else "linear", layer.lora_A["default"],
+                                          layer.lora_B["default"], s, base.groups if conv else 1)
+    reference = copy.deepcopy(base)
+    reference.bias = nn.Parameter(s * layer.lora_B_bias["default"].detach())
+    expected = dense_forward(reference, weight, x) * (2 if isinstance(base, Doubled) else 1)
+    assert_close(model(x), expected)
+    with torch.no_grad():
+        assert_close(model(x), expected)
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"target": "0", "rank": 2, "lora_bias": True, "dora": True}, lp.ConfigError,
      r"dora=True and lora_bias=True cannot be combined"),

@@ -160,3 +160,36 @@ def test_an_owner_read_cannot_differ_per_row() -> None:
     with pytest.raises(lp.StateError, match="one weight cannot differ per row"), \
             lp.adapter_per_sample(model, ["default", "b"]):
         model(torch.randn(2, 4))
+
+
+class Checkpointed(nn.Module):
+    """Reads its child's weight in a function run under activation checkpointing."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.pre, self.proj, self.reentrant = nn.Linear(4, 4), nn.Linear(4, 4), reentrant
+
+    def _f(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.nn.functional.linear(h, self.proj.weight, self.proj.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        if self.reentrant is None:
+            return self._f(h)
+        return torch.utils.checkpoint.checkpoint(self._f, h, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_reads_in_a_checkpointed_recomputation_see_the_adapter(reentrant: bool) -> None:
+    def gradients(mode: bool | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(Checkpointed(mode)).double()
+        lp.inject_lora(model, target=["0.proj", "0.pre"], rank=2)
+        randomize_adapters(model)
+        model(torch.randn(3, 4, dtype=torch.float64)).square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = gradients(None), gradients(reentrant)
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)

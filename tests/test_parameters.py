@@ -232,16 +232,102 @@ def test_parameter_layers_refuse_rows_with_their_own_adapter() -> None:
         pass
 
 
-def test_parameter_owner_hooks_run_on_the_host_and_come_back() -> None:
+def test_parameter_owner_hooks_stay_on_the_owner_which_is_still_called() -> None:
     model = nn.Sequential(ParamLinear(3, 4))
     owner, calls = model[0], []
-    owner.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    owner.register_forward_hook(lambda m, args, out: calls.append(m))
     lp.inject_lora(model, target_parameters="0.weight", rank=2)
     model(torch.randn(2, 3))
-    assert calls == ["LoRAParameterHost"]  # once, on the module that stands in the model
+    assert calls == [owner]  # once, on the module it was registered on
     assert lp.unload(model)[0] is owner
     model(torch.randn(2, 3))
-    assert calls == ["LoRAParameterHost", "ParamLinear"]
+    assert calls == [owner, owner]
+
+
+class Sub(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.v)
+
+
+class Block(nn.Module):
+    """A module with a parameter of its own, a child with one, and a Linear child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.sub, self.fc = Sub(), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.sub(torch.nn.functional.linear(x, self.w)))
+
+
+@pytest.mark.parametrize("order", ["one call", "parameters first", "layers first"])
+def test_a_parameter_and_its_owners_children_all_take_adapters(order: str) -> None:
+    # The host stands in for the owner; the owner's children, replaced by LoRA layers or
+    # hosts of their own before or after, are the ones its forward calls.
+    torch.manual_seed(0)
+    model = nn.Sequential(Block().double())
+    plain = copy.deepcopy(model)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    params, layers = ["0.w", "0.sub.v"], ["0.fc"]
+    if order == "one call":
+        names = lp.inject_lora(model, target=layers, target_parameters=params, rank=2)
+    elif order == "parameters first":
+        names = lp.inject_lora(model, target_parameters=params, rank=2)
+        names += lp.inject_lora(model, target=layers, rank=2, name="second")
+    else:
+        names = lp.inject_lora(model, target=layers, rank=2)
+        names += lp.inject_lora(model, target_parameters=params, rank=2, name="second")
+    assert sorted(names) == ["0.fc", "0.sub.v", "0.w"]
+    randomize_adapters(model)
+    lp.set_adapter(model, lp.adapter_names(model))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 6 and sum(len(lp.adapter_state_dict(model, n))
+                                       for n in lp.adapter_names(model)) == 6
+    model.eval()
+    unmerged = model(x)
+    lp.merge(model)
+    # Merging wrote every ΔW, and the output did not move: the forward computed them all.
+    assert_close(model(x), unmerged)
+    for key, value in plain.state_dict().items():
+        assert key.endswith("bias") or not torch.equal(model.state_dict()[key], value), key
+    lp.unload(model)
+    assert type(model[0]) is Block and type(model[0].sub) is Sub
+    assert type(model[0].fc) is nn.Linear
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_parent_reading_an_adapted_parameter_sees_the_adapter() -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(self.proj(x), self.proj.weight.t())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Tied().double())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    lp.inject_lora(model, target_parameters="0.proj.weight", rank=2)
+    randomize_adapters(model)
+    unmerged = model(x)
+    lp.merge(model)
+    assert_close(model(x), unmerged)
+
+
+def test_a_host_follows_tensors_assigned_by_load_state_dict() -> None:
+    model = nn.Sequential(ParamLinear(3, 4))
+    lp.inject_lora(model, target_parameters="0.weight", rank=2)
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items() if "lora" not in k}
+    model.load_state_dict(new, strict=False, assign=True)
+    x = torch.randn(2, 3)
+    with lp.disable_adapters(model):
+        torch.testing.assert_close(model(x), x @ new["0.weight"] + new["0.bias"])
 
 
 @pytest.mark.parametrize("kwargs", [{"dora": True}, {"lora_bias": True}, {"init": "pissa"}])
@@ -267,3 +353,40 @@ def test_save_merged_writes_a_parameter_under_its_own_key(tmp_path) -> None:
     assert sorted(state) == ["0.weight"]
     plain.load_state_dict(state)
     torch.testing.assert_close(plain(x), model(x))
+
+
+def test_save_merged_with_parameters_that_are_views_of_one_storage(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    class Custom(nn.Module):
+        def __init__(self, w: torch.Tensor) -> None:
+            super().__init__()
+            self.w = nn.Parameter(w)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, self.w)
+
+    torch.manual_seed(0)
+    flat = torch.randn(32)  # as after loading a checkpoint whose tensors share storage
+    model = nn.Sequential(Custom(flat[:16].view(4, 4)), Custom(flat[16:].view(4, 4)))
+    kept = model[0].w.detach().clone()
+    lp.inject_lora(model, target_parameters="1.w", rank=2)
+    randomize_adapters(model)
+    x = torch.randn(2, 4)
+    lp.save_merged(model, tmp_path / "merged.safetensors")
+    state = load_file(tmp_path / "merged.safetensors")
+    assert torch.equal(state["0.w"], kept)
+    plain = nn.Sequential(Custom(torch.zeros(4, 4)), Custom(torch.zeros(4, 4)))
+    plain.load_state_dict(state)
+    torch.testing.assert_close(plain(x), model(x))
+
+
+def test_saving_a_parameter_peft_cannot_read_warns(tmp_path) -> None:
+    from strategies import OwnConv
+
+    model = nn.Sequential(OwnConv(2, 3, 3))
+    lp.inject_lora(model, target_parameters="0.kernel", rank=2)
+    with pytest.warns(lp.LoRAWarning, match=r"\['0.kernel'\] have more than 3 dimensions; "
+                                             r"PEFT's target_parameters takes 2 or 3"):
+        lp.save_adapter(model, tmp_path / "a")
+    lp.load_adapter(nn.Sequential(OwnConv(2, 3, 3)), tmp_path / "a")  # loraplug reads it
