@@ -20,21 +20,21 @@ from typing import Any
 
 from torch import nn
 
+from ._stand_in import StandIn
 
-class AdapterModule(nn.Module):
+
+class AdapterModule(StandIn):
     """Base of the wrappers that carry non-low-rank parts of adapters.
 
     Subclasses keep per-adapter state keyed by name and implement ``_forward_active``.
     """
 
+    base_key = "original_module"  # PEFT's name
+    sync_children = True
+
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        self.__dict__["original_module"] = original
-        self._parameters.update(original._parameters)
-        self._buffers.update(original._buffers)
-        self._non_persistent_buffers_set |= original._non_persistent_buffers_set
-        self._modules.update(original._modules)
-        self.training = original.training
+        self.adopt(original)
         self.active_adapters: tuple[str, ...] = ()
         self.adapters_disabled = False
         self.merged_adapters: tuple[str, ...] = ()
@@ -72,35 +72,6 @@ class AdapterModule(nn.Module):
             return ()
         return self.held_active
 
-    def sync_original(self) -> None:
-        """Point the original module at this wrapper's current tensors (after ``.to()``)."""
-        original = self.__dict__["original_module"]
-        for key in original._parameters:
-            original._parameters[key] = self._parameters[key]
-        for key in original._buffers:
-            original._buffers[key] = self._buffers[key]
-        for key in original._modules:
-            original._modules[key] = self._modules[key]
-
-    def _apply(self, fn: Any, recurse: bool = True) -> AdapterModule:
-        super()._apply(fn, recurse)
-        self.sync_original()
-        return self
-
-    def train(self, mode: bool = True) -> AdapterModule:
-        super().train(mode)
-        self.__dict__["original_module"].train(mode)
-        return self
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("original_module")
-            if original is None:
-                raise
-            return getattr(original, name)
-
 
 class TrainedModule(AdapterModule):
     """A module trained in full by each adapter: one copy per adapter, the original kept.
@@ -124,7 +95,7 @@ class TrainedModule(AdapterModule):
 
     def add_copy(self, name: str) -> nn.Module:
         """A fresh trainable copy of the original module for adapter ``name``."""
-        self.sync_original()
+        self.sync_base()
         duplicate = copy.deepcopy(self.__dict__["original_module"])
         duplicate.requires_grad_(True)
         self.modules_to_save[name] = duplicate
@@ -149,7 +120,7 @@ class TrainedModule(AdapterModule):
 
     def module_for(self, merged: bool) -> nn.Module:
         """The module ``unload`` puts back: the active copy when ``merged``, else the original."""
-        self.sync_original()
+        self.sync_base()
         held = self.held_active
         if merged and held and not self.adapters_disabled:
             return self.modules_to_save[held[0]]

@@ -91,15 +91,8 @@ class LoRALayer(ReadableWeight, AdapterSet):
 
     def __init__(self, base: nn.Module, registered_type: type[nn.Module]) -> None:
         super().__init__()
-        self.__dict__["base_layer"] = base
+        self.adopt(base)  # keys unchanged; its children ahead of the adapter registries
         self.registered_type = registered_type
-        # Adopt the base module's tensors and children under their own names: keys
-        # unchanged, the children ahead of the adapter registries as in the base module.
-        self._parameters.update(base._parameters)
-        self._buffers.update(base._buffers)
-        self._non_persistent_buffers_set |= base._non_persistent_buffers_set
-        self._modules = {**base._modules, **self._modules}
-        self.training = base.training
         weight = self._tensor("weight")
         # The gates the compiled forward reads (see _compile.py); not saved.
         self.register_buffer("_lora_scales", torch.zeros(0, device=weight.device),
@@ -351,28 +344,13 @@ class LoRALayer(ReadableWeight, AdapterSet):
 
     # ----------------------------------------------------------- nn.Module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRALayer:
-        super()._apply(fn, recurse)
-        self.sync_base()
+        super()._apply(fn, recurse)  # and sync_base
         sync_gates(self)  # to_empty() leaves buffers uninitialised
         return self
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         before_loading(self, state_dict, prefix)  # a merged flag that stays true
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def sync_base(self) -> None:
-        """Point the wrapped module at this layer's current tensors (after ``.to()`` etc.)."""
-        base = self.__dict__["base_layer"]
-        for key in base._parameters:
-            base._parameters[key] = self._parameters[key]
-        for key in base._buffers:
-            base._buffers[key] = self._buffers[key]
-        base.training = self.training
-
-    def train(self, mode: bool = True) -> LoRALayer:
-        super().train(mode)
-        self.__dict__["base_layer"].train(mode)
-        return self
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

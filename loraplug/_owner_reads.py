@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from . import _variants
 from ._compile import gated_adapters
 from ._errors import StateError
+from ._stand_in import StandIn
 
 if TYPE_CHECKING:
     from ._layer import LoRALayer
@@ -108,7 +109,7 @@ def weight_for_reader(layer: LoRALayer) -> Tensor:
     return layer._adapted_weight(names, scales)
 
 
-class ReadableWeight(nn.Module):
+class ReadableWeight(StandIn):
     """The part of :class:`loraplug.LoRALayer` that other code's reads of ``weight`` see.
 
     ``forward`` marks the layer's own forward as running (its reads get the parameter)
@@ -142,10 +143,4 @@ class ReadableWeight(nn.Module):
         if name == "weight" and not state.get("_in_forward") and self.reads_see_delta \
                 and "weight" in state["_parameters"] and read_in_forward():
             return weight_for_reader(self)  # type: ignore[arg-type]
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = state.get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
+        return super().__getattr__(name)

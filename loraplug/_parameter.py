@@ -28,7 +28,7 @@ puts the owner back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from ._compile import gated_adapters
 from ._layer import LoRALayer
 from ._owner_reads import read_in_forward
 from ._products import Scale, add_matmul
+from ._stand_in import StandIn
 
 #: The host's child that holds its parameter layers, one per adapted parameter name.
 SLOT = "lora_parameters"
@@ -176,7 +177,7 @@ class LoRAParameter(LoRALayer):
                 f"[{adapters}]{state}")
 
 
-class LoRAParameterHost(nn.Module):
+class LoRAParameterHost(StandIn):
     """Stands in for a module whose parameters carry LoRA; runs its forward on W + ΔW.
 
     The owner's parameters, buffers and children are registered here under their own
@@ -191,14 +192,11 @@ class LoRAParameterHost(nn.Module):
     parameter from the host in its forward sees ``W + ΔW``, as with a LoRA layer's weight.
     """
 
+    sync_children = True
+
     def __init__(self, owner: nn.Module) -> None:
         super().__init__()
-        self.__dict__["base_layer"] = owner
-        self._parameters.update(owner._parameters)
-        self._buffers.update(owner._buffers)
-        self._non_persistent_buffers_set |= owner._non_persistent_buffers_set
-        self._modules.update(owner._modules)
-        self.training = owner.training
+        self.adopt(owner)
         self.lora_parameters = nn.ModuleDict()
 
     def forward(self, *args: object, **kwargs: object) -> object:
@@ -218,26 +216,6 @@ class LoRAParameterHost(nn.Module):
         registry: dict[str, Any] = self._modules
         return registry[SLOT]._modules
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoRAParameterHost:
-        super()._apply(fn, recurse)
-        self.sync_base()
-        return self
-
-    def sync_base(self) -> None:
-        """Point the owner at this host's current tensors and children."""
-        owner = self.__dict__["base_layer"]
-        for registry in ("_parameters", "_buffers", "_modules"):
-            mine, theirs = getattr(self, registry), getattr(owner, registry)
-            for key in theirs:
-                if theirs[key] is not mine[key]:
-                    theirs[key] = mine[key]
-        owner.training = self.training
-
-    def train(self, mode: bool = True) -> LoRAParameterHost:
-        super().train(mode)
-        self.__dict__["base_layer"].train(mode)
-        return self
-
     def __getattr__(self, name: str) -> Any:
         # An adapted parameter read in another module's forward: W + ΔW (see _owner_reads).
         layers = self.__dict__["_modules"][SLOT]._modules if SLOT in self.__dict__.get(
@@ -246,14 +224,7 @@ class LoRAParameterHost(nn.Module):
             weight = layers[name].adapted_weight()
             if weight is not None:
                 return weight
-        # The owner's own attributes (num_experts, is_transposed, ...) read through.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            owner = self.__dict__.get("base_layer")
-            if owner is None:
-                raise
-            return getattr(owner, name)
+        return super().__getattr__(name)  # the owner's own attributes read through
 
     def extra_repr(self) -> str:
         return f"{self.__dict__['base_layer'].__class__.__name__}"

@@ -157,7 +157,7 @@ class TrainableTokens(AdapterModule):
 
     def module_for(self, merged: bool) -> nn.Module:
         """The original module (its weight holds the rows when merged)."""
-        self.sync_original()
+        self.sync_base()
         return self.__dict__["original_module"]
 
     def extra_repr(self) -> str:
