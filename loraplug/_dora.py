@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ._matrix import as_matrices, form_problem, matrix_shape, transposed
+from ._matrix import as_matrix, form_problem, matrix_shape, transposed
 from ._products import compute_dtype
 
 if TYPE_CHECKING:
@@ -78,8 +78,8 @@ def dora_problem(layer: LoRALayer, rank: int) -> str | None:
     if getattr(layer, "weight_format", None) is not None:
         return ("DoRA needs the weight's per-channel norms, and this layer's weight is stored "
                 "quantized; inject this layer without dora=True.")
-    g, m, _ = matrix_shape(layer)
-    if not form_problem(layer, rank) and layer.channel_shape(g * m) is not None:
+    m, _ = matrix_shape(layer)
+    if not form_problem(layer, rank) and layer.channel_shape(m) is not None:
         return None
     return (f"DoRA needs a per-output-channel magnitude, which {type(layer).__name__} does not "
             "declare (DoRA is available on Linear, Conv1d/2d/3d and Embedding layers, as in "
@@ -87,14 +87,14 @@ def dora_problem(layer: LoRALayer, rank: int) -> str | None:
 
 
 def weight_norm_sq(layer: LoRALayer) -> Tensor:
-    """‖W‖² per channel, (g, m) in :func:`compute_dtype`; cached while W is unchanged."""
+    """‖W‖² per channel, (m,) in :func:`compute_dtype`; cached while W is unchanged."""
     weight = layer._tensor("weight")
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     cached = layer.__dict__.get("_dora_weight_sq")
     if cached is not None and cached[0] == key and not torch.compiler.is_compiling():
         return cached[1]
     with torch.no_grad():
-        value = as_matrices(layer, weight.detach()).to(compute_dtype(weight.dtype)).square().sum(-1)
+        value = as_matrix(layer, weight.detach()).to(compute_dtype(weight.dtype)).square().sum(-1)
     if not torch.compiler.is_compiling():
         layer.__dict__["_dora_weight_sq"] = (key, value)
     return value
@@ -109,17 +109,16 @@ def channel_norm(layer: LoRALayer, a: Tensor, b: Tensor, scale: float | Tensor,
     """
     w = layer._tensor("weight") if weight is None else weight
     dtype = compute_dtype(w.dtype)
-    wm = as_matrices(layer, w.detach())
-    g, m, _ = wm.shape
-    am = a.detach().reshape(g, a.shape[0] // g, -1)
-    bm = b.detach().reshape(g, m, -1).to(dtype)
+    wm = as_matrix(layer, w.detach())
+    am = a.detach().reshape(a.shape[0], -1)
+    bm = b.detach().reshape(wm.shape[0], -1).to(dtype)
     w_sq = weight_norm_sq(layer) if weight is None else wm.to(dtype).square().sum(-1)
-    cross = torch.bmm(wm, am.to(wm.dtype).transpose(1, 2)).to(dtype)  # W Aᵀ: (g, m, r/g)
+    cross = (wm @ am.to(wm.dtype).t()).to(dtype)  # W Aᵀ: (m, r)
     am = am.to(dtype)
-    gram = torch.bmm(am, am.transpose(1, 2))  # A Aᵀ: (g, r/g, r/g)
-    sq = w_sq + 2 * scale * (bm * cross).sum(-1) \
-        + scale * scale * (torch.bmm(bm, gram) * bm).sum(-1)
-    return sq.clamp_min(0).sqrt().reshape(-1)
+    gram = am @ am.t()  # A Aᵀ: (r, r)
+    # ‖W + s B A‖² per row = ‖W‖² + 2s ⟨B, W Aᵀ⟩ + s² ⟨B, B A Aᵀ⟩, without forming ΔW.
+    sq = w_sq + 2 * scale * (bm * cross).sum(-1) + scale * scale * ((bm @ gram) * bm).sum(-1)
+    return sq.clamp_min(0).sqrt()
 
 
 def initial_magnitude(layer: LoRALayer, a: Tensor, b: Tensor, scale: float,
@@ -139,8 +138,8 @@ def factor(layer: LoRALayer, name: str, scale: float | Tensor) -> Tensor:
 
 def scaled_b(layer: LoRALayer, b: Tensor, f: Tensor, dtype: torch.dtype) -> Tensor:
     """B with its channel rows multiplied by ``f``: ΔW(A, f ⊙ B) = f ⊙ ΔW(A, B)."""
-    g, m, _ = matrix_shape(layer)
-    return (b.to(dtype).reshape(g, m, -1) * f.to(dtype).reshape(g, m, 1)).reshape(b.shape)
+    m, _ = matrix_shape(layer)
+    return (b.to(dtype).reshape(m, -1) * f.to(dtype).reshape(m, 1)).reshape(b.shape)
 
 
 def weight_view(layer: LoRALayer, f: Tensor) -> Tensor:

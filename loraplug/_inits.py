@@ -5,8 +5,7 @@ Every built-in layer type writes its update as one product over the weight's mat
     ΔW = s · B A,    B (m, r), A (r, n),    W (m, n)
 
 (Linear: W itself; Conv, grouped ones too: W viewed (out, in/groups·k…); Embedding: Wᵀ,
-because its ΔW is (B A)ᵀ). The code carries a leading axis g of such products (g = 1
-for all of them; see ``_matrix``). The initialisations work on that form:
+because its ΔW is (B A)ᵀ; see ``_matrix``). The initialisations work on that form:
 
 - ``kaiming`` (PEFT's ``True``), ``gaussian``: one factor random, the other zero, so ΔW = 0
   exactly and the base is untouched.
@@ -37,7 +36,7 @@ from ._adapters import tied_listing
 from ._distributed import refuse_sharded
 from ._errors import ConfigError, LoRAWarning, StateError
 from ._layer import LoRALayer
-from ._matrix import form_problem, matrix_shape, transposed, weight_matrices
+from ._matrix import form_problem, matrix_shape, transposed, weight_matrix
 from ._targeting import clean_name
 
 #: Initialisations that rewrite the base weight when the adapter is created.
@@ -61,7 +60,7 @@ def rewrites_base(init: str) -> bool:
 
 
 def _problem(layer: LoRALayer, init: str, rank: int) -> str | None:
-    _, m, n = matrix_shape(layer)
+    m, n = matrix_shape(layer)
     if form_problem(layer, rank):
         return (f"init={init!r} needs ΔW written as B A on the weight's rows and columns, which "
                 f"{type(layer).__name__} does not declare; use init='kaiming' or 'gaussian'.")
@@ -82,7 +81,7 @@ def init_problem(layer: LoRALayer, init: str, rank: int) -> str | None:
 
 
 def _factors(w: Tensor, init: str, rank: int, scaling: float) -> tuple[Tensor, Tensor]:
-    # One group: w (m, n) -> B (m, rank), A (rank, n).
+    # w (m, n) -> B (m, rank), A (rank, n).
     m, n = w.shape
     if init == "orthogonal":
         q, _ = torch.linalg.qr(torch.randn(rank, rank, dtype=w.dtype))
@@ -134,11 +133,8 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
         a, b = zero_start(layer, rank, init)
         return a, b, None
     weight = layer.weight
-    mats = weight_matrices(layer, weight)
-    g = mats.shape[0]
-    pairs = [_factors(w, init, rank // g, scaling) for w in mats]
-    b_mat = torch.stack([b for b, _ in pairs])  # (g, m, r/g)
-    a_mat = torch.stack([a for _, a in pairs])  # (g, r/g, n)
+    mat = weight_matrix(layer, weight)
+    b_mat, a_mat = _factors(mat, init, rank, scaling)  # (m, r), (r, n)
     shape_a, shape_b = layer.adapter_shapes(rank)
     a = a_mat.reshape(shape_a).to(weight.dtype)
     b = b_mat.reshape(shape_b).to(weight.dtype)
@@ -146,10 +142,10 @@ def initial_adapter(layer: LoRALayer, rank: int, scaling: float, init: str) -> t
         return a, b, None
     # W − s·B A, from the factors as stored (in the weight's dtype), so that the adapted
     # model starts as close to the base as the dtype allows.
-    residual = mats - scaling * (b.to(mats.dtype).reshape(b_mat.shape)
-                                 @ a.to(mats.dtype).reshape(a_mat.shape))
+    residual = mat - scaling * (b.to(mat.dtype).reshape(b_mat.shape)
+                                @ a.to(mat.dtype).reshape(a_mat.shape))
     if transposed(layer):
-        residual = residual[0].t()
+        residual = residual.t()
     return a, b, residual.reshape(weight.shape).to(weight.dtype).contiguous()
 
 

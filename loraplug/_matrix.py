@@ -1,6 +1,5 @@
-"""ΔW's matrix form: W (m, n) with ΔW = B A (see ``_inits``, ``_dora``), as (g, m, n).
+"""ΔW's matrix form: W (m, n) with ΔW = B A, B (m, r), A (r, n) (see ``_inits``, ``_dora``).
 
-The leading axis g counts independent products; every built-in layer type has one.
 Linear: W itself; Conv, grouped ones too: W viewed (out, in/groups·k…), ΔW = B A over
 it (see ``_conv``); a layer whose ΔW is (B A)ᵀ (``transposed_delta``: Embedding,
 transformers' Conv1D) works on Wᵀ. The rows of the form are the layer's output channels.
@@ -24,31 +23,30 @@ def transposed(layer: LoRALayer) -> bool:
     return bool(layer.transposed_delta or getattr(layer, "fan_in_fan_out", False))
 
 
-def matrix_shape(layer: LoRALayer) -> tuple[int, int, int]:
-    """(g, m, n) of the weight's matrix form."""
+def matrix_shape(layer: LoRALayer) -> tuple[int, int]:
+    """(m, n) of the weight's matrix form."""
     shape = tuple(layer.weight.shape)
     if transposed(layer):
-        return 1, shape[1], shape[0]
-    return 1, shape[0], math.prod(shape[1:])
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
 
 
-def as_matrices(layer: LoRALayer, tensor: Tensor) -> Tensor:
-    """A weight-shaped tensor as (g, m, n), a view where possible."""
+def as_matrix(layer: LoRALayer, tensor: Tensor) -> Tensor:
+    """A weight-shaped tensor as (m, n), a view where possible."""
     if transposed(layer):
-        return tensor.t().unsqueeze(0)
-    g, m, _ = matrix_shape(layer)
-    return tensor.reshape(g, m, -1)
+        return tensor.t()
+    return tensor.reshape(tensor.shape[0], -1)
 
 
-def weight_matrices(layer: LoRALayer, weight: Tensor) -> Tensor:
-    """The weight as (g, m, n) in ΔW's compute dtype, a copy."""
+def weight_matrix(layer: LoRALayer, weight: Tensor) -> Tensor:
+    """The weight as (m, n) in ΔW's compute dtype, a copy."""
     w = weight.detach().to(compute_dtype(weight.dtype), copy=True)
-    return as_matrices(layer, w).contiguous()
+    return as_matrix(layer, w).contiguous()
 
 
 def form_problem(layer: LoRALayer, rank: int) -> bool:
     """Whether A and B of ``rank`` are *not* the matrix form's factors, by their shapes."""
-    g, m, n = matrix_shape(layer)
+    m, n = matrix_shape(layer)
     shape_a, shape_b = layer.adapter_shapes(rank)
-    return (layer.weight.dim() < 2 or shape_a[0] != rank or shape_b[0] != g * m
+    return (layer.weight.dim() < 2 or shape_a[0] != rank or shape_b[0] != m
             or math.prod(shape_a) != rank * n or math.prod(shape_b) != rank * m)

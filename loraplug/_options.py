@@ -79,8 +79,8 @@ def stage(layer: LoRALayer, rank: int, scale: float, options: AdapterOptions) ->
     if options.dora:
         staged.magnitude = initial_magnitude(layer, a, b, scale, weight.detach())
     if options.lora_bias:
-        g, m, _ = matrix_shape(layer)
-        staged.bias = torch.zeros(g * m, dtype=weight.dtype, device=weight.device)
+        channels, _ = matrix_shape(layer)
+        staged.bias = torch.zeros(channels, dtype=weight.dtype, device=weight.device)
     return staged
 
 

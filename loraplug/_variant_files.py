@@ -23,7 +23,7 @@ def variant_problems(path: str, probe: LoRALayer, extra: dict[str, Tensor], *, d
                      lora_bias: bool, source: str = "in the config") -> list[str]:
     """What is wrong with a layer's magnitude and bias, given what ``source`` asks for."""
     wanted = {"M": dora, "bias": lora_bias}
-    g, m, _ = matrix_shape(probe)
+    channels, _ = matrix_shape(probe)
     problems = []
     for slot, (field, suffix, what) in _SLOTS.items():
         if wanted[slot] and slot not in extra:
@@ -33,9 +33,9 @@ def variant_problems(path: str, probe: LoRALayer, extra: dict[str, Tensor], *, d
             problems.append(f"{path}: the file holds {what} ({path}.{suffix}), but {field} is "
                             f"false {source}; set {field}: true if the adapter was trained "
                             "with it.")
-        elif slot in extra and extra[slot].numel() != g * m:
+        elif slot in extra and extra[slot].numel() != channels:
             problems.append(f"{path}: {path}.{suffix} has shape {tuple(extra[slot].shape)}; "
-                            f"this layer has {g * m} output channels.")
+                            f"this layer has {channels} output channels.")
     return problems
 
 

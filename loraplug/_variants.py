@@ -156,7 +156,7 @@ def routed(layer: LoRALayer, out: Tensor, xs: Tensor, branch: Tensor,
     ``xs`` the chosen rows' branch input (after dropout when ``dropped``).
     """
     mags, biases = registry(layer, "lora_magnitude_vector"), registry(layer, "lora_B_bias")
-    channels = _dora.matrix_shape(layer)[0] * _dora.matrix_shape(layer)[1]
+    channels = _dora.matrix_shape(layer)[0]
     ones = out.new_ones(channels)
     factors = torch.stack([
         _dora.factor(layer, n, layer.scaling[n]).reshape(-1).to(out.dtype) if n in mags
